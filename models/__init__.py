@@ -1,0 +1,122 @@
+"""SQLAlchemy 2.0 typed models: Job, JobEvent, Outbox — one metadata, no logic beyond column types.
+
+The database is the source of truth for every job; Celery messages only say "look at job X".
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Stable constraint names, so Alembic revisions (and SQLite batch migrations) can refer to them.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC in Python on every backend (SQLite hands back naive datetimes)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTCDateTime column")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+# BIGINT autoincrement on PostgreSQL; SQLite only autoincrements an INTEGER PRIMARY KEY.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    size: Mapped[str] = mapped_column(String(16))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    # What the producer gave (a URL, or "file:<name>" for a local file) — for display and audit.
+    image_ref: Mapped[str] = mapped_column(Text)
+    # The image as the provider receives it: an http(s) URL or a data: URI. Loaded only when submitting.
+    image_payload: Mapped[str] = mapped_column(Text, deferred=True)
+    enable_base64_output: Mapped[bool] = mapped_column(Boolean, default=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # Unique: one provider task can never be claimed by two jobs (the reconciler relies on it).
+    prediction_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # What the provider returned (URLs or bare base64), kept until copied into S3.
+    provider_outputs: Mapped[list[Any] | None] = mapped_column(JSON, deferred=True)
+    outputs: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    has_nsfw_contents: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    # Polling: a poll message is valid only while its poll_seq matches the row's (stale chains die).
+    poll_seq: Mapped[int] = mapped_column(Integer, default=0)
+    next_poll_at: Mapped[datetime | None] = mapped_column()
+    # When a deferred step (backoff, rate limit, open breaker) is due again.
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    submitted_at: Mapped[datetime | None] = mapped_column()
+    deadline_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    __table_args__ = (
+        Index("ix_jobs_state_updated_at", "state", "updated_at"),
+        Index("ix_jobs_state_next_poll_at", "state", "next_poll_at"),
+    )
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.state}>"
+
+
+class JobEvent(Base):
+    """One row per state change (the audit trail; failed jobs keep their whole history)."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column()
+
+
+class Outbox(Base):
+    """Messages to publish, written in the same transaction as the job row they are about."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    task: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column()
+    sent_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+__all__ = ["Base", "Job", "JobEvent", "Outbox", "UTCDateTime"]

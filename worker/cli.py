@@ -1,0 +1,373 @@
+"""`edit-worker`: the command line (typer), thin over the producer API, the pipeline and local services.
+
+Bad input: a one-line `error: …` on stderr and exit code 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Durable WaveSpeed Dreamina V3.0 Edit jobs: Celery + S3 + SQL.")
+out = Console()
+err = Console(stderr=True)
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _settings():
+    from .config import get_settings
+
+    return get_settings()
+
+
+def _print_job(job, as_json: bool) -> None:
+    from .jobs import to_json
+
+    data = to_json(job)
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    out.print(f"[bold]{data['id']}[/]  {data['state']}")
+    for key in ("prompt", "size", "seed", "idempotency_key", "prediction_id", "attempts", "created_at", "updated_at", "finished_at"):
+        if data[key] is not None:
+            out.print(f"  {key}: {data[key]}", highlight=False)
+    for uri in data["outputs"]:
+        out.print(f"  output: {uri}", highlight=False)
+    if data["error"]:
+        out.print(f"  error: [{data['error']['code']}] {data['error']['message']}", highlight=False)
+
+
+def _guard(fn):
+    """Map the package's errors to clean exits (2 for bad input / unknown job / bad operation)."""
+    from .errors import EditWorkerError, InvalidInput, InvalidJobOperation, JobNotFound
+
+    try:
+        return fn()
+    except (InvalidInput, JobNotFound, InvalidJobOperation) as exc:
+        _fail(str(exc), 2)
+    except EditWorkerError as exc:
+        _fail(str(exc), 1)
+
+
+# --- database and processes ------------------------------------------------------------------
+
+@app.command()
+def migrate(database_url: Optional[str] = typer.Option(None, help="Defaults to DATABASE_URL.")) -> None:
+    """Run `alembic upgrade head` on DATABASE_URL."""
+    from .db import migrate as run
+
+    url = database_url or _settings().database_url
+    run(url)
+    out.print(f"database at head: {_redact_url(url)}", highlight=False)
+
+
+@app.command(context_settings=PASSTHROUGH)
+def worker(ctx: typer.Context) -> None:
+    """Run a Celery worker (any `celery worker` option may follow, e.g. --concurrency 8)."""
+    from .celery_app import QUEUE, app as celery
+
+    args = list(ctx.args)
+    if not any(a in ("-Q", "--queues") or a.startswith("--queues=") for a in args):
+        args += ["-Q", QUEUE]
+    if not any(a.startswith(("-l", "--loglevel")) for a in args):
+        args += ["--loglevel", "INFO"]
+    celery.worker_main(["worker", *args])
+
+
+@app.command(context_settings=PASSTHROUGH)
+def beat(ctx: typer.Context) -> None:
+    """Run the beat scheduler: outbox relay, stuck-job sweep, ambiguous-submit resolution."""
+    from .celery_app import app as celery
+
+    args = list(ctx.args)
+    if not any(a.startswith(("-l", "--loglevel")) for a in args):
+        args += ["--loglevel", "INFO"]
+    celery.start(["beat", *args])
+
+
+@app.command(context_settings=PASSTHROUGH)
+def sandbox(ctx: typer.Context) -> None:
+    """A local WaveSpeed-compatible server (see `edit-worker sandbox --help`)."""
+    from .sandbox import main
+
+    main(list(ctx.args))
+
+
+@app.command()
+def api(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000)) -> None:
+    """The HTTP API: submit, status, list, cancel, retry, webhook receiver, metrics."""
+    import uvicorn
+
+    from .api import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+@app.command()
+def submit(
+    image: Optional[str] = typer.Option(None, "--image", help="A local PNG/JPEG/WebP file (sent as base64) or an http(s) URL."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="What to change, at most 120 characters."),
+    size: Optional[str] = typer.Option(None, "--size", help="W*H, each side 512..2048 (default 1328*1328)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="-1..2147483647 (default -1: random)."),
+    idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key", help="The same key twice gives the same job."),
+    from_file: Optional[Path] = typer.Option(None, "--from-file", help="JSON Lines, one job per line with the same fields."),
+    wait: bool = typer.Option(False, "--wait", help="Block until the job is finished (exit 0 only on succeeded)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job object(s) as JSON."),
+) -> None:
+    """Create an edit job and print its id."""
+    from . import producer
+
+    settings = _settings()
+    if from_file is not None:
+        if image or prompt:
+            _fail("--from-file cannot be combined with --image/--prompt")
+        items = _read_jsonl(from_file)
+        jobs = _guard(lambda: producer.submit_edit_many(items, settings=settings))
+        for job in jobs:
+            _print_job(job, True) if as_json else typer.echo(job.id)
+        return
+    if not image:
+        _fail("--image is required")
+    if prompt is None:
+        _fail("--prompt is required")
+    job = _guard(lambda: producer.submit_edit(image, prompt, size=size, seed=seed, idempotency_key=idempotency_key, settings=settings))
+    if wait:
+        job = _wait_with_progress(job.id, None, quiet=as_json)
+    _print_job(job, True) if as_json else (typer.echo(job.id) if not wait else _print_job(job, False))
+    if wait and job.state != "succeeded":
+        raise typer.Exit(1)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        _fail(f"{path} does not exist")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            _fail(f"{path}:{number}: not JSON ({exc.msg})")
+        if not isinstance(item, dict):
+            _fail(f"{path}:{number}: expected a JSON object")
+        unknown = set(item) - {"image", "prompt", "size", "seed", "idempotency_key", "enable_base64_output"}
+        if unknown:
+            _fail(f"{path}:{number}: unknown field(s) {', '.join(sorted(unknown))}")
+        items.append(item)
+    if not items:
+        _fail(f"{path} holds no jobs")
+    return items
+
+
+@app.command()
+def status(job_id: str, as_json: bool = typer.Option(False, "--json"), events: bool = typer.Option(False, "--events", help="Also show every state change.")) -> None:
+    """Show one job."""
+    from . import producer
+    from .jobs import event_json, job_events
+
+    job = _guard(lambda: producer.get_job(job_id))
+    if as_json and events:
+        from .db import session_factory
+        from .jobs import to_json
+
+        data = to_json(job)
+        data["events"] = [event_json(e) for e in job_events(session_factory(_settings().database_url), job_id)]
+        typer.echo(json.dumps(data))
+        return
+    _print_job(job, as_json)
+    if events and not as_json:
+        from .db import session_factory
+
+        for e in job_events(session_factory(_settings().database_url), job_id):
+            out.print(f"  {e.at:%Y-%m-%d %H:%M:%S} {e.from_state or '-'} -> {e.to_state}: {e.reason}", highlight=False)
+
+
+@app.command("list")
+def list_(
+    state: Optional[str] = typer.Option(None, "--state", help="queued|submitting|processing|uploading|succeeded|failed|cancelled"),
+    limit: int = typer.Option(100, "--limit", min=1, max=10000),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List jobs, newest first."""
+    from .db import session_factory
+    from .jobs import list_jobs, to_json
+    from .states import State
+
+    st = _parse_state(state)
+    jobs = list_jobs(session_factory(_settings().database_url), state=st, limit=limit)
+    if as_json:
+        typer.echo(json.dumps([to_json(j) for j in jobs]))
+        return
+    from rich.table import Table
+
+    table = Table("id", "state", "prompt", "attempts", "outputs / error")
+    for job in jobs:
+        detail = ", ".join(job.outputs or []) or (f"[{job.error_code}] {job.error_message}" if job.error_code else "")
+        table.add_row(job.id, job.state, job.prompt[:40], str(job.attempts), detail)
+    out.print(table)
+
+
+def _parse_state(state: str | None):
+    from .states import State
+
+    if state is None:
+        return None
+    try:
+        return State(state)
+    except ValueError:
+        _fail(f"unknown state {state!r}; one of {', '.join(s.value for s in State)}")
+
+
+@app.command()
+def wait(job_id: str, timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds; exit 124 when it passes.")) -> None:
+    """Block until the job is finished: exit 0 on succeeded, 1 on failed/cancelled, 124 on timeout."""
+    job = _wait_with_progress(job_id, timeout)
+    _print_job(job, False)
+    raise typer.Exit(0 if job.state == "succeeded" else 1)
+
+
+def _wait_with_progress(job_id: str, timeout: float | None, quiet: bool = False):
+    from . import producer
+
+    _guard(lambda: producer.get_job(job_id))
+    console = err if quiet else out
+    with console.status(f"job {job_id}: waiting") as spinner:
+        def changed(job):
+            spinner.update(f"job {job_id}: {job.state}")
+        try:
+            return producer.wait_for(job_id, timeout, on_change=changed)
+        except producer.WaitTimeout as exc:
+            err.print(f"timeout: {exc}", highlight=False)
+            raise typer.Exit(124)
+
+
+@app.command()
+def cancel(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Cancel a job, and its task at the provider."""
+    from .deps import build_deps
+    from .pipeline import cancel_job
+
+    job = _guard(lambda: cancel_job(build_deps(), job_id))
+    _print_job(job, as_json)
+
+
+@app.command()
+def retry(
+    job_id: Optional[str] = typer.Argument(None, help="A failed job; or use the filters for a bulk replay."),
+    all_failed: bool = typer.Option(False, "--all", help="Every failed job matching the filters."),
+    error_code: Optional[str] = typer.Option(None, "--error-code", help="Only failed jobs with this error code."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only jobs failed after this: ISO time or a duration like 2h, 30m."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Replay failed jobs (the dead-letter set) from the furthest step already paid for."""
+    from .deps import build_deps
+    from .pipeline import retry_job
+    from .reconciler import relay_outbox
+
+    deps = build_deps()
+    if job_id and (all_failed or error_code or since):
+        _fail("give a job id or --all/--error-code/--since, not both")
+    if job_id:
+        job = _guard(lambda: retry_job(deps, job_id))
+        _relay(deps)
+        _print_job(job, as_json)
+        return
+    if not (all_failed or error_code or since):
+        _fail("give a job id, or --all / --error-code / --since for a bulk replay")
+    from sqlalchemy import select
+
+    from models import Job
+
+    query = select(Job.id).where(Job.state == "failed")
+    if error_code:
+        query = query.where(Job.error_code == error_code)
+    if since:
+        query = query.where(Job.finished_at >= _parse_since(since))
+    with deps.sessions() as session:
+        ids = list(session.scalars(query))
+    replayed = [_guard(lambda i=i: retry_job(deps, i)) for i in ids]
+    _relay(deps)
+    if as_json:
+        from .jobs import to_json
+
+        typer.echo(json.dumps([to_json(j) for j in replayed]))
+    else:
+        out.print(f"replayed {len(replayed)} failed job(s)")
+
+
+def _relay(deps) -> None:
+    from .reconciler import relay_outbox
+
+    try:
+        relay_outbox(deps)
+    except Exception as exc:  # the beat relay publishes later
+        err.print(f"note: broker unavailable ({type(exc).__name__}); beat will publish the replay", highlight=False)
+
+
+def _parse_since(text: str) -> datetime:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.now(timezone.utc) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"--since must be an ISO time or a duration like 30m, 2h, 1d; got {text!r}")
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+@app.command()
+def resolve(
+    job_id: str,
+    adopt: Optional[str] = typer.Option(None, "--adopt", help="The provider prediction id that belongs to this job."),
+    resubmit: bool = typer.Option(False, "--resubmit", help="The provider holds no task for it: submit again."),
+) -> None:
+    """Settle an ambiguous submit the reconciler left for an operator."""
+    from .deps import build_deps
+    from .reconciler import resolve_by_operator
+
+    outcome = _guard(lambda: resolve_by_operator(build_deps(), job_id, adopt=adopt, resubmit=resubmit))
+    out.print(f"{job_id}: {outcome}")
+
+
+@app.command()
+def demo(
+    jobs: int = typer.Option(3, "--jobs", min=1, max=50, help="How many edits to run."),
+    latency: float = typer.Option(2.0, "--latency", help="Sandbox inference time in seconds."),
+    workdir: Path = typer.Option(Path(".edit-worker-demo"), "--dir", help="Where the demo keeps its files and results."),
+    timeout: float = typer.Option(180.0, "--timeout", help="Give up after this many seconds."),
+) -> None:
+    """Start what is needed locally and run a few edits end to end."""
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(jobs=jobs, latency=latency, workdir=workdir, timeout=timeout, console=out))
+
+
+def _redact_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database url>"
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,72 @@
+"""Every setting the worker reads, in one typed object built from the environment.
+
+Names of the contract (DESIGN §4) are read as-is; tuning knobs carry an `EDIT_WORKER_` prefix.
+Secrets are `SecretStr`, so a repr, a log line or an error message never shows them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
+
+    # --- the contract (DESIGN §4) ---
+    wavespeed_api_key: SecretStr | None = Field(default=None, validation_alias=_env("WAVESPEED_API_KEY"))
+    wavespeed_base_url: str = Field(default="https://api.wavespeed.ai", validation_alias=_env("WAVESPEED_BASE_URL"))
+    database_url: str = Field(default="sqlite:///edit-worker.db", validation_alias=_env("DATABASE_URL"))
+    celery_broker_url: str = Field(default="redis://localhost:6379/0", validation_alias=_env("CELERY_BROKER_URL"))
+    s3_endpoint_url: str | None = Field(default=None, validation_alias=_env("S3_ENDPOINT_URL"))
+    s3_bucket: str = Field(default="edit-worker", validation_alias=_env("S3_BUCKET"))
+    s3_prefix: str = Field(default="edits", validation_alias=_env("S3_PREFIX"))
+    aws_access_key_id: str | None = Field(default=None, validation_alias=_env("AWS_ACCESS_KEY_ID"))
+    aws_secret_access_key: SecretStr | None = Field(default=None, validation_alias=_env("AWS_SECRET_ACCESS_KEY"))
+    aws_region: str = Field(default="us-east-1", validation_alias=_env("AWS_REGION"))
+
+    # --- tuning (EDIT_WORKER_*) ---
+    # Redis for the shared limiter and circuit breaker; defaults to the broker's Redis.
+    redis_url: str | None = Field(default=None, validation_alias=_env("EDIT_WORKER_REDIS_URL"))
+    # Provider account tier: submissions per minute and tasks running at once (lowest tier: 2 and 2).
+    rate_limit_per_minute: int = Field(default=120, ge=1, validation_alias=_env("EDIT_WORKER_RATE_LIMIT_PER_MINUTE"))
+    max_concurrency: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_MAX_CONCURRENCY"))
+    # How long a job may take in total before it is failed as hopeless.
+    job_deadline_seconds: float = Field(default=3600.0, gt=0, validation_alias=_env("EDIT_WORKER_JOB_DEADLINE_SECONDS"))
+    # First poll after submit (near the model's typical inference time), then every poll_interval (+ jitter).
+    first_poll_delay: float = Field(default=3.0, ge=0, validation_alias=_env("EDIT_WORKER_FIRST_POLL_DELAY"))
+    poll_interval: float = Field(default=2.0, ge=2.0, validation_alias=_env("EDIT_WORKER_POLL_INTERVAL"))
+    poll_jitter: float = Field(default=0.5, ge=0, validation_alias=_env("EDIT_WORKER_POLL_JITTER"))
+    # Transient-error backoff (full jitter): base * 2**attempt capped at max.
+    backoff_base: float = Field(default=2.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_BASE"))
+    backoff_max: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_MAX"))
+    # A 401/403 opens the shared breaker for this long before one probe submission is let through.
+    breaker_open_seconds: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_BREAKER_OPEN_SECONDS"))
+    # HTTP timeouts towards the provider (seconds).
+    http_connect_timeout: float = Field(default=10.0, gt=0, validation_alias=_env("EDIT_WORKER_HTTP_CONNECT_TIMEOUT"))
+    http_timeout: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_HTTP_TIMEOUT"))
+    # A job whose row has not moved for this long (past its own schedule) is re-driven by the reconciler.
+    stuck_after_seconds: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_STUCK_AFTER_SECONDS"))
+    # How often beat runs the reconciler (outbox relay + stuck-job sweep + ambiguous submits).
+    sweep_interval: float = Field(default=5.0, gt=0, validation_alias=_env("EDIT_WORKER_SWEEP_INTERVAL"))
+    # Input checks.
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0, validation_alias=_env("EDIT_WORKER_MAX_IMAGE_BYTES"))
+    allow_private_urls: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_ALLOW_PRIVATE_URLS"))
+    # Ask the provider for base64 outputs instead of URLs.
+    base64_output: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_BASE64_OUTPUT"))
+
+    @property
+    def limiter_redis_url(self) -> str:
+        return self.redis_url or self.celery_broker_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests build their own `Settings(...)` and pass it explicitly."""
+    return Settings()

@@ -1,0 +1,235 @@
+"""The job service: create (validated, idempotent, with its outbox row), compare-and-set
+transitions with an audit event each, and the queries and JSON shape the CLI and API show.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker, undefer
+
+from models import Job, JobEvent, Outbox
+
+from .errors import IllegalTransition, JobNotFound
+from .states import State, can_transition
+from .validation import ImageInput
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# Outbox / Celery step names. A message only says "do <step> for job X"; the row decides the rest.
+STEP_SUBMIT = "submit"
+STEP_POLL = "poll"
+STEP_UPLOAD = "upload"
+STEP_FOR_STATE = {State.QUEUED: STEP_SUBMIT, State.PROCESSING: STEP_POLL, State.UPLOADING: STEP_UPLOAD}
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated request (see validation.py): nothing here is checked again."""
+
+    image: ImageInput
+    prompt: str
+    size: str
+    seed: int
+    idempotency_key: str | None = None
+    enable_base64_output: bool = False
+
+
+def _event(session: Session, job_id: str, src: State | None, dst: State, reason: str, at: datetime) -> None:
+    session.add(JobEvent(job_id=job_id, from_state=src.value if src else None, to_state=dst.value, reason=reason[:2000], at=at))
+
+
+def create_jobs(
+    sessions: sessionmaker[Session],
+    requests: Iterable[NewJob],
+    *,
+    deadline_seconds: float,
+    clock: Clock = utcnow,
+) -> list[tuple[Job, bool]]:
+    """Insert jobs (state queued) with their event and outbox row in one transaction per batch.
+
+    Returns (job, created) pairs in input order; a known idempotency key returns the existing job
+    with created=False and writes nothing.
+    """
+    requests = list(requests)
+    keys = [r.idempotency_key for r in requests if r.idempotency_key]
+    for _attempt in range(3):
+        now = clock()
+        with sessions() as session:
+            existing: dict[str, Job] = {}
+            if keys:
+                for job in session.scalars(select(Job).where(Job.idempotency_key.in_(keys))):
+                    existing[job.idempotency_key] = job  # type: ignore[index]
+            results: list[tuple[Job, bool]] = []
+            batch_keys: dict[str, Job] = {}
+            for req in requests:
+                key = req.idempotency_key
+                if key and key in existing:
+                    results.append((existing[key], False))
+                    continue
+                if key and key in batch_keys:  # the same key twice in one batch: one job
+                    results.append((batch_keys[key], False))
+                    continue
+                job = Job(
+                    id=str(uuid.uuid4()),
+                    state=State.QUEUED.value,
+                    prompt=req.prompt,
+                    size=req.size,
+                    seed=req.seed,
+                    image_ref=req.image.ref,
+                    image_payload=req.image.payload,
+                    enable_base64_output=req.enable_base64_output,
+                    idempotency_key=key,
+                    attempts=0,
+                    outputs=[],
+                    has_nsfw_contents=[],
+                    poll_seq=0,
+                    deadline_at=now + timedelta(seconds=deadline_seconds),
+                    created_at=now,
+                    updated_at=now,
+                )
+                session.add(job)
+                session.flush()  # jobs before their events/outbox rows (FK order)
+                _event(session, job.id, None, State.QUEUED, "created", now)
+                session.add(Outbox(job_id=job.id, task=STEP_SUBMIT, created_at=now))
+                if key:
+                    batch_keys[key] = job
+                results.append((job, True))
+            try:
+                session.commit()
+            except IntegrityError:
+                # Another producer inserted one of these idempotency keys meanwhile: re-read and
+                # answer its job instead (the unique constraint makes the race harmless).
+                session.rollback()
+                continue
+            return results
+    raise IllegalTransition("could not create jobs: idempotency keys kept conflicting")
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    src: State,
+    dst: State,
+    reason: str,
+    *,
+    clock: Clock = utcnow,
+    **fields: Any,
+) -> bool:
+    """Compare-and-set `src -> dst` (plus column updates) and write its event, in the caller's
+    transaction. False when the row was not in `src` any more: someone else moved it, and the
+    caller's message is stale. An edge the machine does not have raises IllegalTransition."""
+    if not can_transition(src, dst):
+        raise IllegalTransition(f"job {job_id}: {src} -> {dst} is not an allowed transition")
+    now = clock()
+    values: dict[str, Any] = {"state": dst.value, "updated_at": now, **fields}
+    if dst.terminal:
+        values.setdefault("finished_at", now)
+        values.setdefault("next_poll_at", None)
+        values.setdefault("next_attempt_at", None)
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.state == src.value).values(**values).execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    _event(session, job_id, src, dst, reason, now)
+    return True
+
+
+def update_if(session: Session, job_id: str, state: State, *, clock: Clock = utcnow, where: dict[str, Any] | None = None, **fields: Any) -> bool:
+    """Compare-and-set column updates that keep the state (poll bookkeeping, deferrals)."""
+    cond = [Job.id == job_id, Job.state == state.value]
+    for column, value in (where or {}).items():
+        cond.append(getattr(Job, column) == value)
+    result = session.execute(
+        update(Job).where(*cond).values(updated_at=clock(), **fields).execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def get_job(sessions: sessionmaker[Session], job_id: str, *, with_payloads: bool = False) -> Job:
+    with sessions() as session:
+        options = [undefer(Job.image_payload), undefer(Job.provider_outputs)] if with_payloads else []
+        job = session.get(Job, job_id, options=options)
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        return job
+
+
+def list_jobs(sessions: sessionmaker[Session], *, state: State | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
+    with sessions() as session:
+        query = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+        if state is not None:
+            query = query.where(Job.state == state.value)
+        return list(session.scalars(query))
+
+
+def count_by_state(sessions: sessionmaker[Session]) -> dict[str, int]:
+    with sessions() as session:
+        return {state: n for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+
+def job_events(sessions: sessionmaker[Session], job_id: str) -> list[JobEvent]:
+    with sessions() as session:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else None
+
+
+def to_json(job: Job) -> dict[str, Any]:
+    """The job object of the contract (DESIGN §4) — keep these names and shapes."""
+    error = {"code": job.error_code, "message": job.error_message} if (job.error_code or job.error_message) else None
+    return {
+        "id": job.id,
+        "state": job.state,
+        "prompt": job.prompt,
+        "size": job.size,
+        "seed": job.seed,
+        "idempotency_key": job.idempotency_key,
+        "prediction_id": job.prediction_id,
+        "attempts": job.attempts,
+        "outputs": list(job.outputs or []),
+        "has_nsfw_contents": list(job.has_nsfw_contents or []),
+        "error": error,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "finished_at": _iso(job.finished_at),
+    }
+
+
+def event_json(event: JobEvent) -> dict[str, Any]:
+    return {"from": event.from_state, "to": event.to_state, "reason": event.reason, "at": _iso(event.at)}
+
+
+# --- outbox -----------------------------------------------------------------------------------
+
+def add_outbox(session: Session, job_id: str, step: str, now: datetime) -> None:
+    session.add(Outbox(job_id=job_id, task=step, created_at=now))
+
+
+def pending_outbox(sessions: sessionmaker[Session], *, older_than: datetime | None = None, limit: int = 500) -> list[Outbox]:
+    with sessions() as session:
+        query = select(Outbox).where(Outbox.sent_at.is_(None)).order_by(Outbox.id).limit(limit)
+        if older_than is not None:
+            query = query.where(Outbox.created_at <= older_than)
+        return list(session.scalars(query))
+
+
+def mark_sent(sessions: sessionmaker[Session], ids: list[int], *, clock: Clock = utcnow) -> None:
+    if not ids:
+        return
+    with sessions() as session:
+        session.execute(update(Outbox).where(Outbox.id.in_(ids), Outbox.sent_at.is_(None)).values(sent_at=clock()))
+        session.commit()

@@ -1,0 +1,215 @@
+"""Shared provider limits: a rate limit, a concurrency limit and a circuit breaker, all in Redis
+so that every worker process on every host sees the same ones; `MemoryLimits` is the test stub.
+
+`acquire(token)` answers 0 (go) or how many seconds to wait; jobs wait in `queued`, not in retries.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import redis
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The answer to "may I submit now?": wait == 0 means go."""
+
+    wait: float
+    reason: str = ""
+
+    @property
+    def open(self) -> bool:
+        return self.wait <= 0
+
+
+GO = Gate(0.0)
+
+
+class Limits(Protocol):
+    def check_breaker(self) -> Gate: ...
+    def acquire(self, token: str) -> Gate: ...
+    def release(self, token: str) -> None: ...
+    def trip_breaker(self, seconds: float, reason: str) -> None: ...
+    def reset_breaker(self) -> None: ...
+    def breaker_state(self) -> dict: ...
+    # The submission journal: which provider task a job's submit created, written the moment the
+    # provider answers, so a worker that dies before its database commit leaves a certain trace.
+    def remember_submission(self, job_id: str, prediction_id: str) -> None: ...
+    def recall_submission(self, job_id: str) -> str | None: ...
+
+
+# KEYS: rate zset, active zset   ARGV: window_ms, rate_limit, max_concurrency, token, slot_ttl_ms
+# Times come from Redis itself, so hosts with skewed clocks still share one window.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window, limit, conc, token, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local held = redis.call('ZSCORE', KEYS[2], token)
+if (not held) and redis.call('ZCARD', KEYS[2]) >= conc then
+  return {-1, 1000}
+end
+if redis.call('ZCARD', KEYS[1]) >= limit then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {-2, math.max(50, tonumber(oldest[2]) + window - now)}
+end
+redis.call('ZADD', KEYS[1], now, token .. ':' .. now .. ':' .. t[2])
+redis.call('ZADD', KEYS[2], now + ttl, token)
+redis.call('PEXPIRE', KEYS[1], window * 2)
+return {0, 0}
+"""
+
+
+class RedisLimits:
+    """Limits shared through Redis. Key names are namespaced so several deployments can share a Redis."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        rate_per_minute: int,
+        max_concurrency: int,
+        slot_ttl: float = 3600.0,
+        namespace: str = "edit-worker",
+    ):
+        self.r = client
+        self.rate_per_minute = rate_per_minute
+        self.max_concurrency = max_concurrency
+        self.slot_ttl = slot_ttl
+        self.k_rate = f"{namespace}:rate"
+        self.k_active = f"{namespace}:active"
+        self.k_breaker = f"{namespace}:breaker"
+        self.k_tripped = f"{namespace}:breaker:tripped"
+        self.k_probe = f"{namespace}:breaker:probe"
+        self.k_journal = f"{namespace}:submitted:"
+        self._acquire = self.r.register_script(_ACQUIRE)
+
+    @classmethod
+    def from_url(cls, url: str, **kw) -> "RedisLimits":
+        return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True), **kw)
+
+    def check_breaker(self) -> Gate:
+        ttl = self.r.pttl(self.k_breaker)
+        if ttl and ttl > 0:
+            return Gate(ttl / 1000.0, f"circuit breaker open: {self.r.get(self.k_breaker) or 'provider refused'}")
+        if self.r.exists(self.k_tripped):
+            # Half-open: exactly one probe submission goes through; the rest wait for its outcome.
+            if self.r.set(self.k_probe, "1", nx=True, px=30_000):
+                return GO
+            return Gate(2.0, "circuit breaker half-open: waiting for the probe submission")
+        return GO
+
+    def acquire(self, token: str) -> Gate:
+        status, wait_ms = self._acquire(
+            keys=[self.k_rate, self.k_active],
+            args=[60_000, self.rate_per_minute, self.max_concurrency, token, int(self.slot_ttl * 1000)],
+        )
+        if int(status) == 0:
+            return GO
+        reason = "provider concurrency limit reached" if int(status) == -1 else "provider rate limit reached"
+        return Gate(int(wait_ms) / 1000.0, reason)
+
+    def release(self, token: str) -> None:
+        self.r.zrem(self.k_active, token)
+
+    def trip_breaker(self, seconds: float, reason: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(self.k_breaker, reason[:200], px=max(1, int(seconds * 1000)))
+        pipe.set(self.k_tripped, "1")
+        pipe.delete(self.k_probe)
+        pipe.execute()
+
+    def reset_breaker(self) -> None:
+        if self.r.exists(self.k_tripped) or self.r.exists(self.k_breaker):
+            self.r.delete(self.k_breaker, self.k_tripped, self.k_probe)
+
+    def breaker_state(self) -> dict:
+        ttl = self.r.pttl(self.k_breaker)
+        return {
+            "open": bool(ttl and ttl > 0),
+            "seconds_left": max(0.0, (ttl or 0) / 1000.0),
+            "reason": self.r.get(self.k_breaker),
+            "tripped": bool(self.r.exists(self.k_tripped)),
+            "active": self.r.zcard(self.k_active),
+        }
+
+    def remember_submission(self, job_id: str, prediction_id: str) -> None:
+        # Seven days: as long as the provider keeps tasks listable.
+        self.r.set(self.k_journal + job_id, prediction_id, ex=7 * 24 * 3600)
+
+    def recall_submission(self, job_id: str) -> str | None:
+        return self.r.get(self.k_journal + job_id)
+
+
+class MemoryLimits:
+    """The same behaviour in one process, on an injectable clock (unit tests, single-process tools)."""
+
+    def __init__(self, *, rate_per_minute: int = 10_000, max_concurrency: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        self.rate_per_minute = rate_per_minute
+        self.max_concurrency = max_concurrency
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._stamps: list[float] = []
+        self._active: set[str] = set()
+        self._breaker_until = 0.0
+        self._breaker_reason = ""
+        self._tripped = False
+        self._probe_taken = False
+        self._journal: dict[str, str] = {}
+
+    def check_breaker(self) -> Gate:
+        with self._lock:
+            now = self.clock()
+            if now < self._breaker_until:
+                return Gate(self._breaker_until - now, f"circuit breaker open: {self._breaker_reason}")
+            if self._tripped:
+                if not self._probe_taken:
+                    self._probe_taken = True
+                    return GO
+                return Gate(2.0, "circuit breaker half-open: waiting for the probe submission")
+            return GO
+
+    def acquire(self, token: str) -> Gate:
+        with self._lock:
+            now = self.clock()
+            self._stamps = [s for s in self._stamps if s > now - 60.0]
+            if token not in self._active and len(self._active) >= self.max_concurrency:
+                return Gate(1.0, "provider concurrency limit reached")
+            if len(self._stamps) >= self.rate_per_minute:
+                return Gate(max(0.05, self._stamps[0] + 60.0 - now), "provider rate limit reached")
+            self._stamps.append(now)
+            self._active.add(token)
+            return GO
+
+    def release(self, token: str) -> None:
+        with self._lock:
+            self._active.discard(token)
+
+    def trip_breaker(self, seconds: float, reason: str) -> None:
+        with self._lock:
+            self._breaker_until = self.clock() + seconds
+            self._breaker_reason = reason
+            self._tripped = True
+            self._probe_taken = False
+
+    def reset_breaker(self) -> None:
+        with self._lock:
+            self._breaker_until = 0.0
+            self._tripped = False
+            self._probe_taken = False
+
+    def breaker_state(self) -> dict:
+        with self._lock:
+            left = max(0.0, self._breaker_until - self.clock())
+            return {"open": left > 0, "seconds_left": left, "reason": self._breaker_reason or None, "tripped": self._tripped, "active": len(self._active)}
+
+    def remember_submission(self, job_id: str, prediction_id: str) -> None:
+        self._journal[job_id] = prediction_id
+
+    def recall_submission(self, job_id: str) -> str | None:
+        return self._journal.get(job_id)

@@ -1,0 +1,368 @@
+"""The steps of an edit job — submit, poll, upload, cancel, retry — as plain functions over Deps.
+
+Each step re-reads the job row and does only what the row's state calls for, so a duplicate or
+stale Celery message is a no-op. A step returns the next step to schedule (or None); transient
+infrastructure errors (database, S3, Redis) propagate for the Celery task to retry.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.orm import undefer
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from sqlalchemy.exc import OperationalError, InterfaceError
+
+from models import Job
+
+from .backoff import compute_backoff, jittered
+from .deps import Deps
+from .errors import (
+    AmbiguousSubmitError,
+    InvalidJobOperation,
+    PermanentProviderError,
+    ProviderAuthError,
+    ProviderError,
+    StorageError,
+    TransientProviderError,
+)
+from .jobs import STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, add_outbox, transition, update_if
+from .states import State
+from .storage import extension_for, sniff_content_type
+from .wavespeed import EditRequest, Prediction, PredictionStatus, prediction_error
+
+log = logging.getLogger(__name__)
+
+# Error codes written on jobs (strings in the `error.code` field of the job JSON).
+ERR_DEADLINE = "deadline_exceeded"
+ERR_AMBIGUOUS = "ambiguous_submit"
+ERR_NO_OUTPUTS = "no_outputs"
+ERR_BAD_OUTPUT = "bad_output"
+
+
+@dataclass(frozen=True)
+class Next:
+    step: str
+    job_id: str
+    countdown: float = 0.0
+    poll_seq: int | None = None
+
+
+def schedule(deps: Deps, nxt: Next | None) -> None:
+    if nxt is not None:
+        deps.publisher.publish(nxt.step, nxt.job_id, countdown=max(0.0, nxt.countdown), poll_seq=nxt.poll_seq)
+
+
+def _ctx(job: Job, **extra) -> dict:
+    return {"job_id": job.id, "state": job.state, "prediction_id": job.prediction_id, "attempt": job.attempts, **extra}
+
+
+def _past_deadline(deps: Deps, job: Job) -> bool:
+    return deps.clock() >= job.deadline_at
+
+
+# --- submit ---------------------------------------------------------------------------------
+
+def run_submit(deps: Deps, job_id: str) -> Next | None:
+    s = deps.settings
+    with deps.sessions() as session:
+        job = session.get(Job, job_id, options=[undefer(Job.image_payload)])
+        if job is None or job.state != State.QUEUED.value:
+            return None  # stale or duplicate message
+        now = deps.clock()
+        if _past_deadline(deps, job):
+            transition(session, job_id, State.QUEUED, State.FAILED, "deadline passed while queued", clock=deps.clock,
+                       error_code=ERR_DEADLINE, error_message="the job's deadline passed before it could be submitted")
+            session.commit()
+            return None
+        if job.next_attempt_at and job.next_attempt_at > now + timedelta(seconds=1):
+            return None  # early duplicate: the deferred message (or the sweep) will come back for it
+
+        gate = deps.limits.check_breaker()
+        if gate.open:
+            gate = deps.limits.acquire(job_id)
+        if not gate.open:
+            # Wait in `queued`, not in a retry storm: no attempt is spent.
+            update_if(session, job_id, State.QUEUED, clock=deps.clock, next_attempt_at=now + timedelta(seconds=gate.wait))
+            session.commit()
+            log.info("submit deferred %.1fs: %s", gate.wait, gate.reason, extra=_ctx(job))
+            return Next(STEP_SUBMIT, job_id, countdown=gate.wait)
+
+        attempt = job.attempts + 1
+        if not transition(session, job_id, State.QUEUED, State.SUBMITTING, f"submit attempt {attempt}", clock=deps.clock,
+                          attempts=attempt, submitted_at=now, next_attempt_at=None):
+            session.rollback()
+            deps.limits.release(job_id)
+            return None
+        session.commit()
+        request = EditRequest(prompt=job.prompt, image=job.image_payload, size=job.size, seed=job.seed,
+                              enable_base64_output=job.enable_base64_output)
+
+    try:
+        prediction = deps.provider.submit(request)
+    except AmbiguousSubmitError as exc:
+        # The provider may have created (and will bill) a task. Never resubmit blindly: leave the job
+        # in `submitting`; the reconciler looks the task up and decides.
+        with deps.sessions() as session:
+            update_if(session, job_id, State.SUBMITTING, clock=deps.clock, error_code=ERR_AMBIGUOUS, error_message=str(exc))
+            session.commit()
+        log.warning("ambiguous submit, left for the reconciler: %s", exc, extra={"job_id": job_id})
+        return None
+    except ProviderAuthError as exc:
+        deps.limits.release(job_id)
+        deps.limits.trip_breaker(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
+        log.error("provider refused the credentials; circuit breaker open for %.0fs: %s", s.breaker_open_seconds, exc, extra={"job_id": job_id})
+        wait = s.breaker_open_seconds
+        with deps.sessions() as session:
+            transition(session, job_id, State.SUBMITTING, State.QUEUED, f"provider refused the credentials, submissions paused: {exc}",
+                       clock=deps.clock, next_attempt_at=deps.clock() + timedelta(seconds=wait))
+            session.commit()
+        return Next(STEP_SUBMIT, job_id, countdown=wait)
+    except TransientProviderError as exc:
+        # The provider answered an error or was not reached: provably no task, so retry later.
+        deps.limits.release(job_id)
+        wait = compute_backoff(attempt - 1, base=s.backoff_base, maximum=s.backoff_max, retry_after=exc.retry_after, rng=deps.rng)
+        with deps.sessions() as session:
+            transition(session, job_id, State.SUBMITTING, State.QUEUED, f"submit failed, retry in {wait:.1f}s: {exc}",
+                       clock=deps.clock, next_attempt_at=deps.clock() + timedelta(seconds=wait),
+                       error_code=str(exc.code or "transient"), error_message=str(exc))
+            session.commit()
+        log.warning("submit failed (transient), retry in %.1fs: %s", wait, exc, extra={"job_id": job_id})
+        return Next(STEP_SUBMIT, job_id, countdown=wait)
+    except PermanentProviderError as exc:
+        deps.limits.release(job_id)
+        with deps.sessions() as session:
+            transition(session, job_id, State.SUBMITTING, State.FAILED, f"provider refused the job: {exc}", clock=deps.clock,
+                       error_code=str(exc.code or "rejected"), error_message=exc.message)
+            session.commit()
+        return None
+
+    deps.limits.reset_breaker()
+    return record_submission(deps, job_id, prediction)
+
+
+@retry(retry=retry_if_exception_type((OperationalError, InterfaceError)), stop=stop_after_delay(120),
+       wait=wait_exponential_jitter(initial=0.5, max=10), reraise=True)
+def _commit_prediction(deps: Deps, job_id: str, prediction: Prediction, first_poll: float) -> tuple[bool, int]:
+    with deps.sessions() as session:
+        job = session.get(Job, job_id)
+        seq = (job.poll_seq if job else 0) + 1
+        moved = transition(session, job_id, State.SUBMITTING, State.PROCESSING, f"provider accepted: prediction {prediction.id}",
+                           clock=deps.clock, prediction_id=prediction.id, poll_seq=seq, error_code=None, error_message=None,
+                           next_poll_at=deps.clock() + timedelta(seconds=first_poll))
+        if not moved:
+            # Cancelled (or resolved) meanwhile: still record which provider task belongs to it.
+            update_if(session, job_id, State(job.state) if job else State.CANCELLED, clock=deps.clock,
+                      where={"prediction_id": None}, prediction_id=prediction.id)
+        session.commit()
+        return moved, seq
+
+
+def record_submission(deps: Deps, job_id: str, prediction: Prediction) -> Next | None:
+    """Commit the prediction id before anything else. The provider has billed this task: a database
+    hiccup here is retried in place (re-running the task would pay twice); the id is also journaled
+    in Redis so that if this process dies now the reconciler adopts the task instead of guessing."""
+    try:
+        deps.limits.remember_submission(job_id, prediction.id)
+    except Exception:  # the journal is a second line of defence; the database is the record
+        log.warning("could not journal prediction %s in Redis", prediction.id, extra={"job_id": job_id})
+    moved, seq = _commit_prediction(deps, job_id, prediction, deps.settings.first_poll_delay)
+    if not moved:
+        log.info("job left submitting meanwhile; cancelling provider task %s", prediction.id, extra={"job_id": job_id})
+        _cancel_at_provider(deps, prediction.id)
+        deps.limits.release(job_id)
+        return None
+    return Next(STEP_POLL, job_id, countdown=deps.settings.first_poll_delay, poll_seq=seq)
+
+
+# --- poll -----------------------------------------------------------------------------------
+
+def run_poll(deps: Deps, job_id: str, poll_seq: int | None) -> Next | None:
+    s = deps.settings
+    with deps.sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != State.PROCESSING.value or not job.prediction_id:
+            return None
+        if poll_seq is not None and job.poll_seq != poll_seq:
+            return None  # a stale poll chain; the current one carries the row's poll_seq
+        seq = job.poll_seq
+        prediction_id = job.prediction_id
+        if _past_deadline(deps, job):
+            if transition(session, job_id, State.PROCESSING, State.FAILED, "deadline passed while processing", clock=deps.clock,
+                          error_code=ERR_DEADLINE, error_message=f"prediction {prediction_id} did not finish before the job's deadline"):
+                session.commit()
+                _cancel_at_provider(deps, prediction_id)
+                deps.limits.release(job_id)
+            return None
+
+    def reschedule(wait: float, reason: str | None = None) -> Next | None:
+        with deps.sessions() as session:
+            ok = update_if(session, job_id, State.PROCESSING, clock=deps.clock, where={"poll_seq": seq},
+                           poll_seq=seq + 1, next_poll_at=deps.clock() + timedelta(seconds=wait))
+            session.commit()
+        if not ok:
+            return None  # another poller took over this job
+        if reason:
+            log.warning("poll failed, next in %.1fs: %s", wait, reason, extra={"job_id": job_id, "prediction_id": prediction_id})
+        return Next(STEP_POLL, job_id, countdown=wait, poll_seq=seq + 1)
+
+    try:
+        prediction = deps.provider.result(prediction_id)
+    except ProviderAuthError as exc:
+        deps.limits.trip_breaker(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
+        return reschedule(s.breaker_open_seconds, str(exc))
+    except TransientProviderError as exc:
+        wait = max(s.poll_interval, compute_backoff(min(job.attempts, 5), base=s.backoff_base, maximum=s.backoff_max,
+                                                      retry_after=exc.retry_after, rng=deps.rng))
+        return reschedule(wait, str(exc))
+    except PermanentProviderError as exc:
+        return _fail(deps, job_id, State.PROCESSING, f"result lookup refused: {exc}", str(exc.code or "rejected"), exc.message)
+
+    if not prediction.status.terminal:
+        return reschedule(jittered(s.poll_interval, s.poll_jitter, deps.rng))
+
+    deps.limits.release(job_id)
+    if prediction.status is PredictionStatus.COMPLETED:
+        if not prediction.outputs:
+            return _fail(deps, job_id, State.PROCESSING, "provider completed without outputs", ERR_NO_OUTPUTS,
+                         "the provider reported completion but returned no outputs")
+        with deps.sessions() as session:
+            moved = transition(session, job_id, State.PROCESSING, State.UPLOADING,
+                               f"prediction completed with {len(prediction.outputs)} output(s)", clock=deps.clock,
+                               provider_outputs=prediction.outputs, has_nsfw_contents=prediction.has_nsfw_contents,
+                               next_poll_at=None)
+            session.commit()
+        return Next(STEP_UPLOAD, job_id) if moved else None
+    err = prediction_error(prediction)
+    return _fail(deps, job_id, State.PROCESSING, f"prediction {prediction.status.value}: {err.message}", str(err.code), err.message)
+
+
+def _fail(deps: Deps, job_id: str, src: State, reason: str, code: str, message: str) -> None:
+    with deps.sessions() as session:
+        transition(session, job_id, src, State.FAILED, reason, clock=deps.clock, error_code=code[:64], error_message=message)
+        session.commit()
+    deps.limits.release(job_id)
+    return None
+
+
+# --- upload ---------------------------------------------------------------------------------
+
+SPOOL_BYTES = 8 * 1024 * 1024
+
+
+def _decode_base64_output(value: str) -> bytes:
+    # The provider sends bare base64; accept a data: URI as well.
+    if value.startswith("data:"):
+        value = value.split(",", 1)[1] if "," in value else ""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise PermanentProviderError("an output is neither a URL nor valid base64", code=ERR_BAD_OUTPUT) from None
+
+
+def run_upload(deps: Deps, job_id: str) -> Next | None:
+    with deps.sessions() as session:
+        job = session.get(Job, job_id, options=[undefer(Job.provider_outputs)])
+        if job is None or job.state != State.UPLOADING.value:
+            return None
+        outputs = list(job.provider_outputs or [])
+        if _past_deadline(deps, job):
+            # Keep provider_outputs: `retry` can still copy them while the URLs live (about 7 days).
+            transition(session, job_id, State.UPLOADING, State.FAILED, "deadline passed while uploading", clock=deps.clock,
+                       error_code=ERR_DEADLINE, error_message="outputs could not be copied to S3 before the job's deadline")
+            session.commit()
+            return None
+
+    uris: list[str] = []
+    try:
+        for index, output in enumerate(outputs):
+            # Spooled: small outputs stay in memory, large ones go to disk; the bytes are held once.
+            with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as buf:
+                if output.startswith(("http://", "https://")):
+                    declared = deps.provider.download(output, buf)
+                else:
+                    buf.write(_decode_base64_output(output))
+                    declared = None
+                buf.seek(0)
+                content_type = sniff_content_type(buf.read(16), declared)
+                key = deps.storage.key_for(job_id, index, extension_for(content_type))
+                uris.append(deps.storage.put(key, buf, content_type))
+    except PermanentProviderError as exc:
+        return _fail(deps, job_id, State.UPLOADING, f"output unusable: {exc}", str(exc.code or "download_failed"), exc.message)
+    # TransientProviderError (download) and StorageError propagate: the task retries with backoff;
+    # the keys are deterministic, so a retry overwrites what a crashed attempt left half-done.
+
+    with deps.sessions() as session:
+        transition(session, job_id, State.UPLOADING, State.SUCCEEDED, f"{len(uris)} output(s) stored in S3", clock=deps.clock,
+                   outputs=uris, provider_outputs=None, error_code=None, error_message=None)
+        session.commit()
+    log.info("job succeeded", extra={"job_id": job_id, "outputs": len(uris)})
+    return None
+
+
+# --- operator actions -----------------------------------------------------------------------
+
+def _cancel_at_provider(deps: Deps, prediction_id: str) -> bool:
+    try:
+        deps.provider.cancel(prediction_id)
+        return True
+    except ProviderError as exc:
+        log.warning("provider cancel of %s failed: %s", prediction_id, exc)
+        return False
+
+
+def cancel_job(deps: Deps, job_id: str, reason: str = "cancelled by operator") -> Job:
+    """Cancel a job (and its provider task). Cancelling a cancelled job is a no-op; a finished one
+    cannot be cancelled."""
+    from .jobs import get_job
+
+    for _ in range(5):
+        job = get_job(deps.sessions, job_id)
+        state = State(job.state)
+        if state is State.CANCELLED:
+            return job
+        if state.terminal:
+            raise InvalidJobOperation(f"job {job_id} is {state}; only unfinished jobs can be cancelled")
+        with deps.sessions() as session:
+            moved = transition(session, job_id, state, State.CANCELLED, reason, clock=deps.clock)
+            session.commit()
+        if moved:
+            deps.limits.release(job_id)
+            if job.prediction_id and state in (State.SUBMITTING, State.PROCESSING):
+                _cancel_at_provider(deps, job.prediction_id)
+            return get_job(deps.sessions, job_id)
+    raise InvalidJobOperation(f"job {job_id} kept changing state; try again")
+
+
+def retry_job(deps: Deps, job_id: str) -> Job:
+    """Replay a failed job from the furthest step already paid for: copy known outputs again,
+    re-poll a known prediction that did not itself fail, or resubmit when there is nothing to reuse."""
+    from .jobs import get_job
+
+    job = get_job(deps.sessions, job_id, with_payloads=True)
+    if job.state != State.FAILED.value:
+        raise InvalidJobOperation(f"job {job_id} is {job.state}; only failed jobs can be retried")
+    now = deps.clock()
+    deadline = now + timedelta(seconds=deps.settings.job_deadline_seconds)
+    common = dict(error_code=None, error_message=None, finished_at=None, deadline_at=deadline)
+    with deps.sessions() as session:
+        if job.provider_outputs:
+            target, step, extra = State.UPLOADING, STEP_UPLOAD, {}
+            reason = "retry: copy the provider's outputs again"
+        elif job.prediction_id and job.error_code == ERR_DEADLINE:
+            target, step = State.PROCESSING, STEP_POLL
+            extra = {"poll_seq": job.poll_seq + 1, "next_poll_at": now}
+            reason = f"retry: poll prediction {job.prediction_id} again"
+        else:
+            target, step, extra = State.QUEUED, STEP_SUBMIT, {"prediction_id": None, "next_attempt_at": None}
+            reason = "retry: submit again" + (f" (previous prediction {job.prediction_id} failed)" if job.prediction_id else "")
+        if not transition(session, job_id, State.FAILED, target, reason, clock=deps.clock, **common, **extra):
+            raise InvalidJobOperation(f"job {job_id} changed state meanwhile; try again")
+        add_outbox(session, job_id, step, now)
+        session.commit()
+    return get_job(deps.sessions, job_id)

@@ -1,0 +1,223 @@
+"""Beat-driven recovery: the outbox relay, the stuck-job sweep and ambiguous-submit resolution.
+
+SQL is the truth and the broker is disposable: anything a lost message, a dead worker or an
+emptied Redis left behind is found here from the rows alone and driven on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, exists, func, or_, select
+
+from models import Job, Outbox
+
+from .deps import Deps
+from .errors import ProviderError
+from .jobs import STEP_FOR_STATE, STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, mark_sent, pending_outbox, transition, update_if
+from .pipeline import ERR_AMBIGUOUS, ERR_DEADLINE, Next, record_submission, schedule
+from .states import ACTIVE, State
+from .wavespeed import MODEL, Prediction, PredictionStatus
+
+log = logging.getLogger(__name__)
+
+ERR_NEEDS_OPERATOR = "ambiguous_submit_needs_operator"
+# Clock skew allowed between us and the provider when matching a task by its creation time.
+SKEW = timedelta(seconds=30)
+# The provider's list may lag its submit a little; "no task" counts only after this much more.
+LIST_GRACE = timedelta(seconds=15)
+
+
+def relay_outbox(deps: Deps, *, older_than: float = 0.0, limit: int = 1000) -> int:
+    """Publish outbox rows not yet sent; a failure to publish leaves them for the next run."""
+    cutoff = deps.clock() - timedelta(seconds=older_than)
+    rows = pending_outbox(deps.sessions, older_than=cutoff, limit=limit)
+    sent: list[int] = []
+    try:
+        for row in rows:
+            deps.publisher.publish(row.task, row.job_id)
+            sent.append(row.id)
+    finally:
+        mark_sent(deps.sessions, sent, clock=deps.clock)
+    return len(sent)
+
+
+@dataclass
+class SweepReport:
+    relayed: int = 0
+    redriven: dict[str, int] = field(default_factory=dict)
+    deadline_failed: int = 0
+    ambiguous: dict[str, int] = field(default_factory=dict)
+
+    def count(self, bucket: dict[str, int], key: str) -> None:
+        bucket[key] = bucket.get(key, 0) + 1
+
+
+def sweep(deps: Deps, *, limit: int = 500) -> SweepReport:
+    """One pass over every non-terminal job whose row has not moved past its own schedule."""
+    s = deps.settings
+    now = deps.clock()
+    stuck = now - timedelta(seconds=s.stuck_after_seconds)
+    report = SweepReport(relayed=relay_outbox(deps, older_than=2.0))
+
+    with deps.sessions() as session:
+        unsent = exists().where(and_(Outbox.job_id == Job.id, Outbox.sent_at.is_(None)))
+        due = or_(
+            and_(Job.state == State.QUEUED.value, func.coalesce(Job.next_attempt_at, Job.updated_at) < stuck, ~unsent),
+            and_(Job.state == State.PROCESSING.value, func.coalesce(Job.next_poll_at, Job.updated_at) < stuck),
+            and_(Job.state == State.UPLOADING.value, Job.updated_at < stuck),
+            and_(Job.state == State.SUBMITTING.value,
+                 Job.updated_at < now - timedelta(seconds=s.http_timeout) - LIST_GRACE - LIST_GRACE,
+                 or_(Job.error_code.is_(None), Job.error_code != ERR_NEEDS_OPERATOR)),
+            and_(Job.state.in_([st.value for st in ACTIVE]), Job.deadline_at < now),
+        )
+        jobs = list(session.scalars(select(Job).where(due).order_by(Job.updated_at).limit(limit)))
+
+    for job in jobs:
+        state = State(job.state)
+        try:
+            if state is State.SUBMITTING:
+                report.count(report.ambiguous, resolve_ambiguous(deps, job))
+            elif job.deadline_at < now:
+                if _fail_deadline(deps, job, state):
+                    report.deadline_failed += 1
+            else:
+                _redrive(deps, job, state)
+                report.count(report.redriven, state.value)
+        except ProviderError as exc:
+            log.warning("sweep could not handle job: %s", exc, extra={"job_id": job.id, "state": job.state})
+    if report.redriven or report.ambiguous or report.deadline_failed:
+        log.info("sweep: %s", report)
+    return report
+
+
+def _fail_deadline(deps: Deps, job: Job, state: State) -> bool:
+    with deps.sessions() as session:
+        moved = transition(session, job.id, state, State.FAILED, f"deadline passed while {state}", clock=deps.clock,
+                           error_code=ERR_DEADLINE, error_message=f"the job did not finish before its deadline (it was {state})")
+        session.commit()
+    if moved:
+        deps.limits.release(job.id)
+        if job.prediction_id and state is State.PROCESSING:
+            try:
+                deps.provider.cancel(job.prediction_id)
+            except ProviderError:
+                pass
+    return moved
+
+
+def _redrive(deps: Deps, job: Job, state: State) -> None:
+    step = STEP_FOR_STATE[state]
+    if step == STEP_POLL:
+        # Take the job over with a new poll_seq: any old chain still alive becomes stale.
+        with deps.sessions() as session:
+            ok = update_if(session, job.id, State.PROCESSING, clock=deps.clock, where={"poll_seq": job.poll_seq},
+                           poll_seq=job.poll_seq + 1, next_poll_at=deps.clock())
+            session.commit()
+        if ok:
+            schedule(deps, Next(STEP_POLL, job.id, poll_seq=job.poll_seq + 1))
+        return
+    if step == STEP_SUBMIT:
+        with deps.sessions() as session:  # touch the row so the next sweep waits a full period again
+            update_if(session, job.id, State.QUEUED, clock=deps.clock)
+            session.commit()
+    if step == STEP_UPLOAD:
+        with deps.sessions() as session:
+            update_if(session, job.id, State.UPLOADING, clock=deps.clock)
+            session.commit()
+    schedule(deps, Next(step, job.id))
+
+
+def resolve_ambiguous(deps: Deps, job: Job) -> str:
+    """A job stuck in `submitting` (a submit that timed out, a worker that died around the call):
+    find out whether the provider created a task before doing anything that could pay twice.
+
+    1. The Redis journal names the task            -> adopt it (certain).
+    2. The provider lists no unclaimed task of this model created in the submit's time window,
+       and the window is over                       -> none was created: back to queued, resubmit.
+    3. Exactly one unclaimed candidate, and no other unresolved submit competes for that window
+                                                    -> adopt it.
+    4. Anything else                                -> leave it for an operator (`edit-worker resolve`).
+    """
+    journaled = deps.limits.recall_submission(job.id)
+    if journaled:
+        return _adopt(deps, job, journaled, "journaled by the submitting worker")
+
+    started = job.submitted_at or job.updated_at
+    window_start = started - SKEW
+    window_end = started + timedelta(seconds=deps.settings.http_timeout) + SKEW
+    if deps.clock() < window_end + LIST_GRACE:
+        return "waiting"
+    candidates = _unclaimed_predictions(deps, window_start, window_end)
+    if not candidates:
+        with deps.sessions() as session:
+            moved = transition(session, job.id, State.SUBMITTING, State.QUEUED,
+                               "provider has no task for the ambiguous submit: resubmitting", clock=deps.clock,
+                               error_code=None, error_message=None, next_attempt_at=None)
+            session.commit()
+        deps.limits.release(job.id)
+        if moved:
+            schedule(deps, Next(STEP_SUBMIT, job.id))
+        return "resubmitted"
+    with deps.sessions() as session:
+        competitors = session.scalar(
+            select(func.count()).select_from(Job).where(
+                Job.state == State.SUBMITTING.value, Job.id != job.id, Job.prediction_id.is_(None),
+                Job.submitted_at >= window_start - SKEW - timedelta(seconds=deps.settings.http_timeout),
+                Job.submitted_at <= window_end,
+            )
+        )
+    if len(candidates) == 1 and not competitors:
+        return _adopt(deps, job, candidates[0].id, "the only unclaimed provider task in the submit's time window")
+    message = (f"{len(candidates)} unclaimed provider task(s) match the submit's time window and {competitors} other "
+               "unresolved submit(s) compete for them; run `edit-worker resolve JOB --adopt PREDICTION_ID` or `--resubmit`")
+    with deps.sessions() as session:
+        update_if(session, job.id, State.SUBMITTING, clock=deps.clock, error_code=ERR_NEEDS_OPERATOR, error_message=message)
+        session.commit()
+    log.error("ambiguous submit needs an operator: %s", message, extra={"job_id": job.id})
+    return "needs_operator"
+
+
+def _unclaimed_predictions(deps: Deps, start: datetime, end: datetime, max_pages: int = 20) -> list[Prediction]:
+    found: list[Prediction] = []
+    for page in range(1, max_pages + 1):
+        result = deps.provider.list_predictions(page=page, page_size=100, model=MODEL, created_after=start, created_before=end)
+        found.extend(result.items)
+        if len(result.items) < 100 or page * 100 >= result.total:
+            break
+    if not found:
+        return []
+    with deps.sessions() as session:
+        claimed = set(session.scalars(select(Job.prediction_id).where(Job.prediction_id.in_([p.id for p in found]))))
+    return [p for p in found if p.id not in claimed]
+
+
+def _adopt(deps: Deps, job: Job, prediction_id: str, why: str) -> str:
+    nxt = record_submission(deps, job.id, Prediction(id=prediction_id, status=PredictionStatus.PROCESSING))
+    schedule(deps, Next(STEP_POLL, job.id, poll_seq=nxt.poll_seq) if nxt else None)
+    log.info("adopted provider task %s (%s)", prediction_id, why, extra={"job_id": job.id})
+    return "adopted" if nxt else "gone"
+
+
+def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, resubmit: bool = False) -> str:
+    """The operator's answer for a submit the reconciler could not settle."""
+    from .errors import InvalidJobOperation
+    from .jobs import get_job
+
+    job = get_job(deps.sessions, job_id)
+    if job.state != State.SUBMITTING.value:
+        raise InvalidJobOperation(f"job {job_id} is {job.state}; only jobs stuck in submitting can be resolved")
+    if bool(adopt) == bool(resubmit):
+        raise InvalidJobOperation("say either --adopt PREDICTION_ID or --resubmit")
+    if adopt:
+        return _adopt(deps, job, adopt, "named by the operator")
+    with deps.sessions() as session:
+        moved = transition(session, job_id, State.SUBMITTING, State.QUEUED, "operator: resubmit", clock=deps.clock,
+                           error_code=None, error_message=None, next_attempt_at=None)
+        session.commit()
+    deps.limits.release(job_id)
+    if moved:
+        schedule(deps, Next(STEP_SUBMIT, job_id))
+    return "resubmitted"

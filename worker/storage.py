@@ -1,0 +1,129 @@
+"""S3-compatible storage (boto3): deterministic output keys, typed puts, presigned URLs.
+
+Keys are `{prefix}/{job_id}/{index}.{ext}`: a re-run of an upload overwrites, never duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import IO, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .config import Settings
+from .errors import StorageError
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+MAGIC = [(b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif")]
+
+
+def sniff_content_type(head: bytes, declared: str | None = None) -> str:
+    """The output's real type from its first bytes; the declared header only as a fallback."""
+    for magic, mime in MAGIC:
+        if head.startswith(magic):
+            return mime
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return declared if declared in EXTENSIONS else "application/octet-stream"
+
+
+def extension_for(content_type: str) -> str:
+    return EXTENSIONS.get(content_type, "bin")
+
+
+def make_s3_client(settings: Settings) -> Any:
+    config = Config(
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=30,
+        # Path-style addressing works on every S3-compatible server (moto, MinIO, SeaweedFS…).
+        s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
+        max_pool_connections=50,
+    )
+    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.aws_region,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=secret,
+        config=config,
+    )
+
+
+class Storage:
+    def __init__(self, client: Any, bucket: str, prefix: str = ""):
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: Any | None = None) -> "Storage":
+        return cls(client or make_s3_client(settings), settings.s3_bucket, settings.s3_prefix)
+
+    def key_for(self, job_id: str, index: int, ext: str) -> str:
+        name = f"{job_id}/{index}.{ext}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(f"cannot reach bucket {self.bucket!r}: {_describe(exc)}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot reach S3: {_describe(exc)}") from None
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise StorageError(f"cannot create bucket {self.bucket!r}: {_describe(exc)}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot reach S3: {_describe(exc)}") from None
+
+    def put(self, key: str, body: IO[bytes], content_type: str) -> str:
+        """Upload a seekable file object (rewound first, so a retried put sends the same bytes)."""
+        body.seek(0)
+        try:
+            self.client.upload_fileobj(body, self.bucket, key, ExtraArgs={"ContentType": content_type})
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"put {self.uri(key)} failed: {_describe(exc)}") from None
+        except Exception as exc:  # s3transfer wraps errors in its own types
+            raise StorageError(f"put {self.uri(key)} failed: {_describe(exc)}") from None
+        return self.uri(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"get {self.uri(key)} failed: {_describe(exc)}") from None
+
+    def head(self, key: str) -> dict[str, Any]:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"head {self.uri(key)} failed: {_describe(exc)}") from None
+
+    def presign(self, key: str, expires: int = 3600) -> str:
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/key` -> (bucket, key)."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+def _describe(exc: Exception) -> str:
+    # botocore messages carry the operation and the error code, never credentials.
+    return f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -1,0 +1,88 @@
+"""Thin Celery tasks: decode the message, call a pipeline function, schedule what it returns,
+and map infrastructure errors (database, S3, Redis, output downloads) to a Celery retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Callable
+
+import redis
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from . import pipeline, reconciler
+from .backoff import compute_backoff
+from .celery_app import MAX_COUNTDOWN, app
+from .deps import Deps, build_deps
+from .errors import StorageError, TransientProviderError
+from .jobs import STEP_POLL, STEP_SUBMIT, STEP_UPLOAD
+
+log = logging.getLogger(__name__)
+
+# Worth retrying the same step: the row has not moved, so re-running it is safe.
+INFRA_ERRORS = (OperationalError, InterfaceError, DBAPIError, StorageError, TransientProviderError,
+                redis.ConnectionError, redis.TimeoutError, BrokerError, ConnectionError, TimeoutError)
+
+
+def _run(task, step: Callable[[Deps], pipeline.Next | None]) -> None:
+    deps = build_deps()
+    try:
+        pipeline.schedule(deps, step(deps))
+    except INFRA_ERRORS as exc:
+        wait = compute_backoff(task.request.retries, base=2.0, maximum=60.0)
+        log.warning("%s: %s; retry in %.1fs", task.name, type(exc).__name__, wait)
+        # If this retry cannot be published either (broker down), the row is unchanged and the
+        # reconciler's sweep re-drives the job once things are back.
+        raise task.retry(exc=exc, countdown=wait, max_retries=None)
+
+
+@app.task(name="edit_worker.submit", bind=True)
+def submit(self, job_id: str) -> None:
+    _run(self, lambda deps: pipeline.run_submit(deps, job_id))
+
+
+@app.task(name="edit_worker.poll", bind=True)
+def poll(self, job_id: str, poll_seq: int | None = None) -> None:
+    _run(self, lambda deps: pipeline.run_poll(deps, job_id, poll_seq))
+
+
+@app.task(name="edit_worker.upload", bind=True)
+def upload(self, job_id: str) -> None:
+    _run(self, lambda deps: pipeline.run_upload(deps, job_id))
+
+
+@app.task(name="edit_worker.reconcile", bind=True)
+def reconcile(self) -> None:
+    deps = build_deps()
+    # One sweep at a time across the fleet, even if two beats run by mistake.
+    lock = redis.Redis.from_url(deps.settings.limiter_redis_url).lock("edit-worker:sweep-lock", timeout=120, blocking=False)
+    if not lock.acquire():
+        return
+    try:
+        reconciler.sweep(deps)
+    except INFRA_ERRORS as exc:
+        log.warning("sweep skipped: %s", type(exc).__name__)
+    finally:
+        try:
+            lock.release()
+        except redis.RedisError:
+            pass
+
+
+_TASKS = {STEP_SUBMIT: submit, STEP_POLL: poll, STEP_UPLOAD: upload}
+
+
+class CeleryPublisher:
+    """Publishes pipeline steps as Celery messages."""
+
+    def __init__(self, rng: random.Random | None = None):
+        self.rng = rng or random.Random()
+
+    def publish(self, step: str, job_id: str, *, countdown: float = 0.0, poll_seq: int | None = None) -> None:
+        args = [job_id] if step != STEP_POLL else [job_id, poll_seq]
+        # Longer waits are the row's business (next_attempt_at / next_poll_at + the sweep): a
+        # countdown near the visibility timeout would be redelivered while still waiting.
+        options = {"countdown": min(countdown, MAX_COUNTDOWN)} if countdown > 0 else {}
+        _TASKS[step].apply_async(args=args, retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5}, **options)
