@@ -11,7 +11,7 @@ from datetime import timedelta
 from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
-from .config import get_settings
+from .config import Settings, get_settings
 
 QUEUE = "edit-worker"
 # Redis redelivers an unacked message after this long. Every countdown we schedule stays far
@@ -19,33 +19,41 @@ QUEUE = "edit-worker"
 VISIBILITY_TIMEOUT = 1800
 MAX_COUNTDOWN = 300.0
 
-settings = get_settings()
-app = Celery("edit_worker", broker=settings.celery_broker_url, include=["worker.tasks"])
-app.conf.update(
-    task_ignore_result=True,
-    result_backend=None,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True,
-    broker_connection_retry=True,
-    broker_connection_max_retries=None,
-    worker_cancel_long_running_tasks_on_connection_loss=True,
-    task_serializer="json",
-    accept_content=["json"],
-    event_serializer="json",
-    task_default_queue=QUEUE,
-    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT, "socket_timeout": 10, "socket_connect_timeout": 5},
-    broker_heartbeat=0,
-    timezone="UTC",
-    enable_utc=True,
-    worker_send_task_events=False,
-    task_time_limit=VISIBILITY_TIMEOUT // 2,
-    task_soft_time_limit=VISIBILITY_TIMEOUT // 2 - 60,
-    beat_schedule={
-        "reconcile": {"task": "edit_worker.reconcile", "schedule": timedelta(seconds=settings.sweep_interval), "options": {"expires": settings.sweep_interval * 2}},
-    },
-)
+def make_app(settings: Settings) -> Celery:
+    """A Celery app configured for `settings` (the module-level `app` uses the environment's)."""
+    celery = Celery("edit_worker", broker=settings.celery_broker_url, include=["worker.tasks"])
+    celery.conf.update(
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_default_queue=QUEUE,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT, "socket_timeout": 10, "socket_connect_timeout": 5},
+        timezone="UTC",
+        enable_utc=True,
+        worker_send_task_events=False,
+        task_time_limit=VISIBILITY_TIMEOUT // 2,
+        task_soft_time_limit=VISIBILITY_TIMEOUT // 2 - 60,
+        beat_schedule={
+            "reconcile": {
+                "task": "edit_worker.reconcile",
+                "schedule": timedelta(seconds=settings.sweep_interval),
+                "options": {"expires": settings.sweep_interval * 2},
+            },
+        },
+    )
+    return celery
+
+
+app = make_app(get_settings())
 
 
 @worker_process_init.connect

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     backoff_max: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_MAX"))
     # A 401/403 opens the shared breaker for this long before one probe submission is let through.
     breaker_open_seconds: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_BREAKER_OPEN_SECONDS"))
+    # An outage opens the same breaker: this many transient provider failures (5xx, HTML pages,
+    # connect errors, 429s) within the window, with no success between, pause the fleet's calls.
+    outage_failure_threshold: int = Field(default=10, ge=1, validation_alias=_env("EDIT_WORKER_OUTAGE_FAILURE_THRESHOLD"))
+    outage_failure_window: float = Field(default=30.0, gt=0, validation_alias=_env("EDIT_WORKER_OUTAGE_FAILURE_WINDOW"))
+    outage_open_seconds: float = Field(default=10.0, gt=0, validation_alias=_env("EDIT_WORKER_OUTAGE_OPEN_SECONDS"))
+    # Ambiguous-submit matching: allowed clock skew around the submit's time window, and how long
+    # the provider's task list may lag a submit before "no task listed" counts as "none created".
+    ambiguous_skew_seconds: float = Field(default=30.0, ge=0, validation_alias=_env("EDIT_WORKER_AMBIGUOUS_SKEW_SECONDS"))
+    ambiguous_list_grace_seconds: float = Field(default=15.0, ge=0, validation_alias=_env("EDIT_WORKER_AMBIGUOUS_LIST_GRACE_SECONDS"))
     # HTTP timeouts towards the provider (seconds).
     http_connect_timeout: float = Field(default=10.0, gt=0, validation_alias=_env("EDIT_WORKER_HTTP_CONNECT_TIMEOUT"))
     http_timeout: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_HTTP_TIMEOUT"))

@@ -40,6 +40,10 @@ class Limits(Protocol):
     # provider answers, so a worker that dies before its database commit leaves a certain trace.
     def remember_submission(self, job_id: str, prediction_id: str) -> None: ...
     def recall_submission(self, job_id: str) -> str | None: ...
+    # Outage detection: transient failures counted fleet-wide; enough of them open the breaker.
+    def breaker_wait(self) -> float: ...
+    def record_failure(self, *, threshold: int, window: float, open_seconds: float, reason: str) -> bool: ...
+    def record_success(self) -> None: ...
 
 
 # KEYS: rate zset, active zset   ARGV: window_ms, rate_limit, max_concurrency, token, slot_ttl_ms
@@ -87,6 +91,7 @@ class RedisLimits:
         self.k_tripped = f"{namespace}:breaker:tripped"
         self.k_probe = f"{namespace}:breaker:probe"
         self.k_journal = f"{namespace}:submitted:"
+        self.k_failures = f"{namespace}:failures"
         self._acquire = self.r.register_script(_ACQUIRE)
 
     @classmethod
@@ -145,6 +150,27 @@ class RedisLimits:
     def recall_submission(self, job_id: str) -> str | None:
         return self.r.get(self.k_journal + job_id)
 
+    def breaker_wait(self) -> float:
+        """Seconds the breaker stays open (0 when closed or half-open); consumes no probe."""
+        ttl = self.r.pttl(self.k_breaker)
+        return ttl / 1000.0 if ttl and ttl > 0 else 0.0
+
+    def record_failure(self, *, threshold: int, window: float, open_seconds: float, reason: str) -> bool:
+        pipe = self.r.pipeline()
+        pipe.incr(self.k_failures)
+        pipe.pexpire(self.k_failures, int(window * 1000), nx=True)
+        pipe.exists(self.k_tripped)
+        count, _, half_open = pipe.execute()
+        # A failure while half-open (the probe failed) reopens at once.
+        if (int(count) >= threshold or half_open) and not self.breaker_wait():
+            self.r.delete(self.k_failures)
+            self.trip_breaker(open_seconds, f"provider unavailable: {count} failures in {window:.0f}s ({reason})")
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self.r.delete(self.k_failures)
+
 
 class MemoryLimits:
     """The same behaviour in one process, on an injectable clock (unit tests, single-process tools)."""
@@ -161,6 +187,7 @@ class MemoryLimits:
         self._tripped = False
         self._probe_taken = False
         self._journal: dict[str, str] = {}
+        self._failures: list[float] = []
 
     def check_breaker(self) -> Gate:
         with self._lock:
@@ -213,3 +240,20 @@ class MemoryLimits:
 
     def recall_submission(self, job_id: str) -> str | None:
         return self._journal.get(job_id)
+
+    def breaker_wait(self) -> float:
+        with self._lock:
+            return max(0.0, self._breaker_until - self.clock())
+
+    def record_failure(self, *, threshold: int, window: float, open_seconds: float, reason: str) -> bool:
+        now = self.clock()
+        self._failures = [t for t in self._failures if t > now - window] + [now]
+        if (len(self._failures) >= threshold or self._tripped) and not self.breaker_wait():
+            count = len(self._failures)
+            self._failures = []
+            self.trip_breaker(open_seconds, f"provider unavailable: {count} failures in {window:.0f}s ({reason})")
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self._failures = []

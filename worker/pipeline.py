@@ -22,6 +22,7 @@ from models import Job
 
 from .backoff import compute_backoff, jittered
 from .deps import Deps
+from .faults import crashpoint
 from .errors import (
     AmbiguousSubmitError,
     InvalidJobOperation,
@@ -103,6 +104,7 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
         request = EditRequest(prompt=job.prompt, image=job.image_payload, size=job.size, seed=job.seed,
                               enable_base64_output=job.enable_base64_output)
 
+    crashpoint("before_submit")
     try:
         prediction = deps.provider.submit(request)
     except AmbiguousSubmitError as exc:
@@ -126,6 +128,7 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
     except TransientProviderError as exc:
         # The provider answered an error or was not reached: provably no task, so retry later.
         deps.limits.release(job_id)
+        _note_failure(deps, exc)
         wait = compute_backoff(attempt - 1, base=s.backoff_base, maximum=s.backoff_max, retry_after=exc.retry_after, rng=deps.rng)
         with deps.sessions() as session:
             transition(session, job_id, State.SUBMITTING, State.QUEUED, f"submit failed, retry in {wait:.1f}s: {exc}",
@@ -142,8 +145,17 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
             session.commit()
         return None
 
+    crashpoint("after_submit")
+    deps.limits.record_success()
     deps.limits.reset_breaker()
     return record_submission(deps, job_id, prediction)
+
+
+def _note_failure(deps: Deps, exc: TransientProviderError) -> None:
+    s = deps.settings
+    if deps.limits.record_failure(threshold=s.outage_failure_threshold, window=s.outage_failure_window,
+                                  open_seconds=s.outage_open_seconds, reason=str(exc)[:120]):
+        log.error("provider outage: circuit breaker open for %.0fs (%s)", s.outage_open_seconds, exc)
 
 
 @retry(retry=retry_if_exception_type((OperationalError, InterfaceError)), stop=stop_after_delay(120),
@@ -171,6 +183,7 @@ def record_submission(deps: Deps, job_id: str, prediction: Prediction) -> Next |
         deps.limits.remember_submission(job_id, prediction.id)
     except Exception:  # the journal is a second line of defence; the database is the record
         log.warning("could not journal prediction %s in Redis", prediction.id, extra={"job_id": job_id})
+    crashpoint("after_journal")
     moved, seq = _commit_prediction(deps, job_id, prediction, deps.settings.first_poll_delay)
     if not moved:
         log.info("job left submitting meanwhile; cancelling provider task %s", prediction.id, extra={"job_id": job_id})
@@ -211,18 +224,26 @@ def run_poll(deps: Deps, job_id: str, poll_seq: int | None) -> Next | None:
             log.warning("poll failed, next in %.1fs: %s", wait, reason, extra={"job_id": job_id, "prediction_id": prediction_id})
         return Next(STEP_POLL, job_id, countdown=wait, poll_seq=seq + 1)
 
+    # While the breaker is open (an outage, revoked credentials) polls wait too: no storm of
+    # failing calls during the outage, and a jittered spread when it ends.
+    paused = deps.limits.breaker_wait()
+    if paused > 0:
+        return reschedule(paused + jittered(0, s.poll_interval, deps.rng))
     try:
         prediction = deps.provider.result(prediction_id)
     except ProviderAuthError as exc:
         deps.limits.trip_breaker(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
-        return reschedule(s.breaker_open_seconds, str(exc))
+        return reschedule(s.breaker_open_seconds + jittered(0, s.poll_interval, deps.rng), str(exc))
     except TransientProviderError as exc:
-        wait = max(s.poll_interval, compute_backoff(min(job.attempts, 5), base=s.backoff_base, maximum=s.backoff_max,
+        _note_failure(deps, exc)
+        wait = max(s.poll_interval, compute_backoff(3, base=s.backoff_base, maximum=s.backoff_max,
                                                       retry_after=exc.retry_after, rng=deps.rng))
         return reschedule(wait, str(exc))
     except PermanentProviderError as exc:
         return _fail(deps, job_id, State.PROCESSING, f"result lookup refused: {exc}", str(exc.code or "rejected"), exc.message)
+    deps.limits.record_success()
 
+    crashpoint("mid_poll")
     if not prediction.status.terminal:
         return reschedule(jittered(s.poll_interval, s.poll_jitter, deps.rng))
 
@@ -288,6 +309,7 @@ def run_upload(deps: Deps, job_id: str) -> Next | None:
                 else:
                     buf.write(_decode_base64_output(output))
                     declared = None
+                crashpoint("mid_download")
                 buf.seek(0)
                 content_type = sniff_content_type(buf.read(16), declared)
                 key = deps.storage.key_for(job_id, index, extension_for(content_type))
@@ -296,6 +318,7 @@ def run_upload(deps: Deps, job_id: str) -> Next | None:
         return _fail(deps, job_id, State.UPLOADING, f"output unusable: {exc}", str(exc.code or "download_failed"), exc.message)
     # TransientProviderError (download) and StorageError propagate: the task retries with backoff;
     # the keys are deterministic, so a retry overwrites what a crashed attempt left half-done.
+    crashpoint("mid_upload")
 
     with deps.sessions() as session:
         transition(session, job_id, State.UPLOADING, State.SUCCEEDED, f"{len(uris)} output(s) stored in S3", clock=deps.clock,

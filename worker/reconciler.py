@@ -24,10 +24,6 @@ from .wavespeed import MODEL, Prediction, PredictionStatus
 log = logging.getLogger(__name__)
 
 ERR_NEEDS_OPERATOR = "ambiguous_submit_needs_operator"
-# Clock skew allowed between us and the provider when matching a task by its creation time.
-SKEW = timedelta(seconds=30)
-# The provider's list may lag its submit a little; "no task" counts only after this much more.
-LIST_GRACE = timedelta(seconds=15)
 
 
 def relay_outbox(deps: Deps, *, older_than: float = 0.0, limit: int = 1000) -> int:
@@ -60,6 +56,7 @@ def sweep(deps: Deps, *, limit: int = 500) -> SweepReport:
     s = deps.settings
     now = deps.clock()
     stuck = now - timedelta(seconds=s.stuck_after_seconds)
+    grace = timedelta(seconds=s.ambiguous_list_grace_seconds)
     report = SweepReport(relayed=relay_outbox(deps, older_than=2.0))
 
     with deps.sessions() as session:
@@ -69,7 +66,7 @@ def sweep(deps: Deps, *, limit: int = 500) -> SweepReport:
             and_(Job.state == State.PROCESSING.value, func.coalesce(Job.next_poll_at, Job.updated_at) < stuck),
             and_(Job.state == State.UPLOADING.value, Job.updated_at < stuck),
             and_(Job.state == State.SUBMITTING.value,
-                 Job.updated_at < now - timedelta(seconds=s.http_timeout) - LIST_GRACE - LIST_GRACE,
+                 Job.updated_at < now - timedelta(seconds=s.http_timeout + s.ambiguous_skew_seconds) - grace,
                  or_(Job.error_code.is_(None), Job.error_code != ERR_NEEDS_OPERATOR)),
             and_(Job.state.in_([st.value for st in ACTIVE]), Job.deadline_at < now),
         )
@@ -145,10 +142,12 @@ def resolve_ambiguous(deps: Deps, job: Job) -> str:
     if journaled:
         return _adopt(deps, job, journaled, "journaled by the submitting worker")
 
+    s = deps.settings
+    skew = timedelta(seconds=s.ambiguous_skew_seconds)
     started = job.submitted_at or job.updated_at
-    window_start = started - SKEW
-    window_end = started + timedelta(seconds=deps.settings.http_timeout) + SKEW
-    if deps.clock() < window_end + LIST_GRACE:
+    window_start = started - skew
+    window_end = started + timedelta(seconds=s.http_timeout) + skew
+    if deps.clock() < window_end + timedelta(seconds=s.ambiguous_list_grace_seconds):
         return "waiting"
     candidates = _unclaimed_predictions(deps, window_start, window_end)
     if not candidates:
@@ -165,7 +164,7 @@ def resolve_ambiguous(deps: Deps, job: Job) -> str:
         competitors = session.scalar(
             select(func.count()).select_from(Job).where(
                 Job.state == State.SUBMITTING.value, Job.id != job.id, Job.prediction_id.is_(None),
-                Job.submitted_at >= window_start - SKEW - timedelta(seconds=deps.settings.http_timeout),
+                Job.submitted_at >= window_start - skew - timedelta(seconds=s.http_timeout),
                 Job.submitted_at <= window_end,
             )
         )

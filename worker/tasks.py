@@ -5,7 +5,6 @@ and map infrastructure errors (database, S3, Redis, output downloads) to a Celer
 from __future__ import annotations
 
 import logging
-import random
 from typing import Callable
 
 import redis
@@ -14,7 +13,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from . import pipeline, reconciler
 from .backoff import compute_backoff
-from .celery_app import MAX_COUNTDOWN, app
+from .celery_app import MAX_COUNTDOWN, QUEUE, app
 from .deps import Deps, build_deps
 from .errors import StorageError, TransientProviderError
 from .jobs import STEP_POLL, STEP_SUBMIT, STEP_UPLOAD
@@ -71,18 +70,19 @@ def reconcile(self) -> None:
             pass
 
 
-_TASKS = {STEP_SUBMIT: submit, STEP_POLL: poll, STEP_UPLOAD: upload}
+_TASK_NAMES = {STEP_SUBMIT: submit.name, STEP_POLL: poll.name, STEP_UPLOAD: upload.name}
 
 
 class CeleryPublisher:
-    """Publishes pipeline steps as Celery messages."""
+    """Publishes pipeline steps as Celery messages (on `celery`, default: the environment's app)."""
 
-    def __init__(self, rng: random.Random | None = None):
-        self.rng = rng or random.Random()
+    def __init__(self, celery=None):
+        self.celery = celery or app
 
     def publish(self, step: str, job_id: str, *, countdown: float = 0.0, poll_seq: int | None = None) -> None:
         args = [job_id] if step != STEP_POLL else [job_id, poll_seq]
         # Longer waits are the row's business (next_attempt_at / next_poll_at + the sweep): a
         # countdown near the visibility timeout would be redelivered while still waiting.
         options = {"countdown": min(countdown, MAX_COUNTDOWN)} if countdown > 0 else {}
-        _TASKS[step].apply_async(args=args, retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5}, **options)
+        self.celery.send_task(_TASK_NAMES[step], args=args, queue=QUEUE, retry=True,
+                              retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5}, **options)

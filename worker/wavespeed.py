@@ -6,6 +6,7 @@ only in request headers of API calls (never on output downloads, never in a repr
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import logging
 from dataclasses import dataclass, field
@@ -194,11 +195,11 @@ class WaveSpeedClient:
         """POST the task. A timeout or reset *after sending* raises AmbiguousSubmitError: the provider
         may have created (and will bill) the task, and there is no idempotency key to ask with."""
         response = self._call("POST", SUBMIT_PATH, json=request.to_json(), ambiguous=True)
-        return Prediction.from_data(self._data(response))
+        return self._prediction(self._data(response))
 
     def result(self, prediction_id: str) -> Prediction:
         response = self._call("GET", f"/api/v3/predictions/{prediction_id}/result")
-        return Prediction.from_data(self._data(response))
+        return self._prediction(self._data(response))
 
     def cancel(self, prediction_id: str) -> None:
         self._call("DELETE", f"/api/v3/predictions/{prediction_id}")
@@ -223,7 +224,7 @@ class WaveSpeedClient:
         if created_before:
             body["created_before"] = created_before.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
         data = self._data(self._call("POST", "/api/v3/predictions", json=body)) or {}
-        items = [Prediction.from_data(item) for item in data.get("items") or []]
+        items = [self._prediction(item) for item in data.get("items") or []]
         return PredictionPage(page=int(data.get("page") or page), total=int(data.get("total") or len(items)), items=items)
 
     def download(self, url: str, sink: IO[bytes], *, max_bytes: int = 64 * 1024 * 1024) -> str:
@@ -306,6 +307,13 @@ class WaveSpeedClient:
                 raise TransientProviderError(message, code=code, status_code=response.status_code)
             raise PermanentProviderError(message, code=code, status_code=response.status_code)
         return body.get("data")
+
+    def _prediction(self, data: Any) -> Prediction:
+        prediction = Prediction.from_data(data)
+        # A task's error text is provider prose too: it ends up in job rows and messages, so scrub it.
+        if prediction.error and self._secret and self._secret in prediction.error:
+            prediction = dataclasses.replace(prediction, error=self._scrub(prediction.error))
+        return prediction
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text

@@ -1,0 +1,498 @@
+"""Specification of the HTTP API: job creation (image rules, idempotency, one JSON error shape),
+reads, cancel and retry, the signed WaveSpeed webhook receiver, metrics and the health check.
+
+Everything real runs — SQLite migrated by Alembic, the pipeline, the WaveSpeed client over
+`httpx.MockTransport` — only the broker is a RecordingPublisher and DNS an injected resolver.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import time
+import warnings
+
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+from sqlalchemy import func, select
+
+with warnings.catch_warnings():
+    # Starlette's TestClient warns about httpx at import time; irrelevant to these tests.
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+from models import Job, Outbox
+from worker import jobs, pipeline
+from worker.api import create_app
+from worker.config import Settings
+from worker.webhooks import SECRET_ENV
+
+JOB_KEYS = {"id", "state", "prompt", "size", "seed", "idempotency_key", "prediction_id", "attempts", "outputs",
+            "has_nsfw_contents", "error", "created_at", "updated_at", "finished_at"}
+PUBLIC_URL = "https://images.example.com/cat.png"
+WEBHOOK_SECRET = "whsec_c2VjcmV0LWZvci11bml0LXRlc3Rz9f3a"
+
+# Names the injected resolver knows; IP literals resolve to themselves, as getaddrinfo does.
+DNS = {"images.example.com": ["93.184.216.34"], "intranet.example.com": ["10.1.2.3"], "metadata.example.com": ["169.254.169.254"]}
+
+
+def resolver(host: str) -> list[str]:
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        return DNS[host]
+
+
+def b64_image(fmt: str = "PNG", size: tuple[int, int] = (8, 8)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).convert("P" if fmt == "GIF" else "RGB").save(buf, fmt)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def body(**overrides) -> dict:
+    payload = {"image": b64_image(), "prompt": "make the sky purple"}
+    payload.update(overrides)
+    return {k: v for k, v in payload.items() if v is not None}
+
+
+def with_secret(settings: Settings, monkeypatch, secret: str | None) -> Settings:
+    """Configure the webhook secret the way production reads it: the environment today, and the
+    `webhook_secret` setting once Settings has it."""
+    if secret is None:
+        monkeypatch.delenv(SECRET_ENV, raising=False)
+    else:
+        monkeypatch.setenv(SECRET_ENV, secret)
+    if "webhook_secret" in Settings.model_fields:
+        settings = settings.model_copy(update={"webhook_secret": SecretStr(secret) if secret else None})
+    return settings
+
+
+@pytest.fixture
+def make_client(settings, deps, publisher, monkeypatch):
+    def make(*, secret: str | None = WEBHOOK_SECRET, app_settings: Settings | None = None) -> TestClient:
+        app = create_app(with_secret(app_settings or settings, monkeypatch, secret), deps_factory=lambda: deps,
+                         publisher=publisher, url_resolver=resolver)
+        return TestClient(app)
+
+    return make
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client()
+
+
+def count(sessions, model) -> int:
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(model))
+
+
+def assert_error(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    payload = response.json()
+    assert set(payload) == {"error"}
+    assert payload["error"]["code"] == code
+    assert isinstance(payload["error"]["message"], str) and payload["error"]["message"]
+    return payload["error"]["message"]
+
+
+def create(client: TestClient, **overrides) -> dict:
+    response = client.post("/jobs", json=body(**overrides))
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def processing_job(client: TestClient, deps) -> dict:
+    """A job the pipeline has submitted to the (fake) provider: processing, with a prediction id."""
+    job = create(client)
+    pipeline.run_submit(deps, job["id"])
+    job = client.get(f"/jobs/{job['id']}").json()
+    assert job["state"] == "processing" and job["prediction_id"]
+    return job
+
+
+# --- POST /jobs ---------------------------------------------------------------------------------
+
+def test_create_answers_201_with_exactly_the_contract_job_json_and_publishes_the_submit(client, publisher, sessions):
+    response = client.post("/jobs", json=body(size="1024*768", seed=7, idempotency_key="order-1"))
+
+    assert response.status_code == 201
+    job = response.json()
+    assert set(job) == JOB_KEYS
+    assert job["state"] == "queued"
+    assert (job["prompt"], job["size"], job["seed"], job["idempotency_key"]) == ("make the sky purple", "1024*768", 7, "order-1")
+    assert (job["prediction_id"], job["attempts"], job["outputs"], job["error"], job["finished_at"]) == (None, 0, [], None, None)
+    assert job["created_at"].endswith("Z")
+    assert publisher.sent == [("submit", job["id"], 0.0, None)]
+    assert count(sessions, Job) == 1
+
+
+def test_create_defaults_size_and_seed_like_the_provider(client):
+    job = create(client)
+    assert (job["size"], job["seed"]) == ("1328*1328", -1)
+
+
+@pytest.mark.parametrize("image", [
+    b64_image("PNG"),
+    b64_image("JPEG"),
+    b64_image("WEBP"),
+    "data:image/png;base64," + b64_image("PNG"),
+    "data:image/jpeg;base64," + b64_image("JPEG"),
+    # Line-wrapped base64 (what `base64` the tool prints) is still base64.
+    "\n".join(b64_image("PNG")[i:i + 76] for i in range(0, len(b64_image("PNG")), 76)),
+])
+def test_base64_images_are_decoded_checked_and_stored_as_a_data_uri(client, sessions, image):
+    job = create(client, image=image)
+
+    stored = jobs.get_job(sessions, job["id"], with_payloads=True)
+    mime = stored.image_payload.split(";", 1)[0].removeprefix("data:")
+    assert mime in ("image/png", "image/jpeg", "image/webp")
+    data = base64.b64decode(stored.image_payload.split(",", 1)[1])
+    assert stored.image_ref == f"base64:{mime}:sha256={hashlib.sha256(data).hexdigest()[:16]}"
+
+
+def test_a_public_image_url_is_passed_through_unchanged(client, sessions):
+    job = create(client, image=PUBLIC_URL)
+
+    stored = jobs.get_job(sessions, job["id"], with_payloads=True)
+    assert (stored.image_ref, stored.image_payload) == (PUBLIC_URL, PUBLIC_URL)
+
+
+def test_the_same_idempotency_key_answers_200_with_the_same_job_and_writes_one_row(client, publisher, sessions):
+    first = client.post("/jobs", json=body(idempotency_key="order-42"))
+    second = client.post("/jobs", json=body(idempotency_key="order-42"))
+
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert second.json() == first.json()
+    assert count(sessions, Job) == 1
+    assert count(sessions, Outbox) == 1
+    assert [step for step, *_ in publisher.sent] == ["submit"]
+
+
+def test_a_local_file_path_is_refused_and_the_file_is_never_read(client, sessions, publisher, png_file):
+    # A real, valid image on the server's disk: the CLI would send it, the HTTP API must not.
+    for image in (str(png_file), f"file://{png_file}", "/etc/passwd", "../../etc/passwd", "~/.ssh/id_rsa"):
+        message = assert_error(client.post("/jobs", json=body(image=image)), 422, "invalid_input")
+        assert "image" in message or "file" in message
+    assert count(sessions, Job) == 0
+    assert publisher.sent == []
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"prompt": "x" * 121}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": None}, "prompt"),
+    ({"prompt": 12}, "prompt"),
+    ({"size": "511*1024"}, "size"),
+    ({"size": "1024x1024"}, "size"),
+    ({"seed": -2}, "seed"),
+    ({"seed": 2_147_483_648}, "seed"),
+    ({"seed": "seven"}, "seed"),
+    ({"seed": 1.5}, "seed"),
+    ({"idempotency_key": "k" * 256}, "idempotency key"),
+    ({"image": None}, "image"),
+    ({"image": ""}, "image"),
+    ({"image": "this is not base64 at all!"}, "image"),
+    ({"image": base64.b64encode(b"just some text, not an image").decode()}, "image"),
+    ({"image": b64_image("GIF")}, "GIF"),
+    ({"image": base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()}, "image"),
+    ({"image": "data:text/plain;base64,aGVsbG8="}, "data:image"),
+    ({"image": "data:image/png," + b64_image()}, "data:image"),
+    ({"image": base64.b64encode(b"\0" * (1024 * 1024 + 1)).decode()}, "limit"),
+    ({"image": "http://127.0.0.1/cat.png"}, "non-public"),
+    ({"image": "http://intranet.example.com/cat.png"}, "non-public"),
+    ({"image": "http://metadata.example.com/latest/meta-data"}, "non-public"),
+    ({"image": "ftp://images.example.com/cat.png"}, "http"),
+    ({"image": "https://user:pw@images.example.com/cat.png"}, "credentials"),
+    ({"sead": 5}, "sead"),
+])
+def test_invalid_requests_answer_422_json_naming_the_field_and_write_nothing(client, sessions, publisher, overrides, field):
+    response = client.post("/jobs", json=body(**overrides))
+
+    message = assert_error(response, 422, "invalid_input")
+    assert field in message
+    assert count(sessions, Job) == 0
+    assert count(sessions, Outbox) == 0
+    assert publisher.sent == []
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b""])
+def test_a_body_that_is_not_a_json_object_answers_422_json(client, sessions, raw):
+    response = client.post("/jobs", content=raw, headers={"content-type": "application/json"})
+
+    assert_error(response, 422, "invalid_input")
+    assert count(sessions, Job) == 0
+
+
+def test_an_oversized_body_is_refused_before_it_is_parsed(client, sessions):
+    response = client.post("/jobs", content=b"x" * (2 * 1024 * 1024), headers={"content-type": "application/json"})
+
+    assert "limit" in assert_error(response, 413, "invalid_input")
+    assert count(sessions, Job) == 0
+
+
+def test_private_urls_are_accepted_when_the_setting_allows_them(make_client, settings):
+    client = make_client(app_settings=settings.model_copy(update={"allow_private_urls": True}))
+
+    assert create(client, image="http://intranet.example.com/cat.png")["state"] == "queued"
+
+
+# --- reads --------------------------------------------------------------------------------------
+
+def test_get_job_and_its_events(client):
+    job = create(client)
+
+    assert client.get(f"/jobs/{job['id']}").json() == job
+    events = client.get(f"/jobs/{job['id']}/events").json()
+    assert [(e["from"], e["to"], e["reason"]) for e in events] == [(None, "queued", "created")]
+    assert events[0]["at"].endswith("Z")
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/jobs/no-such-job"),
+    ("GET", "/jobs/no-such-job/events"),
+    ("POST", "/jobs/no-such-job/cancel"),
+    ("POST", "/jobs/no-such-job/retry"),
+    ("GET", "/no/such/route"),
+])
+def test_unknown_jobs_and_routes_answer_404_json(client, method, path):
+    assert_error(client.request(method, path), 404, "not_found")
+
+
+def test_list_filters_by_state_newest_first_with_limit_and_offset(client):
+    first, second, third = create(client), create(client), create(client)
+    client.post(f"/jobs/{second['id']}/cancel")
+
+    assert [j["id"] for j in client.get("/jobs").json()["jobs"]] == [third["id"], second["id"], first["id"]]
+    assert [j["id"] for j in client.get("/jobs?state=cancelled").json()["jobs"]] == [second["id"]]
+    assert [j["id"] for j in client.get("/jobs", params={"state": "queued"}).json()["jobs"]] == [third["id"], first["id"]]
+    assert [j["id"] for j in client.get("/jobs?limit=1&offset=1").json()["jobs"]] == [second["id"]]
+    assert set(client.get("/jobs").json()["jobs"][0]) == JOB_KEYS
+
+
+@pytest.mark.parametrize("query", ["state=bogus", "limit=0", "limit=abc", "offset=-1"])
+def test_bad_list_parameters_answer_422_json(client, query):
+    assert_error(client.get(f"/jobs?{query}"), 422, "invalid_input")
+
+
+# --- cancel and retry ---------------------------------------------------------------------------
+
+def test_cancel_a_processing_job_cancels_it_at_the_provider_too(client, deps, fake_provider):
+    job = processing_job(client, deps)
+
+    response = client.post(f"/jobs/{job['id']}/cancel")
+
+    assert response.status_code == 200
+    assert response.json()["state"] == "cancelled"
+    assert response.json()["finished_at"] is not None
+    assert fake_provider.cancelled == [job["prediction_id"]]
+    # Cancelling again is a no-op, not an error.
+    assert client.post(f"/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
+
+
+def test_cancel_a_finished_job_answers_409(client, deps, drive):
+    job = create(client)
+    drive(job["id"])
+    assert client.get(f"/jobs/{job['id']}").json()["state"] == "succeeded"
+
+    assert_error(client.post(f"/jobs/{job['id']}/cancel"), 409, "invalid_operation")
+    assert client.get(f"/jobs/{job['id']}").json()["state"] == "succeeded"
+
+
+def test_retry_of_a_job_that_has_not_failed_answers_409(client):
+    job = create(client)
+
+    assert "only failed jobs" in assert_error(client.post(f"/jobs/{job['id']}/retry"), 409, "invalid_operation")
+    assert client.get(f"/jobs/{job['id']}").json()["state"] == "queued"
+
+
+def test_retry_of_a_failed_job_requeues_it_and_publishes_the_submit(client, deps, drive, fake_provider, publisher):
+    fake_provider.auto_outcome = "failed"
+    job = create(client)
+    drive(job["id"])
+    failed = client.get(f"/jobs/{job['id']}").json()
+    assert failed["state"] == "failed" and failed["error"]["code"] == "task_failed"
+    publisher.sent.clear()
+
+    response = client.post(f"/jobs/{job['id']}/retry")
+
+    assert response.status_code == 200
+    retried = response.json()
+    assert (retried["state"], retried["error"], retried["prediction_id"], retried["finished_at"]) == ("queued", None, None, None)
+    assert publisher.sent == [("submit", job["id"], 0.0, None)]
+
+
+# --- webhooks -----------------------------------------------------------------------------------
+
+def signed(payload: dict | bytes, *, secret: str = WEBHOOK_SECRET, timestamp: int | None = None,
+           webhook_id: str = "evt-1") -> tuple[bytes, dict]:
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    key = secret.removeprefix("whsec_").encode()
+    digest = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
+    return raw, {"webhook-id": webhook_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v3,{digest}",
+                 "content-type": "application/json"}
+
+
+def prediction(prediction_id: str, status: str = "completed") -> dict:
+    return {"id": prediction_id, "model": "bytedance/dreamina-v3.0/edit", "outputs": [], "status": status,
+            "urls": {"get": f"https://api.wavespeed.test/api/v3/predictions/{prediction_id}/result"}}
+
+
+def test_a_signed_webhook_bumps_the_poll_and_publishes_it_without_changing_state(client, deps, publisher, sessions):
+    job = processing_job(client, deps)
+    seq = jobs.get_job(sessions, job["id"]).poll_seq
+    publisher.sent.clear()
+    raw, headers = signed(prediction(job["prediction_id"]))
+
+    response = client.post("/webhooks/wavespeed", content=raw, headers=headers)
+
+    assert response.status_code == 200
+    assert response.json() == {"ok": True}
+    assert publisher.sent == [("poll", job["id"], 0.0, seq + 1)]
+    row = jobs.get_job(sessions, job["id"])
+    assert (row.state, row.poll_seq) == ("processing", seq + 1)
+    # The published poll is the live chain and reads the result; the old chain is now stale.
+    assert pipeline.run_poll(deps, job["id"], seq) is None
+    assert pipeline.run_poll(deps, job["id"], seq + 1).step == "upload"
+
+
+def test_a_webhook_wrapped_in_the_api_envelope_is_understood(client, deps, publisher):
+    job = processing_job(client, deps)
+    publisher.sent.clear()
+    raw, headers = signed({"code": 200, "message": "success", "data": prediction(job["prediction_id"])})
+
+    assert client.post("/webhooks/wavespeed", content=raw, headers=headers).json() == {"ok": True}
+    assert [(step, job_id) for step, job_id, *_ in publisher.sent] == [("poll", job["id"])]
+
+
+def test_a_webhook_for_an_unknown_or_finished_prediction_answers_200_and_does_nothing(client, deps, publisher):
+    job = processing_job(client, deps)
+    client.post(f"/jobs/{job['id']}/cancel")
+    publisher.sent.clear()
+
+    for prediction_id in ("pred-unknown", job["prediction_id"]):
+        raw, headers = signed(prediction(prediction_id))
+        assert client.post("/webhooks/wavespeed", content=raw, headers=headers).json() == {"ok": True}
+    assert publisher.sent == []
+    assert client.get(f"/jobs/{job['id']}").json()["state"] == "cancelled"
+
+
+@pytest.mark.parametrize("tamper", ["wrong_secret", "body_changed", "signature_missing", "id_missing", "old_version",
+                                    "stale_timestamp", "future_timestamp", "timestamp_not_a_number"])
+def test_a_webhook_without_a_valid_fresh_signature_answers_401_and_does_nothing(client, deps, publisher, sessions, caplog, tamper):
+    caplog.set_level(logging.DEBUG)
+    job = processing_job(client, deps)
+    seq = jobs.get_job(sessions, job["id"]).poll_seq
+    publisher.sent.clear()
+    payload = prediction(job["prediction_id"])
+    now = int(time.time())
+    raw, headers = {
+        "wrong_secret": lambda: signed(payload, secret="whsec_not-our-secret"),
+        "stale_timestamp": lambda: signed(payload, timestamp=now - 301),
+        "future_timestamp": lambda: signed(payload, timestamp=now + 301),
+    }.get(tamper, lambda: signed(payload))()
+    if tamper == "body_changed":
+        raw = raw.replace(b"completed", b"failed")
+    elif tamper == "signature_missing":
+        del headers["webhook-signature"]
+    elif tamper == "id_missing":
+        del headers["webhook-id"]
+    elif tamper == "old_version":
+        headers["webhook-signature"] = headers["webhook-signature"].replace("v3,", "v1,")
+    elif tamper == "timestamp_not_a_number":
+        headers["webhook-timestamp"] = "yesterday"
+
+    response = client.post("/webhooks/wavespeed", content=raw, headers=headers)
+
+    assert_error(response, 401, "unauthorized")
+    assert publisher.sent == []
+    assert jobs.get_job(sessions, job["id"]).poll_seq == seq
+    secret_core = WEBHOOK_SECRET.removeprefix("whsec_")
+    assert secret_core not in response.text
+    assert all(secret_core not in record.getMessage() for record in caplog.records)
+
+
+def test_a_webhook_signed_within_the_tolerance_is_accepted(client, deps, publisher):
+    job = processing_job(client, deps)
+    raw, headers = signed(prediction(job["prediction_id"]), timestamp=int(time.time()) - 250)
+
+    assert client.post("/webhooks/wavespeed", content=raw, headers=headers).status_code == 200
+
+
+def test_without_a_configured_secret_the_webhook_endpoint_answers_404(make_client, deps, publisher):
+    client = make_client(secret=None)
+    job = processing_job(client, deps)
+    publisher.sent.clear()
+    raw, headers = signed(prediction(job["prediction_id"]))
+
+    assert_error(client.post("/webhooks/wavespeed", content=raw, headers=headers), 404, "not_found")
+    assert publisher.sent == []
+
+
+def test_a_signed_webhook_that_names_no_prediction_answers_422(client):
+    raw, headers = signed({"hello": "world"})
+
+    assert_error(client.post("/webhooks/wavespeed", content=raw, headers=headers), 422, "invalid_input")
+
+
+# --- metrics and health -------------------------------------------------------------------------
+
+def test_metrics_expose_job_counts_per_state_and_the_pipeline_counters(client):
+    create(client)
+    create(client)
+
+    response = client.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'edit_worker_jobs{state="queued"} 2.0' in text
+    for state in ("submitting", "processing", "uploading", "succeeded", "failed", "cancelled"):
+        assert f'edit_worker_jobs{{state="{state}"}} 0.0' in text
+    assert "edit_worker_database_up 1.0" in text
+    for name in ("edit_worker_provider_requests_total", "edit_worker_transitions_total", "edit_worker_breaker_open"):
+        assert f"# TYPE {name} " in text
+
+
+def test_each_app_has_its_own_metrics_registry(make_client):
+    first, second = make_client(), make_client()
+
+    assert first.app.state.metrics.registry is not second.app.state.metrics.registry
+    first.app.state.metrics.breaker_open.set(1)
+    assert "edit_worker_breaker_open 1.0" in first.get("/metrics").text
+    assert "edit_worker_breaker_open 0.0" in second.get("/metrics").text
+
+
+def test_healthz_reports_the_database(client, make_client, settings, tmp_path):
+    assert client.get("/healthz").json() == {"ok": True, "database": True}
+
+    broken = settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}/missing-dir/jobs.db"})
+    broken_client = make_client(app_settings=broken)
+    response = broken_client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"ok": True, "database": False}
+    # A scrape still answers, saying the database could not be read.
+    metrics = broken_client.get("/metrics")
+    assert metrics.status_code == 200
+    assert "edit_worker_database_up 0.0" in metrics.text
+
+
+def test_an_unexpected_failure_answers_500_json_without_internals(settings, publisher, monkeypatch):
+    def no_redis():
+        raise ConnectionError("redis://:hunter2@cache:6379 refused")
+
+    app = create_app(with_secret(settings, monkeypatch, None), deps_factory=no_redis, publisher=publisher, url_resolver=resolver)
+    client = TestClient(app, raise_server_exceptions=False)
+    job = create(client)
+
+    response = client.post(f"/jobs/{job['id']}/cancel")
+
+    assert_error(response, 500, "internal")
+    assert "hunter2" not in response.text

@@ -1,0 +1,169 @@
+"""Specification of job creation: validated, idempotent, one job + one event + one outbox row per
+request, all in one transaction; and of the job JSON of the contract."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from models import Job, JobEvent, Outbox
+from worker import producer
+from worker.errors import InvalidInput, JobNotFound
+from worker.jobs import NewJob, create_jobs, get_job, job_events, list_jobs, to_json
+from worker.validation import ImageInput
+
+URL = "https://images.example.com/cat.png"
+
+
+def counts(sessions) -> tuple[int, int, int]:
+    with sessions() as s:
+        return tuple(s.scalar(select(func.count()).select_from(m)) for m in (Job, JobEvent, Outbox))
+
+
+def request(key: str | None = None, prompt: str = "add a red hat") -> NewJob:
+    return NewJob(image=ImageInput(ref=URL, payload=URL), prompt=prompt, size="1024*1024", seed=7, idempotency_key=key)
+
+
+def test_create_jobs_writes_one_job_one_event_and_one_outbox_row_per_request(sessions, clock):
+    pairs = create_jobs(sessions, [request(), request(prompt="b"), request(prompt="c")], deadline_seconds=600, clock=clock.now)
+    assert [created for _, created in pairs] == [True, True, True]
+    assert counts(sessions) == (3, 3, 3)
+    with sessions() as s:
+        for job, _ in pairs:
+            row = s.get(Job, job.id)
+            assert row.state == "queued" and row.attempts == 0 and row.poll_seq == 0
+            assert row.created_at == clock.now()
+            assert (row.deadline_at - row.created_at).total_seconds() == 600
+            [event] = s.scalars(select(JobEvent).where(JobEvent.job_id == job.id))
+            assert (event.from_state, event.to_state) == (None, "queued")
+            [outbox] = s.scalars(select(Outbox).where(Outbox.job_id == job.id))
+            assert outbox.task == "submit" and outbox.sent_at is None
+
+
+def test_create_jobs_answers_in_input_order(sessions, clock):
+    pairs = create_jobs(sessions, [request(prompt=p) for p in "abcde"], deadline_seconds=60, clock=clock.now)
+    assert [job.prompt for job, _ in pairs] == list("abcde")
+
+
+def test_the_same_idempotency_key_twice_returns_the_same_job_and_writes_nothing(sessions, clock):
+    [(first, created)] = create_jobs(sessions, [request("order-17")], deadline_seconds=60, clock=clock.now)
+    assert created
+    [(second, created_again)] = create_jobs(sessions, [request("order-17", prompt="a different prompt")], deadline_seconds=60, clock=clock.now)
+    assert second.id == first.id and created_again is False
+    assert second.prompt == "add a red hat"  # the existing job, not the new request
+    assert counts(sessions) == (1, 1, 1)
+
+
+def test_the_same_idempotency_key_twice_in_one_batch_gives_one_job(sessions, clock):
+    pairs = create_jobs(sessions, [request("k1"), request("k2"), request("k1")], deadline_seconds=60, clock=clock.now)
+    assert [created for _, created in pairs] == [True, True, False]
+    assert pairs[0][0].id == pairs[2][0].id != pairs[1][0].id
+    assert counts(sessions) == (2, 2, 2)
+
+
+def test_jobs_without_a_key_are_never_merged(sessions, clock):
+    create_jobs(sessions, [request(), request()], deadline_seconds=60, clock=clock.now)
+    assert counts(sessions)[0] == 2
+
+
+def test_get_job_of_an_unknown_id_raises_job_not_found(sessions):
+    with pytest.raises(JobNotFound):
+        get_job(sessions, "00000000-0000-0000-0000-000000000000")
+
+
+def test_get_job_with_payloads_loads_the_image_payload(sessions, new_job):
+    job_id = new_job(image=URL)
+    assert get_job(sessions, job_id, with_payloads=True).image_payload == URL
+
+
+def test_list_jobs_filters_by_state_newest_first(sessions, new_job, clock):
+    first = new_job(prompt="first")
+    clock.advance(1)
+    second = new_job(prompt="second")
+    from worker.states import State
+
+    assert [j.id for j in list_jobs(sessions)] == [second, first]
+    assert [j.id for j in list_jobs(sessions, state=State.QUEUED)] == [second, first]
+    assert list_jobs(sessions, state=State.FAILED) == []
+
+
+def test_job_json_has_the_contract_shape(sessions, new_job):
+    job = get_job(sessions, new_job(idempotency_key="abc"))
+    data = to_json(job)
+    assert set(data) == {"id", "state", "prompt", "size", "seed", "idempotency_key", "prediction_id", "attempts",
+                         "outputs", "has_nsfw_contents", "error", "created_at", "updated_at", "finished_at"}
+    assert data["state"] == "queued" and data["error"] is None and data["outputs"] == []
+    assert data["idempotency_key"] == "abc"
+    assert data["created_at"].endswith("Z") and data["finished_at"] is None
+    # The payload (possibly megabytes of base64) is not part of the job object.
+    assert "image_payload" not in data
+
+
+def test_job_events_lists_the_creation_event(sessions, new_job):
+    [event] = job_events(sessions, new_job())
+    assert (event.from_state, event.to_state, event.reason) == (None, "queued", "created")
+
+
+# --- producer.enqueue / submit_edit ------------------------------------------------------------
+
+def test_enqueue_inserts_the_job_and_publishes_its_first_step_once(settings, sessions, publisher, png_file):
+    req = producer.validate_request(image=str(png_file), prompt="make it night", settings=settings)
+    [job] = producer.enqueue(settings, [req], publisher=publisher)
+    assert counts(sessions) == (1, 1, 1)
+    assert publisher.sent == [("submit", job.id, 0.0, None)]
+    with sessions() as s:
+        [outbox] = s.scalars(select(Outbox))
+        assert outbox.sent_at is not None  # published eagerly: the relay will not send it again
+
+
+def test_enqueue_keeps_the_outbox_row_when_the_broker_is_down(settings, sessions, png_file):
+    class DownBroker:
+        def publish(self, *a, **kw):
+            raise ConnectionError("broker down")
+
+    req = producer.validate_request(image=str(png_file), prompt="make it night", settings=settings)
+    [job] = producer.enqueue(settings, [req], publisher=DownBroker())
+    assert job.state == "queued"
+    with sessions() as s:
+        [outbox] = s.scalars(select(Outbox))
+        assert outbox.sent_at is None  # the beat relay publishes it later
+
+
+def test_submit_edit_with_the_same_idempotency_key_returns_the_same_job(settings, sessions, publisher, png_file):
+    first = producer.submit_edit(str(png_file), "make it night", idempotency_key="req-1", settings=settings, publisher=publisher)
+    second = producer.submit_edit(str(png_file), "make it night", idempotency_key="req-1", settings=settings, publisher=publisher)
+    assert first.id == second.id
+    assert counts(sessions) == (1, 1, 1)
+    assert [m[1] for m in publisher.sent] == [first.id]  # published once
+
+
+def test_submit_edit_stores_a_local_file_as_a_data_uri(settings, sessions, publisher, png_file):
+    job = producer.submit_edit(str(png_file), "make it night", size="512*768", seed=3, settings=settings, publisher=publisher)
+    row = get_job(sessions, job.id, with_payloads=True)
+    assert row.image_ref == "file:input.png"
+    assert row.image_payload.startswith("data:image/png;base64,")
+    assert (row.size, row.seed) == ("512*768", 3)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"prompt": "x" * 121},
+    {"prompt": "   "},
+    {"size": "511*1024"},
+    {"seed": -2},
+    {"image": "/does/not/exist.png"},
+    {"image": "http://127.0.0.1/cat.png"},
+    {"idempotency_key": "k" * 256},
+])
+def test_a_validation_error_writes_no_row_and_publishes_nothing(settings, sessions, publisher, png_file, kwargs):
+    args = {"image": str(png_file), "prompt": "ok", **kwargs}
+    with pytest.raises(InvalidInput):
+        producer.submit_edit(settings=settings, publisher=publisher, **args)
+    assert counts(sessions) == (0, 0, 0)
+    assert publisher.sent == []
+
+
+def test_submit_edit_many_is_all_or_nothing(settings, sessions, publisher, png_file):
+    items = [{"image": str(png_file), "prompt": "fine"}, {"image": str(png_file), "prompt": "y" * 121}]
+    with pytest.raises(InvalidInput, match="item 2"):
+        producer.submit_edit_many(items, settings=settings, publisher=publisher)
+    assert counts(sessions) == (0, 0, 0)

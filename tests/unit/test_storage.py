@@ -1,0 +1,130 @@
+"""Specification of S3 storage: the deterministic key scheme, typed puts that overwrite, content
+sniffing, and StorageError for every way S3 can be unavailable. S3 is moto, in process."""
+
+from __future__ import annotations
+
+import io
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from worker.errors import StorageError
+from worker.storage import Storage, extension_for, sniff_content_type, split_uri
+
+JOB = "7d9f1c2e-0000-4000-8000-000000000001"
+
+
+def test_keys_are_prefix_job_id_index_and_extension(storage):
+    assert storage.key_for(JOB, 0, "png") == f"edits/{JOB}/0.png"
+    assert storage.key_for(JOB, 3, "jpg") == f"edits/{JOB}/3.jpg"
+
+
+def test_keys_without_a_prefix_start_with_the_job_id(s3):
+    assert Storage(s3, "b", "").key_for(JOB, 1, "webp") == f"{JOB}/1.webp"
+    assert Storage(s3, "b", "/nested/prefix/").key_for(JOB, 0, "png") == f"nested/prefix/{JOB}/0.png"
+
+
+def test_put_stores_the_bytes_with_their_content_type(storage, s3, make_image, list_keys):
+    data = make_image("PNG")
+    key = storage.key_for(JOB, 0, "png")
+    uri = storage.put(key, io.BytesIO(data), "image/png")
+    assert uri == f"s3://edit-worker-unit/{key}"
+    assert list_keys() == [key]
+    obj = s3.get_object(Bucket="edit-worker-unit", Key=key)
+    assert obj["Body"].read() == data
+    assert obj["ContentType"] == "image/png"
+    assert storage.get_bytes(key) == data
+    assert storage.head(key)["ContentType"] == "image/png"
+
+
+def test_a_second_put_to_the_same_key_overwrites_and_leaves_one_object(storage, make_image, list_keys):
+    key = storage.key_for(JOB, 0, "png")
+    storage.put(key, io.BytesIO(make_image("PNG", color=(1, 1, 1))), "image/png")
+    second = make_image("PNG", color=(2, 2, 2))
+    storage.put(key, io.BytesIO(second), "image/png")
+    assert list_keys() == [key]
+    assert storage.get_bytes(key) == second
+
+
+def test_put_rewinds_the_body_first(storage, make_image):
+    data = make_image("PNG")
+    body = io.BytesIO(data)
+    body.read()  # e.g. a retried put after the first attempt consumed it
+    key = storage.key_for(JOB, 0, "png")
+    storage.put(key, body, "image/png")
+    assert storage.get_bytes(key) == data
+
+
+@pytest.mark.parametrize("fmt, mime, ext", [("PNG", "image/png", "png"), ("JPEG", "image/jpeg", "jpg"), ("WEBP", "image/webp", "webp")])
+def test_sniff_content_type_recognises_png_jpeg_and_webp(make_image, fmt, mime, ext):
+    head = make_image(fmt)[:16]
+    assert sniff_content_type(head) == mime
+    # The bytes win over what the server declared.
+    assert sniff_content_type(head, "application/octet-stream") == mime
+    assert extension_for(mime) == ext
+
+
+def test_sniff_content_type_falls_back_to_a_known_declared_type_only():
+    assert sniff_content_type(b"????????", "image/webp") == "image/webp"
+    assert sniff_content_type(b"????????", "text/html") == "application/octet-stream"
+    assert sniff_content_type(b"") == "application/octet-stream"
+    assert extension_for("application/octet-stream") == "bin"
+
+
+def test_split_uri():
+    assert split_uri("s3://bucket/a/b/0.png") == ("bucket", "a/b/0.png")
+    with pytest.raises(ValueError):
+        split_uri("https://bucket/a")
+
+
+def test_put_into_a_missing_bucket_raises_storage_error(s3):
+    storage = Storage(s3, "no-such-bucket", "edits")
+    with pytest.raises(StorageError, match="no-such-bucket"):
+        storage.put(storage.key_for(JOB, 0, "png"), io.BytesIO(b"data"), "image/png")
+
+
+def test_reading_a_missing_object_raises_storage_error(storage):
+    with pytest.raises(StorageError):
+        storage.get_bytes("edits/nothing/0.png")
+    with pytest.raises(StorageError):
+        storage.head("edits/nothing/0.png")
+
+
+def test_ensure_bucket_creates_a_missing_bucket_and_is_idempotent(s3):
+    storage = Storage(s3, "fresh-bucket", "")
+    storage.ensure_bucket()
+    storage.ensure_bucket()
+    assert "fresh-bucket" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
+def unreachable_storage() -> Storage:
+    # Port 9 (discard) refuses connections; one attempt keeps the test fast.
+    client = boto3.session.Session().client(
+        "s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s",
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=1,
+                      s3={"addressing_style": "path"}),
+    )
+    return Storage(client, "bucket", "edits")
+
+
+def test_put_to_an_unreachable_endpoint_raises_storage_error():
+    storage = unreachable_storage()
+    with pytest.raises(StorageError, match="failed"):
+        storage.put(storage.key_for(JOB, 0, "png"), io.BytesIO(b"data"), "image/png")
+
+
+def test_ensure_bucket_on_an_unreachable_endpoint_raises_storage_error():
+    with pytest.raises(StorageError, match="cannot reach"):
+        unreachable_storage().ensure_bucket()
+
+
+def test_storage_errors_do_not_carry_the_secret_key():
+    client = boto3.session.Session().client(
+        "s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1", aws_access_key_id="AKIAUNITTEST",
+        aws_secret_access_key="super-secret-s3-key", config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
+    storage = Storage(client, "bucket", "")
+    with pytest.raises(StorageError) as info:
+        storage.put("k", io.BytesIO(b"x"), "image/png")
+    assert "super-secret-s3-key" not in str(info.value)

@@ -1,0 +1,255 @@
+"""Specification of input validation: prompt, size, seed, image files and the URL SSRF guard.
+Every refusal is an InvalidInput (a ValueError) whose message names the field."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from worker.errors import InvalidInput
+from worker.validation import (
+    DEFAULT_SIZE,
+    check_url,
+    load_image,
+    sniff_image,
+    validate_prompt,
+    validate_seed,
+    validate_size,
+)
+
+
+def public(_host: str) -> list[str]:
+    return ["93.184.216.34"]
+
+
+def resolver_for(mapping: dict[str, list[str]]):
+    def resolve(host: str) -> list[str]:
+        return mapping[host]
+    return resolve
+
+
+# --- prompt ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t", None])
+def test_an_empty_prompt_is_refused(prompt):
+    with pytest.raises(InvalidInput, match="prompt is required"):
+        validate_prompt(prompt)
+
+
+def test_a_prompt_of_121_characters_is_refused_with_its_length():
+    with pytest.raises(InvalidInput, match=r"prompt is 121 characters.*at most 120"):
+        validate_prompt("a" * 121)
+
+
+def test_a_prompt_of_120_characters_is_accepted():
+    assert validate_prompt("a" * 120) == "a" * 120
+
+
+def test_a_chinese_prompt_is_counted_in_characters_not_bytes():
+    prompt = "把天空变成紫色" * 17 + "紫"  # 120 characters, 360 UTF-8 bytes
+    assert len(prompt) == 120
+    assert validate_prompt(prompt) == prompt
+    with pytest.raises(InvalidInput):
+        validate_prompt(prompt + "色")
+
+
+def test_surrounding_whitespace_is_trimmed_before_counting():
+    assert validate_prompt("  " + "a" * 120 + "  ") == "a" * 120
+
+
+# --- size -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [None, ""])
+def test_a_missing_size_defaults_to_1328_square(size):
+    assert validate_size(size) == DEFAULT_SIZE == "1328*1328"
+
+
+@pytest.mark.parametrize("size, expected", [("512*512", "512*512"), ("2048*2048", "2048*2048"), ("512*2048", "512*2048"),
+                                            (" 1024 * 768 ", "1024*768")])
+def test_sizes_within_512_to_2048_are_accepted_and_normalised(size, expected):
+    assert validate_size(size) == expected
+
+
+@pytest.mark.parametrize("size, fragment", [("511*1024", "width 511"), ("1024*511", "height 511"), ("2049*1024", "width 2049"),
+                                            ("1024*2049", "height 2049"), ("0*0", "width 0")])
+def test_sizes_outside_the_range_are_refused_naming_the_side(size, fragment):
+    with pytest.raises(InvalidInput, match=fragment):
+        validate_size(size)
+
+
+@pytest.mark.parametrize("size", ["abc", "1024x1024", "1024", "1024*", "*1024", "-512*512", "1024*1024*1", "1e3*1e3"])
+def test_malformed_sizes_are_refused(size):
+    with pytest.raises(InvalidInput, match="W\\*H"):
+        validate_size(size)
+
+
+# --- seed -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed, expected", [(None, -1), ("", -1), (-1, -1), (0, 0), (2_147_483_647, 2_147_483_647), ("42", 42), (7.0, 7)])
+def test_seeds_in_range_are_accepted(seed, expected):
+    assert validate_seed(seed) == expected
+
+
+@pytest.mark.parametrize("seed", [-2, 2_147_483_648, "-5"])
+def test_seeds_out_of_range_are_refused(seed):
+    with pytest.raises(InvalidInput, match="out of range"):
+        validate_seed(seed)
+
+
+@pytest.mark.parametrize("seed", ["abc", "1.5", 1.5, [1], "0x10"])
+def test_non_integer_seeds_are_refused(seed):
+    with pytest.raises(InvalidInput, match="seed must be an integer"):
+        validate_seed(seed)
+
+
+# --- image files ----------------------------------------------------------------------------
+
+def test_a_missing_image_file_is_refused(tmp_path):
+    with pytest.raises(InvalidInput, match="does not exist"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_a_directory_is_not_an_image_file(tmp_path):
+    with pytest.raises(InvalidInput, match="does not exist"):
+        load_image(tmp_path)
+
+
+def test_an_empty_image_argument_is_refused():
+    with pytest.raises(InvalidInput, match="image is required"):
+        load_image("  ")
+
+
+def test_an_empty_image_file_is_refused(tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(InvalidInput, match="empty"):
+        load_image(path)
+
+
+def test_bytes_that_are_not_an_image_are_refused(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_bytes(b"this is a text file pretending to be a PNG\n" * 10)
+    with pytest.raises(InvalidInput, match="not a decodable image"):
+        load_image(path)
+
+
+def test_a_truncated_png_is_refused(tmp_path, make_image):
+    data = make_image("PNG", size=(64, 64))
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidInput, match="not a decodable image"):
+        load_image(path)
+
+
+def test_a_png_with_a_corrupted_chunk_is_refused(make_image):
+    data = bytearray(make_image("PNG", size=(32, 32)))
+    data[40] ^= 0xFF  # inside IHDR/IDAT: the CRC no longer matches
+    with pytest.raises(InvalidInput):
+        sniff_image(bytes(data))
+
+
+def test_a_gif_is_refused_naming_the_accepted_formats(tmp_path, make_image):
+    path = tmp_path / "anim.gif"
+    path.write_bytes(make_image("GIF"))
+    with pytest.raises(InvalidInput, match="GIF; accepted formats are PNG, JPEG and WebP"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("fmt, mime", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+def test_png_jpeg_and_webp_files_become_data_uris(tmp_path, make_image, fmt, mime):
+    data = make_image(fmt)
+    path = tmp_path / f"in.{fmt.lower()}"
+    path.write_bytes(data)
+    image = load_image(path)
+    assert image.ref == f"file:{path.name}"
+    prefix = f"data:{mime};base64,"
+    assert image.payload.startswith(prefix)
+    assert base64.b64decode(image.payload[len(prefix):]) == data
+
+
+def test_the_type_comes_from_the_content_not_the_file_name(tmp_path, make_image):
+    path = tmp_path / "really-a-jpeg.png"
+    path.write_bytes(make_image("JPEG"))
+    assert load_image(path).payload.startswith("data:image/jpeg;base64,")
+
+
+def test_an_image_over_max_bytes_is_refused_with_the_limit(tmp_path, make_image):
+    data = make_image("PNG", size=(64, 64))
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    with pytest.raises(InvalidInput, match=f"{len(data)} bytes; the limit is {len(data) - 1} bytes"):
+        load_image(path, max_bytes=len(data) - 1)
+    assert load_image(path, max_bytes=len(data)).ref == "file:big.png"
+
+
+# --- URLs (SSRF guard) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", ["ftp://example.com/cat.png", "file:///etc/passwd", "gopher://example.com/", "data:image/png;base64,AAAA"])
+def test_only_http_and_https_urls_are_accepted(url):
+    with pytest.raises(InvalidInput):
+        check_url(url, resolver=public)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/cat.png",
+    "http://10.0.0.1/cat.png",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://[::1]/cat.png",
+    "http://192.168.1.20:8080/cat.png",
+    "http://172.16.0.5/cat.png",
+    "http://0.0.0.0/cat.png",
+    "http://[fe80::1]/cat.png",
+    "http://[fd00::1]/cat.png",
+])
+def test_private_loopback_and_link_local_addresses_are_refused(url):
+    with pytest.raises(InvalidInput, match="non-public address"):
+        check_url(url)  # IP literals resolve to themselves without DNS
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/cat.png", "http://10.0.0.1/cat.png", "http://169.254.169.254/x", "http://[::1]/x"])
+def test_private_addresses_are_accepted_when_allowed(url):
+    assert check_url(url, allow_private=True) == url
+
+
+def test_a_hostname_resolving_to_a_private_address_is_refused():
+    resolve = resolver_for({"images.internal.example": ["10.20.30.40"]})
+    with pytest.raises(InvalidInput, match="images.internal.example.*10.20.30.40"):
+        check_url("https://images.internal.example/cat.png", resolver=resolve)
+
+
+def test_a_hostname_is_refused_if_any_of_its_addresses_is_private():
+    resolve = resolver_for({"mixed.example": ["93.184.216.34", "127.0.0.1"]})
+    with pytest.raises(InvalidInput):
+        check_url("https://mixed.example/cat.png", resolver=resolve)
+
+
+def test_a_public_hostname_is_accepted():
+    resolve = resolver_for({"cdn.example.com": ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"]})
+    url = "https://cdn.example.com/cat.png?x=1"
+    assert check_url(url, resolver=resolve) == url
+
+
+def test_a_public_ip_literal_is_accepted():
+    assert check_url("http://93.184.216.34/cat.png") == "http://93.184.216.34/cat.png"
+
+
+def test_a_url_with_credentials_is_refused():
+    with pytest.raises(InvalidInput, match="credentials"):
+        check_url("https://user:pass@cdn.example.com/cat.png", resolver=public)
+
+
+def test_a_url_without_a_host_is_refused():
+    with pytest.raises(InvalidInput, match="no host"):
+        check_url("https:///cat.png", resolver=public)
+
+
+def test_load_image_passes_a_checked_url_through_unchanged():
+    image = load_image("https://cdn.example.com/cat.png", resolver=public)
+    assert image.ref == image.payload == "https://cdn.example.com/cat.png"
+
+
+def test_load_image_applies_the_ssrf_guard_to_urls():
+    with pytest.raises(InvalidInput):
+        load_image("http://169.254.169.254/latest/meta-data/")
+    assert load_image("http://169.254.169.254/x", allow_private_urls=True).payload == "http://169.254.169.254/x"

@@ -1,0 +1,155 @@
+"""The WaveSpeed webhook receiver: signature and freshness checks, and the nudge it gives a job —
+an immediate poll. The webhook never changes a job's state; the poll reads the result itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from pydantic import SecretStr
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import Job
+
+from .errors import EditWorkerError, InvalidInput
+from .jobs import STEP_POLL, Clock, update_if, utcnow
+from .states import State
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_VERSION = "v3"
+SECRET_PREFIX = "whsec_"
+# The provider's own replay window (WebhookMaxAgeSeconds); applied both ways for clock skew.
+TOLERANCE_SECONDS = 300
+SECRET_ENV = "WAVESPEED_WEBHOOK_SECRET"
+
+
+class WebhookVerificationError(EditWorkerError):
+    """The request is not a fresh webhook signed with our secret (messages never carry the secret)."""
+
+
+def webhook_secret(settings: Any = None, environ: Mapping[str, str] | None = None) -> SecretStr | None:
+    """The configured webhook secret, or None (then the endpoint is off).
+
+    Read from `settings.webhook_secret` once Settings has that field; until then from the
+    WAVESPEED_WEBHOOK_SECRET environment variable.
+    """
+    if settings is not None and hasattr(settings, "webhook_secret"):
+        value = settings.webhook_secret
+    else:
+        value = (os.environ if environ is None else environ).get(SECRET_ENV)
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    value = (value or "").strip()
+    return SecretStr(value) if value else None
+
+
+def _hmac_key(secret: SecretStr) -> bytes:
+    # The provider's rule: drop the `whsec_` prefix and use the rest as is (no base64 decoding).
+    raw = secret.get_secret_value()
+    if raw.startswith(SECRET_PREFIX):
+        raw = raw[len(SECRET_PREFIX):]
+    return raw.encode("utf-8")
+
+
+def sign(secret: SecretStr, webhook_id: str, timestamp: str, body: bytes) -> str:
+    """The `webhook-signature` header value the provider sends for this request."""
+    message = f"{webhook_id}.{timestamp}.".encode("utf-8") + body
+    return f"{SIGNATURE_VERSION},{hmac.new(_hmac_key(secret), message, hashlib.sha256).hexdigest()}"
+
+
+def verify(
+    secret: SecretStr,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: float | None = None,
+    tolerance: float = TOLERANCE_SECONDS,
+) -> None:
+    """Raise WebhookVerificationError unless the headers carry a valid, fresh signature of `body`."""
+    webhook_id = headers.get("webhook-id")
+    timestamp = headers.get("webhook-timestamp")
+    signature = headers.get("webhook-signature")
+    if not webhook_id or not timestamp or not signature:
+        raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature header")
+    try:
+        sent_at = int(timestamp.strip())
+    except ValueError:
+        raise WebhookVerificationError("webhook-timestamp is not a Unix timestamp") from None
+    now = time.time() if now is None else now
+    if abs(now - sent_at) > tolerance:
+        raise WebhookVerificationError(f"webhook-timestamp is more than {tolerance:g}s away from now")
+    expected = sign(secret, webhook_id, timestamp, body).split(",", 1)[1]
+    # The header may list several signatures (key rotation), space separated: any valid one will do.
+    # Every candidate is compared in constant time so no timing hints leak about the expected value.
+    matched = False
+    for candidate in signature.split():
+        version, _, value = candidate.partition(",")
+        if version == SIGNATURE_VERSION and hmac.compare_digest(value.strip().lower().encode(), expected.encode()):
+            matched = True
+    if not matched:
+        raise WebhookVerificationError("webhook signature does not match")
+
+
+def prediction_id_of(body: bytes) -> str:
+    """The prediction id a webhook body names: a prediction object, bare or inside the `data` envelope."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("webhook body is not JSON") from None
+    if isinstance(payload, dict) and isinstance(payload.get("data"), dict) and payload["data"].get("id"):
+        payload = payload["data"]
+    if not isinstance(payload, dict) or not payload.get("id") or not isinstance(payload["id"], (str, int)):
+        raise InvalidInput("webhook body names no prediction id")
+    return str(payload["id"])
+
+
+@dataclass(frozen=True)
+class Nudge:
+    """What a webhook did: `polled` (a poll was published), or why not."""
+
+    outcome: str  # "polled" | "unknown_prediction" | "not_processing" | "raced" | "publish_failed"
+    job_id: str | None = None
+    poll_seq: int | None = None
+
+
+def nudge_poll(
+    sessions: sessionmaker[Session],
+    publisher_factory: Callable[[], Any],
+    prediction_id: str,
+    *,
+    clock: Clock = utcnow,
+) -> Nudge:
+    """Take over the job's poll chain with a new poll_seq (CAS) and publish a poll right away.
+
+    The old chain becomes stale and dies at its next message. If publishing fails the row still
+    says `next_poll_at=now`, so the reconciler's sweep re-drives the poll."""
+    with sessions() as session:
+        job = session.scalar(select(Job).where(Job.prediction_id == prediction_id))
+        if job is None:
+            return Nudge("unknown_prediction")
+        if job.state != State.PROCESSING.value:
+            return Nudge("not_processing", job.id)
+        seq = job.poll_seq + 1
+        moved = update_if(session, job.id, State.PROCESSING, clock=clock, where={"poll_seq": job.poll_seq},
+                          poll_seq=seq, next_poll_at=clock())
+        session.commit()
+        job_id = job.id
+    if not moved:
+        return Nudge("raced", job_id)  # another poller took the job over meanwhile: a chain is alive
+    try:
+        publisher_factory().publish(STEP_POLL, job_id, poll_seq=seq)
+    except Exception as exc:  # broker down: the sweep picks the job up from next_poll_at
+        log.warning("webhook poll not published (%s); left for the sweep", type(exc).__name__,
+                    extra={"job_id": job_id, "prediction_id": prediction_id})
+        return Nudge("publish_failed", job_id, seq)
+    log.info("webhook: poll published", extra={"job_id": job_id, "prediction_id": prediction_id})
+    return Nudge("polled", job_id, seq)
