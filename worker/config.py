@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     aws_secret_access_key: SecretStr | None = Field(default=None, validation_alias=_env("AWS_SECRET_ACCESS_KEY"))
     aws_region: str = Field(default="us-east-1", validation_alias=_env("AWS_REGION"))
 
+    # Webhooks: the secret that signs WaveSpeed's calls to `POST /webhooks/wavespeed` (edit-worker
+    # api), and the public URL of that endpoint to pass on submit. Polling stays on either way.
+    webhook_secret: SecretStr | None = Field(default=None, validation_alias=_env("WAVESPEED_WEBHOOK_SECRET"))
+    webhook_url: str | None = Field(default=None, validation_alias=_env("EDIT_WORKER_WEBHOOK_URL"))
+
     # --- tuning (EDIT_WORKER_*) ---
     # Redis for the shared limiter and circuit breaker; defaults to the broker's Redis.
     redis_url: str | None = Field(default=None, validation_alias=_env("EDIT_WORKER_REDIS_URL"))

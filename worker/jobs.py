@@ -219,11 +219,14 @@ def add_outbox(session: Session, job_id: str, step: str, now: datetime) -> None:
     session.add(Outbox(job_id=job_id, task=step, created_at=now))
 
 
-def pending_outbox(sessions: sessionmaker[Session], *, older_than: datetime | None = None, limit: int = 500) -> list[Outbox]:
+def pending_outbox(sessions: sessionmaker[Session], *, older_than: datetime | None = None, limit: int = 500,
+                   job_ids: list[str] | None = None) -> list[Outbox]:
     with sessions() as session:
         query = select(Outbox).where(Outbox.sent_at.is_(None)).order_by(Outbox.id).limit(limit)
         if older_than is not None:
             query = query.where(Outbox.created_at <= older_than)
+        if job_ids is not None:
+            query = query.where(Outbox.job_id.in_(job_ids))
         return list(session.scalars(query))
 
 

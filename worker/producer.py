@@ -73,8 +73,7 @@ def publish_new(settings: Settings, job_ids: list[str], *, publisher=None) -> No
     if not job_ids:
         return
     sessions = _sessions(settings)
-    wanted = set(job_ids)
-    rows = [row for row in pending_outbox(sessions, limit=len(job_ids) * 2 + 100) if row.job_id in wanted]
+    rows = pending_outbox(sessions, limit=len(job_ids) * 4, job_ids=job_ids)
     sent: list[int] = []
     publisher = publisher or _publisher()
     try:

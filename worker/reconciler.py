@@ -57,8 +57,10 @@ def sweep(deps: Deps, *, limit: int = 500) -> SweepReport:
     now = deps.clock()
     stuck = now - timedelta(seconds=s.stuck_after_seconds)
     grace = timedelta(seconds=s.ambiguous_list_grace_seconds)
-    report = SweepReport(relayed=relay_outbox(deps, older_than=2.0))
+    report = SweepReport()
 
+    # Select before relaying: a queued job whose outbox row the relay is about to publish must not
+    # also be re-driven in the same pass (that would publish its submit twice).
     with deps.sessions() as session:
         unsent = exists().where(and_(Outbox.job_id == Job.id, Outbox.sent_at.is_(None)))
         due = or_(
@@ -71,6 +73,7 @@ def sweep(deps: Deps, *, limit: int = 500) -> SweepReport:
             and_(Job.state.in_([st.value for st in ACTIVE]), Job.deadline_at < now),
         )
         jobs = list(session.scalars(select(Job).where(due).order_by(Job.updated_at).limit(limit)))
+    report.relayed = relay_outbox(deps, older_than=2.0)
 
     for job in jobs:
         state = State(job.state)
@@ -211,6 +214,12 @@ def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, re
     if bool(adopt) == bool(resubmit):
         raise InvalidJobOperation("say either --adopt PREDICTION_ID or --resubmit")
     if adopt:
+        # prediction_id is unique: adopting another job's task would fail at the commit, after
+        # the id was journaled for this job (and every later sweep would trip over it).
+        with deps.sessions() as session:
+            owner = session.scalar(select(Job.id).where(Job.prediction_id == adopt))
+        if owner is not None and owner != job_id:
+            raise InvalidJobOperation(f"prediction {adopt} already belongs to job {owner}")
         return _adopt(deps, job, adopt, "named by the operator")
     with deps.sessions() as session:
         moved = transition(session, job_id, State.SUBMITTING, State.QUEUED, "operator: resubmit", clock=deps.clock,

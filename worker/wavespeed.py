@@ -169,6 +169,7 @@ class WaveSpeedClient:
         transport: httpx.BaseTransport | None = None,
         timeout: httpx.Timeout | float = httpx.Timeout(60.0, connect=10.0),
         max_connections: int = 100,
+        webhook_url: str | None = None,
     ):
         key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
         self._secret = key or ""
@@ -176,6 +177,7 @@ class WaveSpeedClient:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.Client(transport=transport, timeout=timeout, limits=limits, follow_redirects=False)
         self._auth_headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+        self.webhook_url = webhook_url
 
     def __repr__(self) -> str:
         return f"WaveSpeedClient(base_url={self.base_url!r}, api_key={'***' if self._secret else None})"
@@ -194,7 +196,8 @@ class WaveSpeedClient:
     def submit(self, request: EditRequest) -> Prediction:
         """POST the task. A timeout or reset *after sending* raises AmbiguousSubmitError: the provider
         may have created (and will bill) the task, and there is no idempotency key to ask with."""
-        response = self._call("POST", SUBMIT_PATH, json=request.to_json(), ambiguous=True)
+        params = {"webhook": self.webhook_url} if self.webhook_url else None
+        response = self._call("POST", SUBMIT_PATH, json=request.to_json(), params=params, ambiguous=True)
         return self._prediction(self._data(response))
 
     def result(self, prediction_id: str) -> Prediction:
@@ -247,10 +250,10 @@ class WaveSpeedClient:
 
     # --- plumbing --------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, *, json: Any = None, ambiguous: bool = False) -> httpx.Response:
+    def _call(self, method: str, path: str, *, json: Any = None, params: dict | None = None, ambiguous: bool = False) -> httpx.Response:
         url = f"{self.base_url}{path}"
         try:
-            response = self._http.request(method, url, json=json, headers=self._auth_headers)
+            response = self._http.request(method, url, json=json, params=params, headers=self._auth_headers)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing reached the provider: safe to retry, even for a submit.
             raise TransientProviderError(f"{method} {path}: cannot connect ({type(exc).__name__})") from None

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -29,27 +28,17 @@ SIGNATURE_VERSION = "v3"
 SECRET_PREFIX = "whsec_"
 # The provider's own replay window (WebhookMaxAgeSeconds); applied both ways for clock skew.
 TOLERANCE_SECONDS = 300
-SECRET_ENV = "WAVESPEED_WEBHOOK_SECRET"
 
 
 class WebhookVerificationError(EditWorkerError):
     """The request is not a fresh webhook signed with our secret (messages never carry the secret)."""
 
 
-def webhook_secret(settings: Any = None, environ: Mapping[str, str] | None = None) -> SecretStr | None:
-    """The configured webhook secret, or None (then the endpoint is off).
-
-    Read from `settings.webhook_secret` once Settings has that field; until then from the
-    WAVESPEED_WEBHOOK_SECRET environment variable.
-    """
-    if settings is not None and hasattr(settings, "webhook_secret"):
-        value = settings.webhook_secret
-    else:
-        value = (os.environ if environ is None else environ).get(SECRET_ENV)
-    if isinstance(value, SecretStr):
-        value = value.get_secret_value()
-    value = (value or "").strip()
-    return SecretStr(value) if value else None
+def webhook_secret(settings: Any) -> SecretStr | None:
+    """The configured webhook secret (WAVESPEED_WEBHOOK_SECRET), or None: then the endpoint is off."""
+    value = settings.webhook_secret
+    raw = (value.get_secret_value() if isinstance(value, SecretStr) else (value or "")).strip()
+    return SecretStr(raw) if raw else None
 
 
 def _hmac_key(secret: SecretStr) -> bytes:

@@ -31,7 +31,6 @@ from models import Job, Outbox
 from worker import jobs, pipeline
 from worker.api import create_app
 from worker.config import Settings
-from worker.webhooks import SECRET_ENV
 
 JOB_KEYS = {"id", "state", "prompt", "size", "seed", "idempotency_key", "prediction_id", "attempts", "outputs",
             "has_nsfw_contents", "error", "created_at", "updated_at", "finished_at"}
@@ -62,15 +61,8 @@ def body(**overrides) -> dict:
 
 
 def with_secret(settings: Settings, monkeypatch, secret: str | None) -> Settings:
-    """Configure the webhook secret the way production reads it: the environment today, and the
-    `webhook_secret` setting once Settings has it."""
-    if secret is None:
-        monkeypatch.delenv(SECRET_ENV, raising=False)
-    else:
-        monkeypatch.setenv(SECRET_ENV, secret)
-    if "webhook_secret" in Settings.model_fields:
-        settings = settings.model_copy(update={"webhook_secret": SecretStr(secret) if secret else None})
-    return settings
+    """Configure the webhook secret (WAVESPEED_WEBHOOK_SECRET in production)."""
+    return settings.model_copy(update={"webhook_secret": SecretStr(secret) if secret else None})
 
 
 @pytest.fixture

@@ -154,8 +154,16 @@ def test_a_poll_auth_error_trips_the_breaker_and_keeps_polling_later(deps, new_j
     fake_provider.script("result", httpx.Response(401, json={"code": 401, "message": "bad key"}))
     nxt = run_poll(deps, job_id, first.poll_seq)
     assert limits.breaker_state()["open"]
-    assert nxt.step == "poll" and nxt.countdown == deps.settings.breaker_open_seconds
+    assert nxt.step == "poll" and nxt.countdown >= deps.settings.breaker_open_seconds
     assert load(job_id).state == "processing"
+    # While the breaker is open, polls of other jobs wait too, without calling the provider.
+    other = new_job(prompt="other")
+    limits.reset_breaker()
+    other_first = submitted(deps, other)
+    limits.trip_breaker(60, "test")
+    calls = fake_provider.calls["result"]
+    assert run_poll(deps, other, other_first.poll_seq).countdown >= 60
+    assert fake_provider.calls["result"] == calls
 
 
 def test_a_task_that_failed_at_the_provider_fails_the_job_with_its_error(deps, new_job, drive, load, fake_provider):
@@ -217,7 +225,7 @@ def test_a_transient_submit_error_puts_the_job_back_in_queued_with_a_backoff(dep
     assert nxt.step == "submit" and nxt.job_id == job_id
     assert job.next_attempt_at == clock.now() + timedelta(seconds=nxt.countdown)
     assert fake_provider.tasks == {}  # the provider created nothing
-    assert states(load.__self__ if False else deps.sessions, job_id) == ["queued", "submitting", "queued"]
+    assert states(deps.sessions, job_id) == ["queued", "submitting", "queued"]
 
 
 def test_after_the_backoff_the_job_is_submitted_once(deps, new_job, load, fake_provider, clock, drive):
