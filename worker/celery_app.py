@@ -50,6 +50,11 @@ def make_app(settings: Settings) -> Celery:
             },
         },
     )
+    if settings.poll_mode == "batch":
+        # A safety net: pollers wake themselves when work is due; this tick covers a lost wake-up.
+        celery.conf.beat_schedule["poll-due"] = {
+            "task": "edit_worker.poll_due", "schedule": timedelta(seconds=2), "options": {"expires": 4},
+        }
     return celery
 
 

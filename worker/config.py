@@ -7,6 +7,7 @@ Secrets are `SecretStr`, so a repr, a log line or an error message never shows t
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +50,13 @@ class Settings(BaseSettings):
     first_poll_delay: float = Field(default=3.0, ge=0, validation_alias=_env("EDIT_WORKER_FIRST_POLL_DELAY"))
     poll_interval: float = Field(default=2.0, ge=2.0, validation_alias=_env("EDIT_WORKER_POLL_INTERVAL"))
     poll_jitter: float = Field(default=0.5, ge=0, validation_alias=_env("EDIT_WORKER_POLL_JITTER"))
+    # How jobs in `processing` are polled. "batch": a poller task claims due jobs by next_poll_at
+    # (FOR UPDATE SKIP LOCKED) and polls them concurrently over the process's one HTTP client —
+    # no message per poll, thousands in flight per worker. "task": each job chains its own poll
+    # message with a countdown. Both are non-blocking; bench/RESULTS.md compares them.
+    poll_mode: Literal["batch", "task"] = Field(default="task", validation_alias=_env("EDIT_WORKER_POLL_MODE"))
+    poll_batch_size: int = Field(default=500, ge=1, validation_alias=_env("EDIT_WORKER_POLL_BATCH_SIZE"))
+    poll_threads: int = Field(default=32, ge=1, validation_alias=_env("EDIT_WORKER_POLL_THREADS"))
     # Transient-error backoff (full jitter): base * 2**attempt capped at max.
     backoff_base: float = Field(default=2.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_BASE"))
     backoff_max: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_MAX"))

@@ -124,11 +124,13 @@ def transition(
     reason: str,
     *,
     clock: Clock = utcnow,
+    where: dict[str, Any] | None = None,
     **fields: Any,
 ) -> bool:
     """Compare-and-set `src -> dst` (plus column updates) and write its event, in the caller's
-    transaction. False when the row was not in `src` any more: someone else moved it, and the
-    caller's message is stale. An edge the machine does not have raises IllegalTransition."""
+    transaction. False when the row was not in `src` any more (or a `where` column differs):
+    someone else moved it, and the caller's message is stale. An edge the machine does not have
+    raises IllegalTransition."""
     if not can_transition(src, dst):
         raise IllegalTransition(f"job {job_id}: {src} -> {dst} is not an allowed transition")
     now = clock()
@@ -137,9 +139,9 @@ def transition(
         values.setdefault("finished_at", now)
         values.setdefault("next_poll_at", None)
         values.setdefault("next_attempt_at", None)
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.state == src.value).values(**values).execution_options(synchronize_session=False)
-    )
+    cond = [Job.id == job_id, Job.state == src.value]
+    cond += [getattr(Job, column) == value for column, value in (where or {}).items()]
+    result = session.execute(update(Job).where(*cond).values(**values).execution_options(synchronize_session=False))
     if result.rowcount != 1:
         return False
     _event(session, job_id, src, dst, reason, now)

@@ -44,6 +44,8 @@ class Limits(Protocol):
     def breaker_wait(self) -> float: ...
     def record_failure(self, *, threshold: int, window: float, open_seconds: float, reason: str) -> bool: ...
     def record_success(self) -> None: ...
+    # At most one caller per key within ttl gets True (de-duplicates poller wake-ups).
+    def once(self, key: str, ttl: float) -> bool: ...
 
 
 # KEYS: rate zset, active zset   ARGV: window_ms, rate_limit, max_concurrency, token, slot_ttl_ms
@@ -85,6 +87,7 @@ class RedisLimits:
         self.rate_per_minute = rate_per_minute
         self.max_concurrency = max_concurrency
         self.slot_ttl = slot_ttl
+        self.namespace = namespace
         self.k_rate = f"{namespace}:rate"
         self.k_active = f"{namespace}:active"
         self.k_breaker = f"{namespace}:breaker"
@@ -171,6 +174,9 @@ class RedisLimits:
     def record_success(self) -> None:
         self.r.delete(self.k_failures)
 
+    def once(self, key: str, ttl: float) -> bool:
+        return bool(self.r.set(f"{self.namespace}:once:{key}", "1", nx=True, px=max(1, int(ttl * 1000))))
+
 
 class MemoryLimits:
     """The same behaviour in one process, on an injectable clock (unit tests, single-process tools)."""
@@ -186,8 +192,10 @@ class MemoryLimits:
         self._breaker_reason = ""
         self._tripped = False
         self._probe_taken = False
+        self._probe_until = 0.0
         self._journal: dict[str, str] = {}
         self._failures: list[float] = []
+        self._once: dict[str, float] = {}
 
     def check_breaker(self) -> Gate:
         with self._lock:
@@ -195,8 +203,10 @@ class MemoryLimits:
             if now < self._breaker_until:
                 return Gate(self._breaker_until - now, f"circuit breaker open: {self._breaker_reason}")
             if self._tripped:
-                if not self._probe_taken:
+                # Like the Redis probe key (30 s TTL): a probe that never reports back expires.
+                if not self._probe_taken or now >= self._probe_until:
                     self._probe_taken = True
+                    self._probe_until = now + 30.0
                     return GO
                 return Gate(2.0, "circuit breaker half-open: waiting for the probe submission")
             return GO
@@ -257,3 +267,11 @@ class MemoryLimits:
 
     def record_success(self) -> None:
         self._failures = []
+
+    def once(self, key: str, ttl: float) -> bool:
+        with self._lock:
+            now = self.clock()
+            if self._once.get(key, 0.0) > now:
+                return False
+            self._once[key] = now + ttl
+            return True

@@ -11,8 +11,13 @@ import base64
 import binascii
 import logging
 import tempfile
-from dataclasses import dataclass
-from datetime import timedelta
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import bindparam, func, select, update
 
 from sqlalchemy.orm import undefer
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -190,77 +195,271 @@ def record_submission(deps: Deps, job_id: str, prediction: Prediction) -> Next |
         _cancel_at_provider(deps, prediction.id)
         deps.limits.release(job_id)
         return None
+    if deps.settings.poll_mode == "batch":
+        return poller_wakeup(deps, deps.settings.first_poll_delay)
     return Next(STEP_POLL, job_id, countdown=deps.settings.first_poll_delay, poll_seq=seq)
 
 
 # --- poll -----------------------------------------------------------------------------------
 
-def run_poll(deps: Deps, job_id: str, poll_seq: int | None) -> Next | None:
+@dataclass(frozen=True)
+class PollTarget:
+    job_id: str
+    seq: int               # the row's poll_seq this poller holds; every update is a CAS on it
+    prediction_id: str
+
+
+@dataclass(frozen=True)
+class Reschedule:
+    wait: float
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    prediction: Prediction
+
+
+@dataclass(frozen=True)
+class Fail:
+    reason: str
+    code: str
+    message: str
+
+
+Decision = Reschedule | Finish | Fail
+
+
+def fetch_and_decide(deps: Deps, prediction_id: str) -> Decision:
+    """One result lookup and what it means for the job (no database work: safe in a thread pool)."""
     s = deps.settings
+    try:
+        prediction = deps.provider.result(prediction_id)
+    except ProviderAuthError as exc:
+        deps.limits.trip_breaker(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
+        return Reschedule(s.breaker_open_seconds + jittered(0, s.poll_interval, deps.rng), str(exc))
+    except TransientProviderError as exc:
+        _note_failure(deps, exc)
+        return Reschedule(max(s.poll_interval, compute_backoff(3, base=s.backoff_base, maximum=s.backoff_max,
+                                                               retry_after=exc.retry_after, rng=deps.rng)), str(exc))
+    except PermanentProviderError as exc:
+        return Fail(f"result lookup refused: {exc}", str(exc.code or "rejected"), exc.message)
+    deps.limits.record_success()
+    crashpoint("mid_poll")
+    if not prediction.status.terminal:
+        return Reschedule(jittered(s.poll_interval, s.poll_jitter, deps.rng))
+    if prediction.status is PredictionStatus.COMPLETED:
+        if not prediction.outputs:
+            return Fail("provider completed without outputs", ERR_NO_OUTPUTS, "the provider reported completion but returned no outputs")
+        return Finish(prediction)
+    err = prediction_error(prediction)
+    return Fail(f"prediction {prediction.status.value}: {err.message}", str(err.code), err.message)
+
+
+def apply_decision(deps: Deps, target: PollTarget, decision: Decision, *, chain: bool = True) -> Next | None:
+    """Record a poll's outcome with a CAS on the poller's poll_seq. `chain`: a rescheduled job gets
+    its own next poll message (task mode); in batch mode the poller finds it by next_poll_at."""
+    if isinstance(decision, Reschedule):
+        with deps.sessions() as session:
+            ok = update_if(session, target.job_id, State.PROCESSING, clock=deps.clock, where={"poll_seq": target.seq},
+                           poll_seq=target.seq + 1, next_poll_at=deps.clock() + timedelta(seconds=decision.wait))
+            session.commit()
+        if not ok:
+            return None  # another poller took over this job
+        if decision.reason:
+            log.warning("poll failed, next in %.1fs: %s", decision.wait, decision.reason,
+                        extra={"job_id": target.job_id, "prediction_id": target.prediction_id})
+        return Next(STEP_POLL, target.job_id, countdown=decision.wait, poll_seq=target.seq + 1) if chain else None
+    deps.limits.release(target.job_id)
+    if isinstance(decision, Fail):
+        return _fail(deps, target.job_id, State.PROCESSING, decision.reason, decision.code, decision.message)
+    prediction = decision.prediction
+    with deps.sessions() as session:
+        moved = transition(session, target.job_id, State.PROCESSING, State.UPLOADING,
+                           f"prediction completed with {len(prediction.outputs)} output(s)", clock=deps.clock,
+                           where={"poll_seq": target.seq},
+                           provider_outputs=prediction.outputs, has_nsfw_contents=prediction.has_nsfw_contents,
+                           next_poll_at=None)
+        session.commit()
+    return Next(STEP_UPLOAD, target.job_id) if moved else None
+
+
+def _fail_past_deadline(deps: Deps, job_id: str, prediction_id: str | None) -> None:
+    with deps.sessions() as session:
+        moved = transition(session, job_id, State.PROCESSING, State.FAILED, "deadline passed while processing", clock=deps.clock,
+                           error_code=ERR_DEADLINE, error_message=f"prediction {prediction_id} did not finish before the job's deadline")
+        session.commit()
+    if moved:
+        if prediction_id:
+            _cancel_at_provider(deps, prediction_id)
+        deps.limits.release(job_id)
+
+
+def _breaker_pause(deps: Deps) -> Reschedule | None:
+    # While the breaker is open (an outage, revoked credentials) polls wait too: no storm of
+    # failing calls during the outage, and a jittered spread when it ends.
+    paused = deps.limits.breaker_wait()
+    return Reschedule(paused + jittered(0, deps.settings.poll_interval, deps.rng)) if paused > 0 else None
+
+
+def run_poll(deps: Deps, job_id: str, poll_seq: int | None) -> Next | None:
+    """Poll one job (task mode's chain link, or a nudge from a webhook); in task mode it then
+    chains its own next poll with a countdown, in batch mode the poller takes it from there."""
     with deps.sessions() as session:
         job = session.get(Job, job_id)
         if job is None or job.state != State.PROCESSING.value or not job.prediction_id:
             return None
         if poll_seq is not None and job.poll_seq != poll_seq:
             return None  # a stale poll chain; the current one carries the row's poll_seq
-        seq = job.poll_seq
-        prediction_id = job.prediction_id
+        target = PollTarget(job_id, job.poll_seq, job.prediction_id)
         if _past_deadline(deps, job):
-            if transition(session, job_id, State.PROCESSING, State.FAILED, "deadline passed while processing", clock=deps.clock,
-                          error_code=ERR_DEADLINE, error_message=f"prediction {prediction_id} did not finish before the job's deadline"):
-                session.commit()
-                _cancel_at_provider(deps, prediction_id)
-                deps.limits.release(job_id)
+            _fail_past_deadline(deps, job_id, job.prediction_id)
             return None
+    decision = _breaker_pause(deps) or fetch_and_decide(deps, target.prediction_id)
+    return apply_decision(deps, target, decision, chain=deps.settings.poll_mode == "task")
 
-    def reschedule(wait: float, reason: str | None = None) -> Next | None:
-        with deps.sessions() as session:
-            ok = update_if(session, job_id, State.PROCESSING, clock=deps.clock, where={"poll_seq": seq},
-                           poll_seq=seq + 1, next_poll_at=deps.clock() + timedelta(seconds=wait))
-            session.commit()
-        if not ok:
-            return None  # another poller took over this job
-        if reason:
-            log.warning("poll failed, next in %.1fs: %s", wait, reason, extra={"job_id": job_id, "prediction_id": prediction_id})
-        return Next(STEP_POLL, job_id, countdown=wait, poll_seq=seq + 1)
 
-    # While the breaker is open (an outage, revoked credentials) polls wait too: no storm of
-    # failing calls during the outage, and a jittered spread when it ends.
-    paused = deps.limits.breaker_wait()
-    if paused > 0:
-        return reschedule(paused + jittered(0, s.poll_interval, deps.rng))
+# --- batch polling ----------------------------------------------------------------------------
+
+STEP_POLL_DUE = "poll_due"
+# A claimed job's next_poll_at moves this far ahead: if the poller dies mid-batch the job is due
+# again after the lease, and another poller takes it (no job is forgotten, none polled twice at once).
+POLL_LEASE = timedelta(seconds=30)
+
+
+@dataclass
+class PollBatchReport:
+    claimed: int = 0
+    rescheduled: int = 0
+    finished: int = 0
+    failed: int = 0
+    next_due_in: float | None = None
+    uploads: list[Next] = field(default_factory=list)
+
+
+def claim_due(deps: Deps, limit: int) -> list[tuple[PollTarget, datetime]]:
+    """Claim up to `limit` jobs whose next_poll_at has come: bump poll_seq (stale pollers lose their
+    CAS) and push next_poll_at out by the lease. PostgreSQL: FOR UPDATE SKIP LOCKED, so concurrent
+    pollers claim disjoint sets; SQLite serialises writers, and the UPDATE re-checks the due time."""
+    now = deps.clock()
+    due = (select(Job.id).where(Job.state == State.PROCESSING.value, Job.next_poll_at <= now)
+           .order_by(Job.next_poll_at).limit(limit).with_for_update(skip_locked=True))
+    stmt = (update(Job)
+            .where(Job.id.in_(due.scalar_subquery()), Job.state == State.PROCESSING.value, Job.next_poll_at <= now)
+            .values(poll_seq=Job.poll_seq + 1, next_poll_at=now + POLL_LEASE, updated_at=now)
+            .returning(Job.id, Job.poll_seq, Job.prediction_id, Job.deadline_at)
+            .execution_options(synchronize_session=False))
+    with deps.sessions() as session:
+        rows = session.execute(stmt).all()
+        session.commit()
+    return [(PollTarget(job_id, seq, prediction_id), deadline) for job_id, seq, prediction_id, deadline in rows if prediction_id]
+
+
+def _reschedule_many(deps: Deps, items: list[tuple[PollTarget, Reschedule]]) -> int:
+    """One executemany UPDATE for every job that polls again later (each a CAS on its poll_seq)."""
+    if not items:
+        return 0
+    now = deps.clock()
+    stmt = (update(Job.__table__)
+            .where(Job.__table__.c.id == bindparam("b_id"), Job.__table__.c.state == State.PROCESSING.value,
+                   Job.__table__.c.poll_seq == bindparam("b_seq"))
+            .values(poll_seq=bindparam("b_new"), next_poll_at=bindparam("b_due"), updated_at=now))
+    params = [{"b_id": t.job_id, "b_seq": t.seq, "b_new": t.seq + 1, "b_due": now + timedelta(seconds=d.wait)} for t, d in items]
+    with deps.sessions() as session:
+        session.connection().execute(stmt, params)
+        session.commit()
+    failures = [d.reason for _, d in items if d.reason]
+    if failures:
+        log.warning("%d poll(s) failed and wait: %s", len(failures), failures[0])
+    return len(items)
+
+
+def poll_due(deps: Deps, *, max_seconds: float = 10.0, executor=None) -> PollBatchReport:
+    """Batch mode: claim due jobs and poll them concurrently over the one pooled HTTP client,
+    batch after batch until none is due (or `max_seconds` pass). Never sleeps."""
+    s = deps.settings
+    report = PollBatchReport()
+    started = time.monotonic()
+    pool = executor or _poll_executor(s.poll_threads)
+    while time.monotonic() - started < max_seconds:
+        claimed = claim_due(deps, s.poll_batch_size)
+        report.claimed += len(claimed)
+        if not claimed:
+            break
+        now = deps.clock()
+        live = []
+        for target, deadline in claimed:
+            if now >= deadline:
+                _fail_past_deadline(deps, target.job_id, target.prediction_id)
+                report.failed += 1
+            else:
+                live.append(target)
+        pause = _breaker_pause(deps)
+        if pause is not None:
+            decisions = [Reschedule(pause.wait + jittered(0, s.poll_interval, deps.rng)) for _ in live]
+        else:
+            decisions = list(pool.map(lambda t: _safe_fetch(deps, t), live))
+        later = [(t, d) for t, d in zip(live, decisions) if isinstance(d, Reschedule)]
+        report.rescheduled += _reschedule_many(deps, later)
+        for target, decision in zip(live, decisions):
+            if isinstance(decision, Reschedule):
+                continue
+            nxt = apply_decision(deps, target, decision, chain=False)
+            if isinstance(decision, Finish):
+                report.finished += 1
+                if nxt:
+                    report.uploads.append(nxt)
+            else:
+                report.failed += 1
+        if len(claimed) < s.poll_batch_size:
+            break
+    report.next_due_in = next_due_in(deps)
+    return report
+
+
+# Wake-ups are bucketed: many jobs due at about the same time share one poller message.
+WAKEUP_BUCKET = 0.5
+
+
+def poller_wakeup(deps: Deps, delay: float) -> Next | None:
+    """A poll_due message due in `delay` s, unless one is already due in the same half second."""
+    due = time.time() + max(0.0, delay)
+    bucket = int(due / WAKEUP_BUCKET)
     try:
-        prediction = deps.provider.result(prediction_id)
-    except ProviderAuthError as exc:
-        deps.limits.trip_breaker(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
-        return reschedule(s.breaker_open_seconds + jittered(0, s.poll_interval, deps.rng), str(exc))
-    except TransientProviderError as exc:
-        _note_failure(deps, exc)
-        wait = max(s.poll_interval, compute_backoff(3, base=s.backoff_base, maximum=s.backoff_max,
-                                                      retry_after=exc.retry_after, rng=deps.rng))
-        return reschedule(wait, str(exc))
-    except PermanentProviderError as exc:
-        return _fail(deps, job_id, State.PROCESSING, f"result lookup refused: {exc}", str(exc.code or "rejected"), exc.message)
-    deps.limits.record_success()
+        first = deps.limits.once(f"poll-due:{bucket}", ttl=max(delay, 0.0) + 60)
+    except Exception:  # Redis down: publish anyway (duplicates are harmless, a lost wake-up is late)
+        first = True
+    return Next(STEP_POLL_DUE, "", countdown=max(0.0, bucket * WAKEUP_BUCKET - time.time())) if first else None
 
-    crashpoint("mid_poll")
-    if not prediction.status.terminal:
-        return reschedule(jittered(s.poll_interval, s.poll_jitter, deps.rng))
 
-    deps.limits.release(job_id)
-    if prediction.status is PredictionStatus.COMPLETED:
-        if not prediction.outputs:
-            return _fail(deps, job_id, State.PROCESSING, "provider completed without outputs", ERR_NO_OUTPUTS,
-                         "the provider reported completion but returned no outputs")
-        with deps.sessions() as session:
-            moved = transition(session, job_id, State.PROCESSING, State.UPLOADING,
-                               f"prediction completed with {len(prediction.outputs)} output(s)", clock=deps.clock,
-                               provider_outputs=prediction.outputs, has_nsfw_contents=prediction.has_nsfw_contents,
-                               next_poll_at=None)
-            session.commit()
-        return Next(STEP_UPLOAD, job_id) if moved else None
-    err = prediction_error(prediction)
-    return _fail(deps, job_id, State.PROCESSING, f"prediction {prediction.status.value}: {err.message}", str(err.code), err.message)
+def _safe_fetch(deps: Deps, target: PollTarget) -> Decision:
+    try:
+        return fetch_and_decide(deps, target.prediction_id)
+    except Exception as exc:  # e.g. Redis down while noting the outcome: try this job again later
+        return Reschedule(deps.settings.poll_interval, f"{type(exc).__name__} while polling")
+
+
+def next_due_in(deps: Deps) -> float | None:
+    """Seconds until the soonest processing job is due (None: nothing is processing)."""
+    with deps.sessions() as session:
+        soonest = session.scalar(select(func.min(Job.next_poll_at)).where(Job.state == State.PROCESSING.value))
+    if soonest is None:
+        return None
+    if soonest.tzinfo is None:  # SQLite's min() bypasses the column type
+        soonest = datetime.fromisoformat(str(soonest)).replace(tzinfo=timezone.utc)
+    return max(0.0, (soonest - deps.clock()).total_seconds())
+
+
+_executor_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+
+
+def _poll_executor(threads: int) -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="poll")
+        return _executor
 
 
 def _fail(deps: Deps, job_id: str, src: State, reason: str, code: str, message: str) -> None:

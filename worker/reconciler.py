@@ -17,7 +17,7 @@ from models import Job, Outbox
 from .deps import Deps
 from .errors import ProviderError
 from .jobs import STEP_FOR_STATE, STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, mark_sent, pending_outbox, transition, update_if
-from .pipeline import ERR_AMBIGUOUS, ERR_DEADLINE, Next, record_submission, schedule
+from .pipeline import ERR_AMBIGUOUS, ERR_DEADLINE, Next, poller_wakeup, record_submission, schedule
 from .states import ACTIVE, State
 from .wavespeed import MODEL, Prediction, PredictionStatus
 
@@ -110,6 +110,10 @@ def _fail_deadline(deps: Deps, job: Job, state: State) -> bool:
 
 def _redrive(deps: Deps, job: Job, state: State) -> None:
     step = STEP_FOR_STATE[state]
+    if step == STEP_POLL and deps.settings.poll_mode == "batch":
+        # The poller claims every due job by next_poll_at; make sure one is awake.
+        schedule(deps, poller_wakeup(deps, 0.0))
+        return
     if step == STEP_POLL:
         # Take the job over with a new poll_seq: any old chain still alive becomes stale.
         with deps.sessions() as session:

@@ -52,6 +52,21 @@ def upload(self, job_id: str) -> None:
     _run(self, lambda deps: pipeline.run_upload(deps, job_id))
 
 
+@app.task(name="edit_worker.poll_due", bind=True)
+def poll_due(self) -> None:
+    """Batch mode's poller: claim due jobs, poll them concurrently, wake again when the next is due."""
+    deps = build_deps()
+    try:
+        report = pipeline.poll_due(deps)
+        for nxt in report.uploads:
+            pipeline.schedule(deps, nxt)
+        if report.next_due_in is not None:
+            pipeline.schedule(deps, pipeline.poller_wakeup(deps, report.next_due_in))
+    except INFRA_ERRORS as exc:
+        # Claimed jobs come due again after the lease; beat wakes a poller every few seconds.
+        log.warning("poller pass failed: %s", type(exc).__name__)
+
+
 @app.task(name="edit_worker.reconcile", bind=True)
 def reconcile(self) -> None:
     deps = build_deps()
@@ -70,7 +85,7 @@ def reconcile(self) -> None:
             pass
 
 
-_TASK_NAMES = {STEP_SUBMIT: submit.name, STEP_POLL: poll.name, STEP_UPLOAD: upload.name}
+_TASK_NAMES = {STEP_SUBMIT: submit.name, STEP_POLL: poll.name, STEP_UPLOAD: upload.name, pipeline.STEP_POLL_DUE: poll_due.name}
 
 
 class CeleryPublisher:
@@ -80,7 +95,7 @@ class CeleryPublisher:
         self.celery = celery or app
 
     def publish(self, step: str, job_id: str, *, countdown: float = 0.0, poll_seq: int | None = None) -> None:
-        args = [job_id] if step != STEP_POLL else [job_id, poll_seq]
+        args = [] if step == pipeline.STEP_POLL_DUE else [job_id] if step != STEP_POLL else [job_id, poll_seq]
         # Longer waits are the row's business (next_attempt_at / next_poll_at + the sweep): a
         # countdown near the visibility timeout would be redelivered while still waiting.
         options = {"countdown": min(countdown, MAX_COUNTDOWN)} if countdown > 0 else {}

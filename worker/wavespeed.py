@@ -234,10 +234,16 @@ class WaveSpeedClient:
         """Stream an output URL into `sink`; returns its Content-Type. No Authorization header is
         sent: output URLs are on a CDN, not the API host."""
         try:
-            with self._http.stream("GET", url) as response:
+            # Redirects are followed here (CDNs and storage links redirect); no credential is sent.
+            with self._http.stream("GET", url, follow_redirects=True) as response:
                 if response.status_code >= 400:
                     response.read()
-                    self._raise_for_status(response, what="output download")
+                    try:
+                        self._raise_for_status(response, what="output download")
+                    except ProviderAuthError as exc:
+                        # The CDN got no credentials: a 401/403 means an expired or forbidden URL,
+                        # not a bad API key (no breaker), and the same URL will not work on a retry.
+                        raise PermanentProviderError(exc.message, code="output_forbidden", status_code=exc.status_code) from None
                 total = 0
                 for chunk in response.iter_bytes(chunk_size=256 * 1024):
                     total += len(chunk)

@@ -10,7 +10,9 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_twenty_four_jobs_succeed_with_byte_equal_outputs_and_one_submission_each(cluster, sample_image):
+@pytest.mark.parametrize("poll_mode", ["batch", "task"])
+def test_twenty_four_jobs_succeed_with_byte_equal_outputs_and_one_submission_each(cluster, sample_image, poll_mode):
+    cluster.env["EDIT_WORKER_POLL_MODE"] = poll_mode
     cluster.start_worker("w1", concurrency=2)
     cluster.start_worker("w2", concurrency=2)
     cluster.start_beat()
@@ -24,6 +26,14 @@ def test_twenty_four_jobs_succeed_with_byte_equal_outputs_and_one_submission_eac
     assert checked > 0
     cluster.assert_one_submission_per_job(done)
     assert all(j.attempts == 1 for j in done)
+    logs = "".join(p.log_tail(10_000_000) for p in cluster.processes)
+    if poll_mode == "batch":
+        assert "edit_worker.poll_due[" in logs and "edit_worker.poll[" not in logs
+    else:
+        assert "edit_worker.poll[" in logs and "edit_worker.poll_due[" not in logs
+    # Polls per job stay near the provider's latency / the poll interval (1 s latency, first poll at 1 s).
+    stats = cluster.sandbox_stats()
+    assert stats["result_requests"] <= 24 * 3, stats["result_requests"]
 
 
 def test_cli_drives_the_whole_flow(cluster, sample_image):
