@@ -131,6 +131,7 @@ def settings(database_url) -> Settings:
         max_image_bytes=1024 * 1024,
         allow_private_urls=False,
         base64_output=False,
+        poll_mode="task",  # the step-by-step `drive` fixture follows task mode's chain; test_poller.py covers batch
     )
 
 
@@ -358,17 +359,26 @@ def provider(settings, fake_provider):
 
 # --- S3 -------------------------------------------------------------------------------------
 
-@pytest.fixture
-def s3(settings):
-    """A real boto3 client against moto's in-process S3, with the bucket created."""
-    from moto import mock_aws
+@pytest.fixture(scope="session")
+def _s3_client():
+    """One real boto3 client, built the way the worker builds it (creating one costs ~0.1 s).
+    moto is imported first, so the client carries moto's hook, which is live only inside mock_aws()."""
+    import moto  # noqa: F401
 
     from worker.storage import make_s3_client
 
+    return make_s3_client(Settings(_env_file=None, aws_access_key_id="testing", aws_secret_access_key="testing",
+                                   aws_region="us-east-1", s3_endpoint_url=None))
+
+
+@pytest.fixture
+def s3(settings, _s3_client):
+    """A real boto3 client against moto's in-process S3 (fresh, empty state per test), bucket created."""
+    from moto import mock_aws
+
     with mock_aws():
-        client = make_s3_client(settings)
-        client.create_bucket(Bucket=settings.s3_bucket)
-        yield client
+        _s3_client.create_bucket(Bucket=settings.s3_bucket)
+        yield _s3_client
 
 
 @pytest.fixture

@@ -1,0 +1,165 @@
+"""The batch poller (poll_mode=batch): claims due jobs by next_poll_at, never two pollers on one
+job, none forgotten after a poller dies, backoff honoured, uploads scheduled on completion."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from worker import jobs, pipeline
+from worker.states import State
+
+
+@pytest.fixture
+def batch_deps(deps):
+    deps.settings = deps.settings.model_copy(update={"poll_mode": "batch", "poll_batch_size": 50, "poll_threads": 4})
+    return deps
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        yield pool
+
+
+def _processing(batch_deps, new_job, n: int, **kw) -> list[str]:
+    """n jobs submitted for real (through run_submit), so each has a provider task."""
+    ids = []
+    for i in range(n):
+        job_id = new_job(prompt=f"batch job {i}", **kw)
+        pipeline.run_submit(batch_deps, job_id)
+        ids.append(job_id)
+    return ids
+
+
+def test_submit_in_batch_mode_wakes_the_poller_instead_of_chaining_a_poll(batch_deps, new_job, load):
+    job_id = new_job()
+    nxt = pipeline.run_submit(batch_deps, job_id)
+    assert nxt is not None and nxt.step == pipeline.STEP_POLL_DUE
+    assert load(job_id).state == "processing"
+    # A second job due in the same half second shares that wake-up.
+    other = new_job(prompt="another")
+    assert pipeline.run_submit(batch_deps, other) is None
+
+
+def test_nothing_is_polled_before_it_is_due(batch_deps, new_job, fake_provider, executor):
+    _processing(batch_deps, new_job, 3)
+    report = pipeline.poll_due(batch_deps, executor=executor)
+    assert report.claimed == 0
+    assert fake_provider.calls["result"] == 0
+    assert report.next_due_in == pytest.approx(batch_deps.settings.first_poll_delay, abs=0.01)
+
+
+def test_due_jobs_complete_and_uploads_are_scheduled(batch_deps, new_job, fake_provider, clock, load, executor):
+    ids = _processing(batch_deps, new_job, 5)
+    clock.advance(batch_deps.settings.first_poll_delay)
+    report = pipeline.poll_due(batch_deps, executor=executor)
+    assert report.claimed == 5 and report.finished == 5
+    assert sorted(n.job_id for n in report.uploads) == sorted(ids)
+    assert all(n.step == jobs.STEP_UPLOAD for n in report.uploads)
+    assert {load(i).state for i in ids} == {"uploading"}
+    assert fake_provider.calls["result"] == 5
+    assert report.next_due_in is None  # nothing left processing
+
+
+def test_running_jobs_are_rescheduled_at_least_the_poll_interval_later(batch_deps, new_job, fake_provider, clock, load, executor):
+    fake_provider.polls_to_complete = 3
+    ids = _processing(batch_deps, new_job, 4)
+    clock.advance(batch_deps.settings.first_poll_delay)
+    before = clock.now()
+    report = pipeline.poll_due(batch_deps, executor=executor)
+    assert report.rescheduled == 4
+    for job_id in ids:
+        row = load(job_id)
+        assert row.state == "processing"
+        wait = (row.next_poll_at - before).total_seconds()
+        s = batch_deps.settings
+        assert s.poll_interval <= wait <= s.poll_interval + s.poll_jitter
+    # Not due again yet: a second pass right away polls nothing.
+    assert pipeline.poll_due(batch_deps, executor=executor).claimed == 0
+    assert fake_provider.calls["result"] == 4
+
+
+def test_retry_after_is_honoured_when_a_poll_fails(batch_deps, new_job, fake_provider, clock, load, executor):
+    [job_id] = _processing(batch_deps, new_job, 1)
+    fake_provider.script("result", httpx.Response(429, headers={"Retry-After": "17"}, json={"code": 429, "message": "slow down"}))
+    clock.advance(batch_deps.settings.first_poll_delay)
+    before = clock.now()
+    pipeline.poll_due(batch_deps, executor=executor)
+    row = load(job_id)
+    assert row.state == "processing"
+    assert (row.next_poll_at - before).total_seconds() >= 17
+
+
+def test_a_claimed_job_is_not_claimed_again_until_its_lease_passes(batch_deps, new_job, clock, load):
+    ids = _processing(batch_deps, new_job, 3)
+    clock.advance(batch_deps.settings.first_poll_delay)
+    first = pipeline.claim_due(batch_deps, 10)
+    assert sorted(t.job_id for t, _ in first) == sorted(ids)
+    # The poller "dies" here: nothing is applied. Another poller finds nothing due...
+    assert pipeline.claim_due(batch_deps, 10) == []
+    # ...until the lease passes; then the jobs are claimed again with a newer poll_seq.
+    clock.advance(pipeline.POLL_LEASE.total_seconds())
+    second = pipeline.claim_due(batch_deps, 10)
+    assert sorted(t.job_id for t, _ in second) == sorted(ids)
+    assert all(b.seq == a.seq + 1 for (a, _), (b, _) in zip(sorted(first, key=lambda x: x[0].job_id), sorted(second, key=lambda x: x[0].job_id)))
+
+
+def test_a_stale_pollers_outcome_is_discarded(batch_deps, new_job, clock, load, fake_provider):
+    [job_id] = _processing(batch_deps, new_job, 1)
+    clock.advance(batch_deps.settings.first_poll_delay)
+    [(stale, _)] = pipeline.claim_due(batch_deps, 10)
+    clock.advance(pipeline.POLL_LEASE.total_seconds())
+    [(fresh, _)] = pipeline.claim_due(batch_deps, 10)
+    # The first poller comes back late with "completed": its CAS on poll_seq fails.
+    decision = pipeline.fetch_and_decide(batch_deps, stale.prediction_id)
+    assert isinstance(decision, pipeline.Finish)
+    assert pipeline.apply_decision(batch_deps, stale, decision, chain=False) is None
+    assert load(job_id).state == "processing"
+    assert pipeline.apply_decision(batch_deps, fresh, decision, chain=False).step == jobs.STEP_UPLOAD
+    assert load(job_id).state == "uploading"
+
+
+def test_concurrent_pollers_claim_disjoint_sets_and_forget_none(batch_deps, new_job, clock):
+    ids = _processing(batch_deps, new_job, 60)
+    clock.advance(batch_deps.settings.first_poll_delay)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def poller():
+        while True:
+            got = pipeline.claim_due(batch_deps, 7)
+            if not got:
+                return
+            with lock:
+                claimed.extend(t.job_id for t, _ in got)
+
+    threads = [threading.Thread(target=poller) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(claimed) == sorted(ids), "every due job claimed exactly once"
+
+
+def test_past_deadline_jobs_fail_in_the_batch(batch_deps, new_job, clock, load, fake_provider, executor):
+    [job_id] = _processing(batch_deps, new_job, 1, deadline_seconds=5)
+    clock.advance(6)
+    report = pipeline.poll_due(batch_deps, executor=executor)
+    assert report.failed == 1
+    row = load(job_id)
+    assert row.state == "failed" and row.error_code == pipeline.ERR_DEADLINE
+    assert fake_provider.cancelled == [row.prediction_id]
+
+
+def test_an_open_breaker_pauses_polls_without_calling_the_provider(batch_deps, new_job, clock, fake_provider, load, executor):
+    ids = _processing(batch_deps, new_job, 3)
+    clock.advance(batch_deps.settings.first_poll_delay)
+    batch_deps.limits.trip_breaker(20, "test outage")
+    report = pipeline.poll_due(batch_deps, executor=executor)
+    assert report.rescheduled == 3
+    assert fake_provider.calls["result"] == 0
+    assert all((load(i).next_poll_at - clock.now()).total_seconds() >= 20 for i in ids)
