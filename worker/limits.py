@@ -256,17 +256,20 @@ class MemoryLimits:
             return max(0.0, self._breaker_until - self.clock())
 
     def record_failure(self, *, threshold: int, window: float, open_seconds: float, reason: str) -> bool:
-        now = self.clock()
-        self._failures = [t for t in self._failures if t > now - window] + [now]
-        if (len(self._failures) >= threshold or self._tripped) and not self.breaker_wait():
+        with self._lock:
+            now = self.clock()
+            self._failures = [t for t in self._failures if t > now - window] + [now]
             count = len(self._failures)
-            self._failures = []
+            trip = (count >= threshold or self._tripped) and now >= self._breaker_until
+            if trip:
+                self._failures = []
+        if trip:
             self.trip_breaker(open_seconds, f"provider unavailable: {count} failures in {window:.0f}s ({reason})")
-            return True
-        return False
+        return trip
 
     def record_success(self) -> None:
-        self._failures = []
+        with self._lock:
+            self._failures = []
 
     def once(self, key: str, ttl: float) -> bool:
         with self._lock:

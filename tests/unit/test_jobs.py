@@ -145,6 +145,13 @@ def test_submit_edit_stores_a_local_file_as_a_data_uri(settings, sessions, publi
     assert (row.size, row.seed) == ("512*768", 3)
 
 
+def test_the_base64_output_setting_is_the_default_for_new_jobs(settings, png_file):
+    assert producer.validate_request(image=str(png_file), prompt="p", settings=settings).enable_base64_output is False
+    on = settings.model_copy(update={"base64_output": True})
+    assert producer.validate_request(image=str(png_file), prompt="p", settings=on).enable_base64_output is True
+    assert producer.validate_request(image=str(png_file), prompt="p", settings=on, enable_base64_output=False).enable_base64_output is False
+
+
 @pytest.mark.parametrize("kwargs", [
     {"prompt": "x" * 121},
     {"prompt": "   "},

@@ -5,7 +5,6 @@ step returned (`drive`); a step run twice or out of turn must be a no-op."""
 from __future__ import annotations
 
 import base64
-import json
 from datetime import timedelta
 
 import httpx
@@ -13,7 +12,6 @@ import pytest
 from sqlalchemy import select
 
 from models import Outbox
-from worker import pipeline
 from worker.errors import InvalidJobOperation, StorageError, TransientProviderError
 from worker.jobs import job_events
 from worker.limits import MemoryLimits
@@ -84,6 +82,20 @@ def test_every_output_gets_its_own_indexed_key(deps, new_job, drive, load, fake_
     assert job.outputs == [f"s3://edit-worker-unit/edits/{job_id}/{i}.png" for i in range(3)]
     for i in range(3):
         assert s3.get_object(Bucket="edit-worker-unit", Key=f"edits/{job_id}/{i}.png")["Body"].read() == fake_provider.output_bytes[(task.id, i)]
+
+
+def test_the_stored_type_and_extension_come_from_the_output_bytes(deps, new_job, load, fake_provider, s3, list_keys, make_image):
+    job_id = new_job()
+    first = submitted(deps, job_id)
+    jpeg = make_image("JPEG", size=(16, 16))
+    task = fake_provider.finish(load(job_id).prediction_id)
+    task.outputs = [base64.b64encode(jpeg).decode()]
+    assert run_poll(deps, job_id, first.poll_seq).step == "upload"
+    run_upload(deps, job_id)
+    key = f"edits/{job_id}/0.jpg"
+    assert list_keys() == [key]
+    obj = s3.get_object(Bucket="edit-worker-unit", Key=key)
+    assert obj["ContentType"] == "image/jpeg" and obj["Body"].read() == jpeg
 
 
 def test_a_local_image_is_sent_to_the_provider_as_its_data_uri(deps, new_job, fake_provider):
@@ -239,10 +251,11 @@ def test_after_the_backoff_the_job_is_submitted_once(deps, new_job, load, fake_p
 
 
 def test_a_submit_message_that_arrives_before_the_backoff_is_over_does_nothing(deps, new_job, load, fake_provider, clock):
-    fake_provider.script("submit", httpx.Response(503, json={"code": 503, "message": "busy"}))
+    fake_provider.script("submit", httpx.Response(503, json={"code": 503, "message": "busy"}, headers={"Retry-After": "10"}))
     job_id = new_job()
     first = run_submit(deps, job_id)
-    assert first.countdown > 1.5  # seeded rng: not a near-zero jitter draw
+    assert first.countdown >= 10
+    clock.advance(5)
     assert run_submit(deps, job_id) is None
     assert fake_provider.calls["submit"] == 1
     assert load(job_id).state == "queued"
@@ -285,8 +298,9 @@ def test_a_401_opens_the_breaker_keeps_the_job_queued_and_defers_the_next_submit
     nxt = run_submit(deps, first_job)
     assert limits.breaker_state()["open"] and limits.breaker_state()["tripped"]
     job = load(first_job)
-    assert job.state == "queued"
-    assert job.error_code is None or job.error_code != "failed"
+    assert job.state == "queued" and job.attempts == 1
+    assert states(deps.sessions, first_job) == ["queued", "submitting", "queued"]
+    assert "credentials" in job_events(deps.sessions, first_job)[-1].reason
     assert nxt == Next("submit", first_job, countdown=60.0)
     assert job.next_attempt_at == clock.now() + timedelta(seconds=60)
     assert fake_provider.calls["submit"] == 1
@@ -442,6 +456,16 @@ def test_a_transient_download_error_leaves_the_job_uploading_for_a_retry(deps, n
     assert run_upload(deps, job_id) is None
     assert load(job_id).state == "succeeded"
     assert list_keys() == [f"edits/{job_id}/0.png"]
+
+
+def test_an_expired_output_url_fails_the_job_and_keeps_the_outputs_for_retry(deps, new_job, load, fake_provider, limits):
+    job_id = new_job()
+    to_upload(deps, job_id)
+    fake_provider.script("download", httpx.Response(403, text="AccessDenied"))
+    assert run_upload(deps, job_id) is None
+    job = load(job_id)
+    assert job.state == "failed" and job.provider_outputs
+    assert not limits.breaker_state()["tripped"]  # the API key is fine
 
 
 def test_output_downloads_carry_no_authorization_header(deps, new_job, drive, fake_provider):

@@ -134,7 +134,7 @@ def test_sweep_redrives_a_job_stuck_in_uploading(deps, new_job, publisher, clock
     assert load(job_id).state == "succeeded"
 
 
-def test_sweep_leaves_jobs_that_are_on_schedule_alone(deps, new_job, publisher, clock, fake_provider):
+def test_sweep_leaves_jobs_that_are_on_schedule_alone(deps, new_job, publisher, clock, fake_provider, load):
     fake_provider.polls_to_complete = 10
     queued = new_job(prompt="queued")
     processing = new_job(prompt="processing")
@@ -144,6 +144,7 @@ def test_sweep_leaves_jobs_that_are_on_schedule_alone(deps, new_job, publisher, 
     clock.advance(5)
     report = sweep(deps)
     assert publisher.sent == [] and report.redriven == {}
+    assert {load(queued).state, load(processing).state} == {"queued", "processing"}
 
 
 def test_sweep_fails_jobs_past_their_deadline_and_cancels_their_provider_task(deps, new_job, load, clock, fake_provider, publisher):
@@ -274,8 +275,11 @@ def test_one_task_but_two_unresolved_submits_in_the_window_needs_an_operator(dep
     a = ambiguous_job(deps, new_job, fake_provider, task_created=True, prompt="a")
     b = ambiguous_job(deps, new_job, fake_provider, task_created=False, prompt="b")
     clock.advance(window_over(deps))
+    # The one task could be either job's: guessing could give a job someone else's edit.
     assert resolve_ambiguous(deps, load(a)) == "needs_operator"
-    assert load(a).prediction_id is None
+    assert resolve_ambiguous(deps, load(b)) == "needs_operator"
+    assert load(a).prediction_id is None and load(b).prediction_id is None
+    assert len(fake_provider.submissions) == 1
 
 
 # --- operator resolution --------------------------------------------------------------------

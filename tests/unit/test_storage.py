@@ -98,33 +98,29 @@ def test_ensure_bucket_creates_a_missing_bucket_and_is_idempotent(s3):
     assert "fresh-bucket" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
 
 
-def unreachable_storage() -> Storage:
+@pytest.fixture(scope="module")
+def unreachable() -> Storage:
     # Port 9 (discard) refuses connections; one attempt keeps the test fast.
     client = boto3.session.Session().client(
-        "s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s",
+        "s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1", aws_access_key_id="AKIAUNITTEST",
+        aws_secret_access_key="super-secret-s3-key",
         config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=1,
                       s3={"addressing_style": "path"}),
     )
     return Storage(client, "bucket", "edits")
 
 
-def test_put_to_an_unreachable_endpoint_raises_storage_error():
-    storage = unreachable_storage()
-    with pytest.raises(StorageError, match="failed"):
-        storage.put(storage.key_for(JOB, 0, "png"), io.BytesIO(b"data"), "image/png")
-
-
-def test_ensure_bucket_on_an_unreachable_endpoint_raises_storage_error():
-    with pytest.raises(StorageError, match="cannot reach"):
-        unreachable_storage().ensure_bucket()
-
-
-def test_storage_errors_do_not_carry_the_secret_key():
-    client = boto3.session.Session().client(
-        "s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1", aws_access_key_id="AKIAUNITTEST",
-        aws_secret_access_key="super-secret-s3-key", config=Config(retries={"max_attempts": 1}, connect_timeout=1),
-    )
-    storage = Storage(client, "bucket", "")
-    with pytest.raises(StorageError) as info:
-        storage.put("k", io.BytesIO(b"x"), "image/png")
+def test_put_to_an_unreachable_endpoint_raises_storage_error(unreachable):
+    with pytest.raises(StorageError, match="failed") as info:
+        unreachable.put(unreachable.key_for(JOB, 0, "png"), io.BytesIO(b"data"), "image/png")
     assert "super-secret-s3-key" not in str(info.value)
+
+
+def test_reading_from_an_unreachable_endpoint_raises_storage_error(unreachable):
+    with pytest.raises(StorageError):
+        unreachable.get_bytes(unreachable.key_for(JOB, 0, "png"))
+
+
+def test_ensure_bucket_on_an_unreachable_endpoint_raises_storage_error(unreachable):
+    with pytest.raises(StorageError, match="cannot reach"):
+        unreachable.ensure_bucket()

@@ -343,6 +343,29 @@ def test_a_download_404_is_permanent():
         client.download("https://cdn.example.com/out/0.png", io.BytesIO())
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_forbidden_or_expired_output_url_is_permanent_not_an_auth_error(status):
+    # No credentials go to the CDN, so a 401/403 there is about the URL (expired), not the API key:
+    # it must not trip the breaker, and retrying the same URL cannot help.
+    client, _ = client_for(httpx.Response(status, text="<Error><Code>AccessDenied</Code></Error>", headers={"content-type": "application/xml"}))
+    with pytest.raises(PermanentProviderError):
+        client.download("https://cdn.example.com/out/0.png", io.BytesIO())
+
+
+def test_a_redirected_output_url_is_followed_to_the_bytes():
+    body = b"\x89PNG\r\n\x1a\n" + b"y" * 100
+
+    def cdn(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/out/0.png":
+            return httpx.Response(302, headers={"location": "https://storage.example.net/real/0.png"})
+        return httpx.Response(200, content=body, headers={"content-type": "image/png"})
+
+    client = WaveSpeedClient(KEY, BASE, transport=httpx.MockTransport(cdn))
+    sink = io.BytesIO()
+    assert client.download("https://cdn.example.com/out/0.png", sink) == "image/png"
+    assert sink.getvalue() == body
+
+
 def test_a_download_503_is_transient():
     client, _ = client_for(httpx.Response(503, text="busy"))
     with pytest.raises(TransientProviderError):
