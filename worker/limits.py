@@ -20,6 +20,7 @@ class Gate:
 
     wait: float
     reason: str = ""
+    probe: bool = False  # granted as the half-open breaker's one probe: use it or release_probe()
 
     @property
     def open(self) -> bool:
@@ -35,6 +36,7 @@ class Limits(Protocol):
     def release(self, token: str) -> None: ...
     def trip_breaker(self, seconds: float, reason: str) -> None: ...
     def reset_breaker(self) -> None: ...
+    def release_probe(self) -> None: ...
     def breaker_state(self) -> dict: ...
     # The submission journal: which provider task a job's submit created, written the moment the
     # provider answers, so a worker that dies before its database commit leaves a certain trace.
@@ -108,7 +110,7 @@ class RedisLimits:
         if self.r.exists(self.k_tripped):
             # Half-open: exactly one probe submission goes through; the rest wait for its outcome.
             if self.r.set(self.k_probe, "1", nx=True, px=30_000):
-                return GO
+                return Gate(0.0, "circuit breaker half-open: probe", probe=True)
             return Gate(2.0, "circuit breaker half-open: waiting for the probe submission")
         return GO
 
@@ -131,6 +133,9 @@ class RedisLimits:
         pipe.set(self.k_tripped, "1")
         pipe.delete(self.k_probe)
         pipe.execute()
+
+    def release_probe(self) -> None:
+        self.r.delete(self.k_probe)
 
     def reset_breaker(self) -> None:
         if self.r.exists(self.k_tripped) or self.r.exists(self.k_breaker):
@@ -207,7 +212,7 @@ class MemoryLimits:
                 if not self._probe_taken or now >= self._probe_until:
                     self._probe_taken = True
                     self._probe_until = now + 30.0
-                    return GO
+                    return Gate(0.0, "circuit breaker half-open: probe", probe=True)
                 return Gate(2.0, "circuit breaker half-open: waiting for the probe submission")
             return GO
 
@@ -232,6 +237,10 @@ class MemoryLimits:
             self._breaker_until = self.clock() + seconds
             self._breaker_reason = reason
             self._tripped = True
+            self._probe_taken = False
+
+    def release_probe(self) -> None:
+        with self._lock:
             self._probe_taken = False
 
     def reset_breaker(self) -> None:

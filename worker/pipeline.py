@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -90,22 +91,31 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
             return None  # early duplicate: the deferred message (or the sweep) will come back for it
 
         gate = deps.limits.check_breaker()
-        if gate.open:
-            gate = deps.limits.acquire(job_id)
-        if not gate.open:
-            # Wait in `queued`, not in a retry storm: no attempt is spent.
-            update_if(session, job_id, State.QUEUED, clock=deps.clock, next_attempt_at=now + timedelta(seconds=gate.wait))
-            session.commit()
-            log.info("submit deferred %.1fs: %s", gate.wait, gate.reason, extra=_ctx(job))
-            return Next(STEP_SUBMIT, job_id, countdown=gate.wait)
+        probe = gate.probe  # this call holds the half-open breaker's single probe
+        moved = False
+        try:
+            if gate.open:
+                gate = deps.limits.acquire(job_id)
+            if not gate.open:
+                # Wait in `queued`, not in a retry storm: no attempt is spent.
+                update_if(session, job_id, State.QUEUED, clock=deps.clock, next_attempt_at=now + timedelta(seconds=gate.wait))
+                session.commit()
+                log.info("submit deferred %.1fs: %s", gate.wait, gate.reason, extra=_ctx(job))
+                return Next(STEP_SUBMIT, job_id, countdown=gate.wait)
 
-        attempt = job.attempts + 1
-        if not transition(session, job_id, State.QUEUED, State.SUBMITTING, f"submit attempt {attempt}", clock=deps.clock,
-                          attempts=attempt, submitted_at=now, next_attempt_at=None):
-            session.rollback()
-            deps.limits.release(job_id)
-            return None
-        session.commit()
+            attempt = job.attempts + 1
+            moved = transition(session, job_id, State.QUEUED, State.SUBMITTING, f"submit attempt {attempt}", clock=deps.clock,
+                               attempts=attempt, submitted_at=now, next_attempt_at=None)
+            if not moved:
+                session.rollback()
+                deps.limits.release(job_id)
+                return None
+            session.commit()
+        finally:
+            if probe and not moved:
+                # The probe was not used (deferred, lost a race, or an error): hand it back at once,
+                # or every submission would wait for a probe that never reports.
+                deps.limits.release_probe()
         request = EditRequest(prompt=job.prompt, image=job.image_payload, size=job.size, seed=job.seed,
                               enable_base64_output=job.enable_base64_output)
 
@@ -423,13 +433,14 @@ WAKEUP_BUCKET = 0.5
 
 def poller_wakeup(deps: Deps, delay: float) -> Next | None:
     """A poll_due message due in `delay` s, unless one is already due in the same half second."""
-    due = time.time() + max(0.0, delay)
-    bucket = int(due / WAKEUP_BUCKET)
+    now = deps.clock().timestamp()
+    due = now + max(0.0, delay)
+    bucket = math.ceil(due / WAKEUP_BUCKET)  # round up: never wake before the work is due
     try:
         first = deps.limits.once(f"poll-due:{bucket}", ttl=max(delay, 0.0) + 60)
     except Exception:  # Redis down: publish anyway (duplicates are harmless, a lost wake-up is late)
         first = True
-    return Next(STEP_POLL_DUE, "", countdown=max(0.0, bucket * WAKEUP_BUCKET - time.time())) if first else None
+    return Next(STEP_POLL_DUE, "", countdown=max(0.0, bucket * WAKEUP_BUCKET - now)) if first else None
 
 
 def _safe_fetch(deps: Deps, target: PollTarget) -> Decision:

@@ -163,3 +163,19 @@ def test_an_open_breaker_pauses_polls_without_calling_the_provider(batch_deps, n
     assert report.rescheduled == 3
     assert fake_provider.calls["result"] == 0
     assert all((load(i).next_poll_at - clock.now()).total_seconds() >= 20 for i in ids)
+
+
+def test_an_unused_breaker_probe_is_handed_back_at_once(deps, new_job, clock, load):
+    """A half-open breaker grants one probe; if that job is deferred (here: the concurrency limit),
+    the probe must be released, or every submission would wait for it."""
+    deps.limits.max_concurrency = 1
+    busy = new_job(prompt="holds the only slot")
+    assert deps.limits.acquire(busy).open
+    deps.limits.trip_breaker(5, "test")
+    clock.advance(6)  # half-open now
+    waiting = new_job(prompt="takes the probe but is deferred")
+    nxt = pipeline.run_submit(deps, waiting)
+    assert nxt is not None and nxt.step == jobs.STEP_SUBMIT and load(waiting).state == "queued"
+    deps.limits.release(busy)
+    # The next submission gets the probe straight away instead of waiting ~30 s.
+    assert deps.limits.check_breaker().probe
