@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Durable WaveSpeed Dreamina V3.0 Edit jobs: Celery + S3 + SQL.")
 out = Console()
@@ -45,11 +46,11 @@ def _print_job(job, as_json: bool) -> None:
     out.print(f"[bold]{data['id']}[/]  {data['state']}")
     for key in ("prompt", "size", "seed", "idempotency_key", "prediction_id", "attempts", "created_at", "updated_at", "finished_at"):
         if data[key] is not None:
-            out.print(f"  {key}: {data[key]}", highlight=False)
+            out.print(escape(f"  {key}: {data[key]}"), highlight=False)
     for uri in data["outputs"]:
         out.print(f"  output: {uri}", highlight=False)
     if data["error"]:
-        out.print(f"  error: [{data['error']['code']}] {data['error']['message']}", highlight=False)
+        out.print(escape(f"  error: [{data['error']['code']}] {data['error']['message']}"), highlight=False)
 
 
 def _guard(fn):
@@ -87,15 +88,58 @@ def migrate(
 
 @app.command(context_settings=PASSTHROUGH)
 def worker(ctx: typer.Context) -> None:
-    """Run a Celery worker (any `celery worker` option may follow, e.g. --concurrency 8)."""
+    """Run a Celery worker (any `celery worker` option may follow, e.g. --concurrency 8).
+
+    The worker runs supervised: if Celery exits on its own (e.g. kombu's Redis transport can raise
+    an unrecoverable error while restoring unacked messages when Redis restarts, and exit 0), it is
+    started again. A stop signal (TERM/INT/QUIT) is passed on and ends the supervisor too.
+    EDIT_WORKER_SUPERVISE=0 runs Celery in this process instead."""
+    args = list(ctx.args)
+    if os.environ.get("EDIT_WORKER_SUPERVISE", "1") != "0" and not os.environ.get("_EDIT_WORKER_SUPERVISED"):
+        env = {**os.environ, "_EDIT_WORKER_SUPERVISED": "1"}
+        raise typer.Exit(_supervise([sys.executable, "-m", "worker.cli", "worker", *args], env))
     from .celery_app import QUEUE, app as celery
 
-    args = list(ctx.args)
     if not any(a in ("-Q", "--queues") or a.startswith("--queues=") for a in args):
         args += ["-Q", QUEUE]
     if not any(a.startswith(("-l", "--loglevel")) for a in args):
         args += ["--loglevel", "INFO"]
     celery.worker_main(["worker", *args])
+
+
+def _supervise(argv: list[str], env: dict[str, str], *, max_restarts: int = 20, window: float = 300.0) -> int:
+    """Run argv; restart it whenever it exits without having been told to stop (bounded: more than
+    `max_restarts` within `window` seconds means something is really wrong — give up)."""
+    import signal
+    import subprocess
+    from collections import deque
+
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, forward)
+    restarts: deque[float] = deque()
+    while True:
+        child = subprocess.Popen(argv, env=env)
+        code = child.wait()
+        if stopping:
+            return code
+        now = time.monotonic()
+        restarts.append(now)
+        while restarts and restarts[0] < now - window:
+            restarts.popleft()
+        if len(restarts) > max_restarts:
+            err.print(f"edit-worker worker: Celery exited {len(restarts)} times in {window:.0f}s; giving up (code {code})")
+            return code or 1
+        err.print(f"edit-worker worker: Celery exited on its own (code {code}); restarting", highlight=False)
+        time.sleep(1.0)
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -206,7 +250,7 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json"), events: b
         from .db import session_factory
 
         for e in job_events(session_factory(_settings().database_url), job_id):
-            out.print(f"  {e.at:%Y-%m-%d %H:%M:%S} {e.from_state or '-'} -> {e.to_state}: {e.reason}", highlight=False)
+            out.print(escape(f"  {e.at:%Y-%m-%d %H:%M:%S} {e.from_state or '-'} -> {e.to_state}: {e.reason}"), highlight=False)
 
 
 @app.command("list")
@@ -230,7 +274,7 @@ def list_(
     table = Table("id", "state", "prompt", "attempts", "outputs / error")
     for job in jobs:
         detail = ", ".join(job.outputs or []) or (f"[{job.error_code}] {job.error_message}" if job.error_code else "")
-        table.add_row(job.id, job.state, job.prompt[:40], str(job.attempts), detail)
+        table.add_row(job.id, job.state, escape(job.prompt[:40]), str(job.attempts), escape(detail))
     out.print(table)
 
 

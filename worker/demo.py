@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -134,7 +135,7 @@ def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, consol
             job = final.get(job_id) or get_job(sessions, job_id)
             if job.state != "succeeded":
                 ok = False
-                reason = f"[{job.error_code}] {job.error_message}" if job.error_code else "did not finish in time"
+                reason = escape(f"[{job.error_code}] {job.error_message}") if job.error_code else "did not finish in time"
                 table.add_row(job_id, f"[red]{job.state}[/]", reason, "")
                 continue
             for uri in job.outputs:
