@@ -292,7 +292,12 @@ def create_app(
         prediction_id = webhooks.prediction_id_of(body)
         # The database work blocks: run it in the thread pool like the sync handlers.
         nudge = await run_in_threadpool(webhooks.nudge_poll, sessions, get_publisher, prediction_id)
-        log.info("webhook for prediction %s: %s", prediction_id, nudge.outcome, extra={"job_id": nudge.job_id})
+        outcome = nudge.outcome
+        job_hint = webhooks.job_from_url(secret, request.query_params)
+        if outcome == "unknown_prediction" and job_hint:
+            # The job's own URL (token checked): settles a submit whose answer never arrived.
+            outcome = await run_in_threadpool(reconciler.adopt_from_webhook, deps_factory(), job_hint, prediction_id)
+        log.info("webhook for prediction %s: %s", prediction_id, outcome, extra={"job_id": nudge.job_id or job_hint})
         # 200 also for predictions we do not know, or the provider would redeliver forever.
         return JSONResponse({"ok": True})
 

@@ -164,10 +164,14 @@ def sandbox(ctx: typer.Context) -> None:
 @app.command()
 def api(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000)) -> None:
     """The HTTP API: submit, status, list, cancel, retry, webhook receiver, metrics."""
+    import logging
+
     import uvicorn
 
+    from . import logs
     from .api import create_app
 
+    logs.install(logging.getLogger("worker"), level=logging.INFO)
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
 

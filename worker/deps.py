@@ -55,7 +55,6 @@ def make_provider(settings: Settings, transport: httpx.BaseTransport | None = No
         settings.wavespeed_base_url,
         transport=transport,
         timeout=httpx.Timeout(settings.http_timeout, connect=settings.http_connect_timeout),
-        webhook_url=settings.webhook_url,
     )
 
 

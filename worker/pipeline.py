@@ -119,9 +119,16 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
         request = EditRequest(prompt=job.prompt, image=job.image_payload, size=job.size, seed=job.seed,
                               enable_base64_output=job.enable_base64_output)
 
+    webhook = None
+    if s.webhook_url and s.webhook_secret:
+        # A per-job URL: when the provider calls it, the task is certainly this job's — the one
+        # way to settle an ambiguous submit that the provider's task list cannot.
+        from .webhooks import job_webhook_url
+
+        webhook = job_webhook_url(s.webhook_url, s.webhook_secret, job_id)
     crashpoint("before_submit")
     try:
-        prediction = deps.provider.submit(request)
+        prediction = deps.provider.submit(request, webhook=webhook)
     except AmbiguousSubmitError as exc:
         # The provider may have created (and will bill) a task. Never resubmit blindly: leave the job
         # in `submitting`; the reconciler looks the task up and decides.

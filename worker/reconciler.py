@@ -207,6 +207,24 @@ def _adopt(deps: Deps, job: Job, prediction_id: str, why: str) -> str:
     return "adopted" if nxt else "gone"
 
 
+def adopt_from_webhook(deps: Deps, job_id: str, prediction_id: str) -> str:
+    """The provider called this job's own webhook URL (token checked) about `prediction_id`: the task
+    is certainly this job's. Adopt it if the job is still waiting in `submitting` without one."""
+    from .jobs import get_job
+    from .errors import JobNotFound
+
+    try:
+        job = get_job(deps.sessions, job_id)
+    except JobNotFound:
+        return "unknown_job"
+    if job.state != State.SUBMITTING.value or job.prediction_id:
+        return "not_submitting"
+    with deps.sessions() as session:
+        if session.scalar(select(Job.id).where(Job.prediction_id == prediction_id)):
+            return "claimed_elsewhere"
+    return _adopt(deps, job, prediction_id, "named by the provider's webhook for this job")
+
+
 def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, resubmit: bool = False) -> str:
     """The operator's answer for a submit the reconciler could not settle."""
     from .errors import InvalidJobOperation

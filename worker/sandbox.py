@@ -67,6 +67,7 @@ class SandboxConfig:
     outage: bool = False            # every non-admin endpoint answers 503 with an HTML body
     auth_failure: bool = False      # every provider endpoint answers 401 (as with a revoked key)
     seed: int | None = None         # RNG seed for the injected-fault draws
+    webhook_secret: str | None = None  # signs webhook calls (`?webhook=URL` on submit); None: none sent
 
 
 _RATE_FIELDS = ("fail_rate", "submit_error_rate", "result_error_rate", "slow_submit_rate", "download_fail_rate")
@@ -112,6 +113,7 @@ def _public_config(config: SandboxConfig) -> dict[str, Any]:
     body = dataclasses.asdict(config)
     # The key is a secret even in a sandbox: say whether one is set, never what it is.
     body["api_key"] = "<redacted>" if config.api_key is not None else None
+    body["webhook_secret"] = "<redacted>" if config.webhook_secret is not None else None
     return body
 
 
@@ -153,6 +155,7 @@ class _Counters:
         self.downloads = 0
         self.cancels = 0
         self.list_requests = 0
+        self.webhooks = 0
 
 
 class _PngCache:
@@ -213,6 +216,7 @@ class SandboxState:
         self._seq = 0
         self.counters = _Counters()
         self.pngs = _PngCache()
+        self._webhooks: set[asyncio.Task] = set()
 
     def reset(self) -> None:
         self.tasks.clear()
@@ -272,6 +276,36 @@ class SandboxState:
         ):
             old = self._order.popleft()
             self.tasks.pop(old.id, None)
+
+    def schedule_webhook(self, task: _Task, url: str, base_url: str) -> None:
+        """Like the provider: when the task ends, POST it to `url`, signed (webhook-id,
+        webhook-timestamp, webhook-signature: v3,HMAC-SHA256(secret sans whsec_, "id.ts.body"))."""
+        job = asyncio.get_running_loop().create_task(self._deliver_webhook(task, url, base_url, self.config.webhook_secret or ""))
+        self._webhooks.add(job)
+        job.add_done_callback(self._webhooks.discard)
+
+    async def _deliver_webhook(self, task: _Task, url: str, base_url: str, secret: str) -> None:
+        import httpx
+
+        wait = task.submitted_at + task.latency - self.clock()
+        if wait > 0:
+            await self.sleep(wait)
+        body = json.dumps(await self.prediction(task, base_url)).encode()
+        key = (secret[len("whsec_"):] if secret.startswith("whsec_") else secret).encode()
+        for attempt in range(3):
+            webhook_id, timestamp = uuid.uuid4().hex, str(int(time.time()))
+            signature = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+            headers = {"content-type": "application/json", "webhook-id": webhook_id, "webhook-timestamp": timestamp,
+                       "webhook-signature": f"v3,{signature}"}
+            try:
+                async with httpx.AsyncClient(timeout=5.0) as client:
+                    response = await client.post(url, content=body, headers=headers)
+                if response.status_code < 500:
+                    self.counters.webhooks += 1
+                    return
+            except httpx.HTTPError:
+                pass
+            await self.sleep(1.0 + attempt)
 
     async def prediction(self, task: _Task, base_url: str, *, status: str | None = None) -> dict[str, Any]:
         status = status or task.status(self.clock())
@@ -532,6 +566,9 @@ def create_app(
         else:
             # Snapshot at creation: a slow submit is a response delayed in transit, not a later answer.
             answer = await state.prediction(task, base_url, status="created")
+        webhook = request.query_params.get("webhook")
+        if webhook and cfg.webhook_secret and webhook.startswith(("http://", "https://")):
+            state.schedule_webhook(task, webhook, base_url)
         if slow:
             await state.sleep(cfg.slow_submit_seconds)
         return _ok(answer)
@@ -623,6 +660,7 @@ def create_app(
             "downloads": counters.downloads,
             "cancels": counters.cancels,
             "list_requests": counters.list_requests,
+            "webhooks": counters.webhooks,
             "tasks": [
                 {
                     "id": task.id,
@@ -708,6 +746,7 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--slow-submit-seconds", "slow_submit_seconds", float, "delay of a slow submit"),
     ("--download-fail-rate", "download_fail_rate", float, "fraction of output downloads answered 503"),
     ("--seed", "seed", int, "RNG seed for injected faults"),
+    ("--webhook-secret", "webhook_secret", str, "sign webhook calls with this secret (prefer the env var)"),
 ]
 
 

@@ -169,7 +169,6 @@ class WaveSpeedClient:
         transport: httpx.BaseTransport | None = None,
         timeout: httpx.Timeout | float = httpx.Timeout(60.0, connect=10.0),
         max_connections: int = 100,
-        webhook_url: str | None = None,
     ):
         key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
         self._secret = key or ""
@@ -177,7 +176,6 @@ class WaveSpeedClient:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.Client(transport=transport, timeout=timeout, limits=limits, follow_redirects=False)
         self._auth_headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
-        self.webhook_url = webhook_url
 
     def __repr__(self) -> str:
         return f"WaveSpeedClient(base_url={self.base_url!r}, api_key={'***' if self._secret else None})"
@@ -193,10 +191,11 @@ class WaveSpeedClient:
 
     # --- API calls -------------------------------------------------------------------------
 
-    def submit(self, request: EditRequest) -> Prediction:
-        """POST the task. A timeout or reset *after sending* raises AmbiguousSubmitError: the provider
-        may have created (and will bill) the task, and there is no idempotency key to ask with."""
-        params = {"webhook": self.webhook_url} if self.webhook_url else None
+    def submit(self, request: EditRequest, *, webhook: str | None = None) -> Prediction:
+        """POST the task (with `?webhook=URL` when given). A timeout or reset *after sending* raises
+        AmbiguousSubmitError: the provider may have created (and will bill) the task, and there is
+        no idempotency key to ask with."""
+        params = {"webhook": webhook} if webhook else None
         response = self._call("POST", SUBMIT_PATH, json=request.to_json(), params=params, ambiguous=True)
         return self._prediction(self._data(response))
 

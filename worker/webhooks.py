@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+from urllib.parse import urlencode
 
 from pydantic import SecretStr
 from sqlalchemy import select
@@ -142,3 +143,22 @@ def nudge_poll(
         return Nudge("publish_failed", job_id, seq)
     log.info("webhook: poll published", extra={"job_id": job_id, "prediction_id": prediction_id})
     return Nudge("polled", job_id, seq)
+
+
+def job_token(secret: SecretStr, job_id: str) -> str:
+    """A per-job tag for the webhook URL: only we (holding the secret) can make it, so a webhook
+    that arrives on a job's URL with a valid token was requested by that job's submit."""
+    return hmac.new(_hmac_key(secret), f"job:{job_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def job_webhook_url(base_url: str, secret: SecretStr, job_id: str) -> str:
+    separator = "&" if "?" in base_url else "?"
+    return f"{base_url}{separator}{urlencode({'job_id': job_id, 'token': job_token(secret, job_id)})}"
+
+
+def job_from_url(secret: SecretStr, query: Mapping[str, str]) -> str | None:
+    """The job a webhook URL names, if its token is ours."""
+    job_id, token = query.get("job_id"), query.get("token")
+    if not job_id or not token or not hmac.compare_digest(token, job_token(secret, job_id)):
+        return None
+    return job_id
