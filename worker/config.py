@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # (FOR UPDATE SKIP LOCKED) and polls them concurrently over the process's one HTTP client —
     # no message per poll, thousands in flight per worker. "task": each job chains its own poll
     # message with a countdown. Both are non-blocking; bench/RESULTS.md compares them.
-    poll_mode: Literal["batch", "task"] = Field(default="task", validation_alias=_env("EDIT_WORKER_POLL_MODE"))
+    poll_mode: Literal["batch", "task"] = Field(default="batch", validation_alias=_env("EDIT_WORKER_POLL_MODE"))
     poll_batch_size: int = Field(default=500, ge=1, validation_alias=_env("EDIT_WORKER_POLL_BATCH_SIZE"))
     poll_threads: int = Field(default=32, ge=1, validation_alias=_env("EDIT_WORKER_POLL_THREADS"))
     # Transient-error backoff (full jitter): base * 2**attempt capped at max.
