@@ -31,7 +31,9 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_retry=True,
         broker_connection_max_retries=None,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # False on purpose: a submit cut off mid-call has been billed but not recorded. Every step is
+        # safe to run twice (compare-and-set on the row), so finishing it beats cancelling it.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_serializer="json",
         accept_content=["json"],
         event_serializer="json",

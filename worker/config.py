@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     poll_mode: Literal["batch", "task"] = Field(default="batch", validation_alias=_env("EDIT_WORKER_POLL_MODE"))
     poll_batch_size: int = Field(default=500, ge=1, validation_alias=_env("EDIT_WORKER_POLL_BATCH_SIZE"))
     poll_threads: int = Field(default=32, ge=1, validation_alias=_env("EDIT_WORKER_POLL_THREADS"))
+    # A claimed job's next_poll_at moves this far ahead: if its poller dies mid-batch the job is due
+    # again after the lease and another poller takes it (none forgotten, none polled twice at once).
+    poll_lease_seconds: float = Field(default=30.0, gt=0, validation_alias=_env("EDIT_WORKER_POLL_LEASE_SECONDS"))
     # Transient-error backoff (full jitter): base * 2**attempt capped at max.
     backoff_base: float = Field(default=2.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_BASE"))
     backoff_max: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_MAX"))

@@ -150,6 +150,8 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
     except TransientProviderError as exc:
         # The provider answered an error or was not reached: provably no task, so retry later.
         deps.limits.release(job_id)
+        if probe:
+            deps.limits.release_probe()  # the next submit probes again (or the failure re-trips the breaker)
         _note_failure(deps, exc)
         wait = compute_backoff(attempt - 1, base=s.backoff_base, maximum=s.backoff_max, retry_after=exc.retry_after, rng=deps.rng)
         with deps.sessions() as session:
@@ -161,6 +163,8 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
         return Next(STEP_SUBMIT, job_id, countdown=wait)
     except PermanentProviderError as exc:
         deps.limits.release(job_id)
+        if probe:
+            deps.limits.release_probe()
         with deps.sessions() as session:
             transition(session, job_id, State.SUBMITTING, State.FAILED, f"provider refused the job: {exc}", clock=deps.clock,
                        error_code=str(exc.code or "rejected"), error_message=exc.message)
@@ -168,9 +172,13 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
         return None
 
     crashpoint("after_submit")
-    deps.limits.record_success()
-    deps.limits.reset_breaker()
-    return record_submission(deps, job_id, prediction)
+    nxt = record_submission(deps, job_id, prediction)  # first: the paid task must be on record
+    try:
+        deps.limits.record_success()
+        deps.limits.reset_breaker()
+    except Exception as exc:  # Redis down: the breaker state catches up on the next call
+        log.warning("could not update the breaker after a submit: %s", type(exc).__name__, extra={"job_id": job_id})
+    return nxt
 
 
 def _note_failure(deps: Deps, exc: TransientProviderError) -> None:
@@ -339,9 +347,6 @@ def run_poll(deps: Deps, job_id: str, poll_seq: int | None) -> Next | None:
 # --- batch polling ----------------------------------------------------------------------------
 
 STEP_POLL_DUE = "poll_due"
-# A claimed job's next_poll_at moves this far ahead: if the poller dies mid-batch the job is due
-# again after the lease, and another poller takes it (no job is forgotten, none polled twice at once).
-POLL_LEASE = timedelta(seconds=30)
 
 
 @dataclass
@@ -363,7 +368,7 @@ def claim_due(deps: Deps, limit: int) -> list[tuple[PollTarget, datetime]]:
            .order_by(Job.next_poll_at).limit(limit).with_for_update(skip_locked=True))
     stmt = (update(Job)
             .where(Job.id.in_(due.scalar_subquery()), Job.state == State.PROCESSING.value, Job.next_poll_at <= now)
-            .values(poll_seq=Job.poll_seq + 1, next_poll_at=now + POLL_LEASE, updated_at=now)
+            .values(poll_seq=Job.poll_seq + 1, next_poll_at=now + timedelta(seconds=deps.settings.poll_lease_seconds), updated_at=now)
             .returning(Job.id, Job.poll_seq, Job.prediction_id, Job.deadline_at)
             .execution_options(synchronize_session=False))
     with deps.sessions() as session:

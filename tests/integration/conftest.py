@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+from botocore.config import Config as BotoConfig
 import httpx
 import pytest
 import redis as redis_lib
@@ -54,6 +56,7 @@ class Stack:
 def stack(tmp_path_factory) -> Stack:
     workdir = tmp_path_factory.mktemp("stack")
     started: list[local.Service] = []
+    postgres = None
     try:
         redis = local.redis(workdir / "redis").start()
         started.append(redis)
@@ -71,7 +74,22 @@ def stack(tmp_path_factory) -> Stack:
         yield Stack(workdir, redis, s3, sandbox, postgres, admin)
     finally:
         for service in reversed(started):
-            service.stop()
+            if service is postgres:
+                stop_postgres_fast(service)
+            else:
+                service.stop()
+
+
+def stop_postgres_fast(service: local.Service, timeout: float = 30.0) -> None:
+    """PostgreSQL's "fast" shutdown (SIGINT): a plain stop (SIGTERM, "smart") waits for every client
+    to disconnect, and pooled connections never do — it would sit out its timeout, then SIGKILL."""
+    if not service.running:
+        return
+    service.signal(signal.SIGINT)
+    try:
+        service.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        service.kill()
 
 
 def _wait_for_postgres(url: str, timeout: float = 30.0) -> None:
@@ -101,6 +119,12 @@ class Cluster:
     settings: Settings
     workdir: Path
     processes: list[local.Service] = field(default_factory=list)
+    # A per-test S3 server (the `persistent_s3` marker) instead of the stack's moto server.
+    s3_service: local.Service | None = None
+
+    @property
+    def s3_url(self) -> str:
+        return self.env["S3_ENDPOINT_URL"]
 
     # --- processes ---
     def start_worker(self, name: str | None = None, concurrency: int = 2, **env) -> local.Service:
@@ -165,7 +189,8 @@ class Cluster:
         return httpx.put(f"{self.stack.sandbox_url}/_sandbox/config", json=changes, timeout=10).json()
 
     def s3_client(self):
-        return boto3.client("s3", endpoint_url=self.stack.s3_url, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
+        return boto3.client("s3", endpoint_url=self.s3_url, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1",
+                            config=BotoConfig(s3={"addressing_style": "path"}))
 
     def assert_outputs_byte_equal(self, job) -> int:
         """Every output of a succeeded job is in S3 and byte-equal to what the provider serves."""
@@ -197,10 +222,58 @@ class Cluster:
         assert not duplicates, f"prompts submitted more than once: {duplicates}"
         assert stats["submissions"] == len(jobs), (stats["submissions"], len(jobs))
 
+    # --- helpers for the fault tests ---
+    def redis(self) -> redis_lib.Redis:
+        return redis_lib.Redis.from_url(self.env["CELERY_BROKER_URL"], decode_responses=True, socket_timeout=5)
+
+    def states(self) -> dict[str, int]:
+        hist: dict[str, int] = {}
+        for job in self.jobs():
+            hist[job.state] = hist.get(job.state, 0) + 1
+        return hist
+
+    def wait_until(self, predicate, timeout: float = 60.0, what: str = "condition", poll: float = 0.2):
+        """Poll `predicate()` until it returns something truthy (returned); fail with `what` and the logs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
+            time.sleep(poll)
+
+    def wait_for_log(self, service: local.Service, text: str, timeout: float = 60.0) -> None:
+        self.wait_until(lambda: text in service.log_tail(10**7), timeout, f"{text!r} in {service.name}'s log", poll=0.1)
+
+    def logs(self, chars: int = 3000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.log_tail(chars)}" for p in self.processes)
+
+    def all_logs(self) -> str:
+        return "\n".join(p.log_tail(10**8) for p in self.processes)
+
+    def events(self, job_id: str) -> list[tuple[str | None, str, str]]:
+        from sqlalchemy import select
+
+        from models import JobEvent
+
+        with self.sessions()() as session:
+            rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+            return [(e.from_state, e.to_state, e.reason) for e in rows]
+
     def stop(self) -> None:
+        # Ask every process to stop at once, then wait for each (a SIGKILL after 15 s).
         for process in reversed(self.processes):
-            process.stop()
+            process.signal(signal.SIGTERM)
+        for process in reversed(self.processes):
+            if process.running:
+                try:
+                    process.process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
         self.processes.clear()
+        if self.s3_service is not None:
+            self.s3_service.stop()
 
 
 @pytest.fixture
@@ -231,23 +304,32 @@ def cluster(stack: Stack, tmp_path, request) -> Cluster:
         "EDIT_WORKER_BACKOFF_BASE": "0.5",
         "EDIT_WORKER_BACKOFF_MAX": "4",
         "EDIT_WORKER_BREAKER_OPEN_SECONDS": "3",
+        "EDIT_WORKER_POLL_LEASE_SECONDS": "8",
         "PYTHONUNBUFFERED": "1",
     }
     for marker in request.node.iter_markers("worker_env"):
         env.update(marker.kwargs)
+    s3_service = None
+    if request.node.get_closest_marker("persistent_s3"):
+        # rclone's S3 server over a directory of this test: objects survive a stop/start.
+        s3_service = local.s3_persistent(tmp_path / "s3-persistent").start()
+        env["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{s3_service.port}"
     settings = Settings(**{k.lower(): v for k, v in env.items() if k.isupper() and k.lower() in _SETTING_ALIASES})
     from worker.db import migrate
     from worker.storage import Storage
 
-    migrate(settings.database_url)
-    Storage.from_settings(settings).ensure_bucket()
-    c = Cluster(stack, name, env, settings, tmp_path)
-    yield c
-    c.stop()
+    c = Cluster(stack, name, env, settings, tmp_path, s3_service=s3_service)
+    try:
+        migrate(settings.database_url)
+        Storage.from_settings(settings).ensure_bucket()
+        yield c
+    finally:
+        c.stop()
 
 
 DEFAULT_SANDBOX = {"latency": 1.0, "fail_rate": 0.0, "submit_error_rate": 0.0, "result_error_rate": 0.0,
-                   "slow_submit_rate": 0.0, "download_fail_rate": 0.0, "outage": False, "auth_failure": False}
+                   "slow_submit_rate": 0.0, "download_fail_rate": 0.0, "outage": False, "auth_failure": False,
+                   "submit_error_status": 500, "slow_submit_seconds": 30.0}
 
 
 def _aliases() -> set[str]:
@@ -273,3 +355,4 @@ def sample_image(tmp_path) -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "worker_env(**env): extra environment for the cluster's processes")
+    config.addinivalue_line("markers", "persistent_s3: give the cluster its own S3 server (rclone) that keeps objects across a restart")

@@ -102,7 +102,7 @@ def test_a_claimed_job_is_not_claimed_again_until_its_lease_passes(batch_deps, n
     # The poller "dies" here: nothing is applied. Another poller finds nothing due...
     assert pipeline.claim_due(batch_deps, 10) == []
     # ...until the lease passes; then the jobs are claimed again with a newer poll_seq.
-    clock.advance(pipeline.POLL_LEASE.total_seconds())
+    clock.advance(batch_deps.settings.poll_lease_seconds)
     second = pipeline.claim_due(batch_deps, 10)
     assert sorted(t.job_id for t, _ in second) == sorted(ids)
     assert all(b.seq == a.seq + 1 for (a, _), (b, _) in zip(sorted(first, key=lambda x: x[0].job_id), sorted(second, key=lambda x: x[0].job_id)))
@@ -112,7 +112,7 @@ def test_a_stale_pollers_outcome_is_discarded(batch_deps, new_job, clock, load, 
     [job_id] = _processing(batch_deps, new_job, 1)
     clock.advance(batch_deps.settings.first_poll_delay)
     [(stale, _)] = pipeline.claim_due(batch_deps, 10)
-    clock.advance(pipeline.POLL_LEASE.total_seconds())
+    clock.advance(batch_deps.settings.poll_lease_seconds)
     [(fresh, _)] = pipeline.claim_due(batch_deps, 10)
     # The first poller comes back late with "completed": its CAS on poll_seq fails.
     decision = pipeline.fetch_and_decide(batch_deps, stale.prediction_id)
