@@ -57,6 +57,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from worker import local  # noqa: E402
+from worker.config import settings_from_env  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 NEEDS_OPERATOR = "ambiguous_submit_needs_operator"
@@ -115,7 +116,7 @@ class Stack:
         self.sandbox = local.sandbox(self.workdir, latency=1.0, extra_args=["--seed", str(self.seed)]).start()
         self.postgres = local.postgres(self.pgdir).start()
         admin = self.postgres.extra["url"]
-        wait_for_database(admin)
+        local.wait_for_database(admin)
         db_url = local.create_database(admin, "chaos")
         bucket = "chaos-soak"
         self.env = {
@@ -147,7 +148,7 @@ class Stack:
             api_port = local.free_port()
             self.env["WAVESPEED_WEBHOOK_SECRET"] = WEBHOOK_SECRET
             self.env["EDIT_WORKER_WEBHOOK_URL"] = f"http://127.0.0.1:{api_port}/webhooks/wavespeed"
-        self.settings = make_settings(self.env)
+        self.settings = settings_from_env(self.env)
         from worker.db import migrate
         from worker.storage import Storage
 
@@ -191,35 +192,6 @@ class Stack:
                         service.kill()
                     except Exception:
                         pass
-
-
-def make_settings(env: dict[str, str]):
-    from worker.config import Settings
-
-    names = set()
-    for info in Settings.model_fields.values():
-        for choice in getattr(info.validation_alias, "choices", []):
-            names.add(str(choice).lower())
-    return Settings(_env_file=None, **{k.lower(): v for k, v in env.items() if k.isupper() and k.lower() in names})
-
-
-def wait_for_database(url: str, timeout: float = 30.0) -> None:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(url)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                with engine.connect() as conn:
-                    conn.execute(text("SELECT 1"))
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-    finally:
-        engine.dispose()
 
 
 # --- faults ------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from worker import local  # noqa: E402
+from worker.config import settings_from_env  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STATES = ("queued", "submitting", "processing", "uploading", "succeeded", "failed", "cancelled")
@@ -132,7 +133,7 @@ class Stack:
                 self.services.remove(service)
                 continue
             self.pg_port = service.port
-            _wait_for_postgres(self.pg_url())
+            local.wait_for_database(self.pg_url())
             break
         import psycopg
 
@@ -155,21 +156,6 @@ class Stack:
                 log(f"stopping {service.name} failed: {exc}")
         if self.postgres is not None:
             shutil.rmtree(self.postgres.log_path.parent, ignore_errors=True)
-
-
-def _wait_for_postgres(url: str, timeout: float = 30.0) -> None:
-    import psycopg
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with psycopg.connect(url.replace("+psycopg", ""), connect_timeout=2) as conn:
-                conn.execute("SELECT 1")
-            return
-        except psycopg.Error:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def _wait_for_log(service: local.Service, needle: str, timeout: float = 60.0) -> None:
@@ -445,16 +431,6 @@ def base_env(stack: Stack, args, bucket: str) -> dict[str, str]:
         key, _, value = item.partition("=")
         env[key] = value
     return env
-
-
-def settings_from_env(env: dict[str, str]):
-    from worker.config import Settings
-
-    names = set()
-    for info in Settings.model_fields.values():
-        for choice in getattr(info.validation_alias, "choices", []):
-            names.add(str(choice).lower())
-    return Settings(_env_file=None, **{k.lower(): v for k, v in env.items() if k.isupper() and k.lower() in names})
 
 
 # --- profiling ---------------------------------------------------------------------------------

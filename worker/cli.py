@@ -266,7 +266,6 @@ def list_(
     """List jobs, newest first."""
     from .db import session_factory
     from .jobs import list_jobs, to_json
-    from .states import State
 
     st = _parse_state(state)
     jobs = list_jobs(session_factory(_settings().database_url), state=st, limit=limit)
@@ -337,7 +336,6 @@ def retry(
     """Replay failed jobs (the dead-letter set) from the furthest step already paid for."""
     from .deps import build_deps
     from .pipeline import retry_job
-    from .reconciler import relay_outbox
 
     deps = build_deps()
     if job_id and (all_failed or error_code or since):

@@ -96,3 +96,11 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings; tests build their own `Settings(...)` and pass it explicitly."""
     return Settings()
+
+
+def settings_from_env(env: dict[str, str]) -> Settings:
+    """Settings built from an explicit environment mapping (for a child process's env, in tests,
+    benchmarks and the demo), ignoring this process's environment and any .env file."""
+    names = {str(choice).lower() for info in Settings.model_fields.values()
+             for choice in getattr(info.validation_alias, "choices", [])}
+    return Settings(_env_file=None, **{k.lower(): v for k, v in env.items() if k.isupper() and k.lower() in names})

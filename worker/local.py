@@ -194,6 +194,26 @@ def postgres(workdir: Path, port: int | None = None) -> Service:
     return service
 
 
+def wait_for_database(url: str, timeout: float = 30.0) -> None:
+    """Block until `SELECT 1` answers on `url` (a freshly started PostgreSQL takes a moment)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
 def create_database(admin_url: str, name: str) -> str:
     """CREATE DATABASE name (dropping an old one); returns its URL."""
     from sqlalchemy import create_engine, text

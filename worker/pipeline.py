@@ -35,7 +35,6 @@ from .errors import (
     PermanentProviderError,
     ProviderAuthError,
     ProviderError,
-    StorageError,
     TransientProviderError,
 )
 from .jobs import STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, add_outbox, transition, update_if

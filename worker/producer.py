@@ -15,7 +15,7 @@ from models import Job
 from .config import Settings, get_settings
 from .db import session_factory
 from .errors import EditWorkerError, InvalidInput
-from .jobs import NewJob, STEP_SUBMIT, create_jobs, get_job as _get_job, mark_sent, pending_outbox
+from .jobs import NewJob, create_jobs, get_job as _get_job, mark_sent, pending_outbox
 from .validation import load_image, validate_prompt, validate_seed, validate_size
 
 log = logging.getLogger(__name__)

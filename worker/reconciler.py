@@ -17,7 +17,7 @@ from models import Job, Outbox
 from .deps import Deps
 from .errors import ProviderError
 from .jobs import STEP_FOR_STATE, STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, mark_sent, pending_outbox, transition, update_if
-from .pipeline import ERR_AMBIGUOUS, ERR_DEADLINE, Next, poller_wakeup, record_submission, schedule
+from .pipeline import ERR_DEADLINE, Next, poller_wakeup, record_submission, schedule
 from .states import ACTIVE, State
 from .wavespeed import MODEL, Prediction, PredictionStatus
 

@@ -8,7 +8,6 @@ server instead of starting one.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 import redis as redis_lib
 
 from worker import local
-from worker.config import Settings
+from worker.config import Settings, settings_from_env
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +69,7 @@ def stack(tmp_path_factory) -> Stack:
             postgres = local.postgres(Path("/tmp") / f"edit-worker-pg-{uuid.uuid4().hex[:8]}").start()
             started.append(postgres)
             admin = postgres.extra["url"]
-            _wait_for_postgres(admin)
+            local.wait_for_database(admin)
         yield Stack(workdir, redis, s3, sandbox, postgres, admin)
     finally:
         for service in reversed(started):
@@ -90,23 +89,6 @@ def stop_postgres_fast(service: local.Service, timeout: float = 30.0) -> None:
         service.process.wait(timeout)
     except subprocess.TimeoutExpired:
         service.kill()
-
-
-def _wait_for_postgres(url: str, timeout: float = 30.0) -> None:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(url)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            engine.dispose()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @dataclass
@@ -314,7 +296,7 @@ def cluster(stack: Stack, tmp_path, request) -> Cluster:
         # rclone's S3 server over a directory of this test: objects survive a stop/start.
         s3_service = local.s3_persistent(tmp_path / "s3-persistent").start()
         env["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{s3_service.port}"
-    settings = Settings(**{k.lower(): v for k, v in env.items() if k.isupper() and k.lower() in _SETTING_ALIASES})
+    settings = settings_from_env(env)
     from worker.db import migrate
     from worker.storage import Storage
 
@@ -332,16 +314,6 @@ DEFAULT_SANDBOX = {"latency": 1.0, "fail_rate": 0.0, "submit_error_rate": 0.0, "
                    "submit_error_status": 500, "slow_submit_seconds": 30.0}
 
 
-def _aliases() -> set[str]:
-    names = set()
-    for field_info in Settings.model_fields.values():
-        alias = field_info.validation_alias
-        for choice in getattr(alias, "choices", []):
-            names.add(str(choice).lower())
-    return names
-
-
-_SETTING_ALIASES = _aliases()
 
 
 @pytest.fixture
