@@ -13,7 +13,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from . import local
 
@@ -129,21 +128,23 @@ def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, consol
                 progress.update(bar, completed=len(final), description="editing: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
                 time.sleep(0.3)
 
-        table = Table("job", "state", "output in S3", "local copy")
+        lines: list[str] = []
         ok = True
         for job_id in submitted:
             job = final.get(job_id) or get_job(sessions, job_id)
             if job.state != "succeeded":
                 ok = False
                 reason = escape(f"[{job.error_code}] {job.error_message}") if job.error_code else "did not finish in time"
-                table.add_row(job_id, f"[red]{job.state}[/]", reason, "")
+                lines.append(f"[red]✗[/] {job_id} [red]{job.state}[/] {reason}")
                 continue
             for uri in job.outputs:
                 key = uri.split("/", 3)[3]
                 copy = results / f"{job_id}-{Path(key).name}"
                 copy.write_bytes(storage.get_bytes(key))
-                table.add_row(job_id, "[green]succeeded[/]", uri, str(copy.relative_to(Path.cwd()) if copy.is_relative_to(Path.cwd()) else copy))
-        console.print(table)
+                shown = copy.relative_to(Path.cwd()) if copy.is_relative_to(Path.cwd()) else copy
+                lines.append(f"[green]✓[/] {job_id} [green]succeeded[/]\n    {uri}\n    local copy: {shown}")
+        for line in lines:
+            console.print(line, highlight=False, soft_wrap=True)
         if ok:
             console.print(f"[bold green]all {len(submitted)} job(s) succeeded.[/] Outputs are in s3://{settings.s3_bucket}/{settings.s3_prefix}/ "
                           f"on {settings.s3_endpoint_url or 'AWS'}; local copies in {results}", highlight=False)
