@@ -14,7 +14,9 @@ import time
 
 import pytest
 
-from .conftest import _wait_for_postgres, stop_postgres_fast
+from worker import local
+
+from .conftest import stop_postgres_fast
 
 pytestmark = pytest.mark.integration
 
@@ -251,7 +253,7 @@ def test_postgres_stopped_and_started_mid_run(cluster, sample_image, stack):
     finally:
         if not stack.postgres.running:
             stack.postgres.start()
-        _wait_for_postgres(stack.pg_admin_url)
+        local.wait_for_database(stack.pg_admin_url)
 
     finish_all_succeeded(cluster, n, timeout=120)
     assert "OperationalError" in cluster.all_logs(), "the outage did not reach the workers"

@@ -10,7 +10,6 @@ import httpx
 import pytest
 
 from worker import jobs, pipeline
-from worker.states import State
 
 
 @pytest.fixture
