@@ -64,7 +64,7 @@ NEEDS_OPERATOR = "ambiguous_submit_needs_operator"
 CLEAN_SANDBOX = {"latency": 1.0, "fail_rate": 0.0, "submit_error_rate": 0.0, "submit_error_status": 500,
                  "result_error_rate": 0.0, "slow_submit_rate": 0.0, "slow_submit_seconds": 8.0,
                  "download_fail_rate": 0.0, "outage": False, "auth_failure": False}
-WEBHOOK_SECRET = "whsec_chaos0123456789abcdefghij"
+WEBHOOK_SECRET = "whsec_test-chaos-soak-not-a-secret"
 WORDS = ("sky", "sunset", "neon", "snow", "sketch", "watercolor", "forest", "ocean", "glow", "fog", "castle",
          "desert", "storm", "retro", "pastel", "golden", "marble", "paper", "glass", "ember")
 

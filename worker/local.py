@@ -51,6 +51,8 @@ class Service:
     process: subprocess.Popen | None = None
     ready_timeout: float = 60.0
     wait_port: bool = True
+    # The signal that asks this service to stop cleanly (PostgreSQL: SIGINT, see postgres()).
+    stop_signal: int = signal.SIGTERM
     extra: dict = field(default_factory=dict)
 
     def start(self) -> "Service":
@@ -82,7 +84,7 @@ class Service:
     def stop(self, timeout: float = 15.0) -> None:
         if not self.running:
             return
-        self.signal(signal.SIGTERM)
+        self.signal(self.stop_signal)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -189,7 +191,9 @@ def postgres(workdir: Path, port: int | None = None) -> Service:
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/", **kwargs)
     argv = [f"{bindir}/postgres", "-D", str(data), "-p", str(port), "-k", str(workdir), "-c", "listen_addresses=127.0.0.1",
             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300"]
-    service = Service("postgres", argv, port, workdir / "postgres.log", user=user, cwd="/")
+    # SIGINT is PostgreSQL's "fast" shutdown; SIGTERM ("smart") waits for every client to
+    # disconnect, and pooled connections never do.
+    service = Service("postgres", argv, port, workdir / "postgres.log", user=user, cwd="/", stop_signal=signal.SIGINT)
     service.extra["url"] = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     return service
 

@@ -9,7 +9,6 @@ server instead of starting one.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -73,22 +72,7 @@ def stack(tmp_path_factory) -> Stack:
         yield Stack(workdir, redis, s3, sandbox, postgres, admin)
     finally:
         for service in reversed(started):
-            if service is postgres:
-                stop_postgres_fast(service)
-            else:
-                service.stop()
-
-
-def stop_postgres_fast(service: local.Service, timeout: float = 30.0) -> None:
-    """PostgreSQL's "fast" shutdown (SIGINT): a plain stop (SIGTERM, "smart") waits for every client
-    to disconnect, and pooled connections never do — it would sit out its timeout, then SIGKILL."""
-    if not service.running:
-        return
-    service.signal(signal.SIGINT)
-    try:
-        service.process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        service.kill()
+            service.stop()
 
 
 @dataclass
@@ -246,7 +230,7 @@ class Cluster:
     def stop(self) -> None:
         # Ask every process to stop at once, then wait for each (a SIGKILL after 15 s).
         for process in reversed(self.processes):
-            process.signal(signal.SIGTERM)
+            process.signal(process.stop_signal)
         for process in reversed(self.processes):
             if process.running:
                 try:

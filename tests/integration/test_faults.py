@@ -16,8 +16,6 @@ import pytest
 
 from worker import local
 
-from .conftest import stop_postgres_fast
-
 pytestmark = pytest.mark.integration
 
 # The ambiguous-submit window is http_timeout (5 s) + skew on both sides, then a listing grace:
@@ -247,7 +245,7 @@ def test_postgres_stopped_and_started_mid_run(cluster, sample_image, stack):
     cluster.wait_until(lambda: with_prediction(cluster) >= 2, 30, "two jobs at the provider")
 
     try:
-        stop_postgres_fast(stack.postgres)
+        stack.postgres.stop(timeout=30)  # a fast shutdown: sessions are cut, as on a failover
         assert not stack.postgres.running
         time.sleep(4)
     finally:

@@ -12,7 +12,7 @@ from worker import local
 
 pytestmark = pytest.mark.integration
 
-SECRET = "whsec_integration0123456789abcdef"
+SECRET = "whsec_test-integration-not-a-secret"
 
 
 @pytest.mark.worker_env(WAVESPEED_WEBHOOK_SECRET=SECRET, EDIT_WORKER_AMBIGUOUS_SKEW_SECONDS="2",

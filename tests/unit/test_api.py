@@ -35,7 +35,7 @@ from worker.config import Settings
 JOB_KEYS = {"id", "state", "prompt", "size", "seed", "idempotency_key", "prediction_id", "attempts", "outputs",
             "has_nsfw_contents", "error", "created_at", "updated_at", "finished_at"}
 PUBLIC_URL = "https://images.example.com/cat.png"
-WEBHOOK_SECRET = "whsec_c2VjcmV0LWZvci11bml0LXRlc3Rz9f3a"
+WEBHOOK_SECRET = "whsec_test-unit-not-a-secret"
 
 # Names the injected resolver knows; IP literals resolve to themselves, as getaddrinfo does.
 DNS = {"images.example.com": ["93.184.216.34"], "intranet.example.com": ["10.1.2.3"], "metadata.example.com": ["169.254.169.254"]}
