@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init, worker_ready
 
 from .config import Settings, get_settings
 
@@ -57,10 +57,35 @@ def make_app(settings: Settings) -> Celery:
         celery.conf.beat_schedule["poll-due"] = {
             "task": "edit_worker.poll_due", "schedule": timedelta(seconds=2), "options": {"expires": 4},
         }
+    if settings.submit_mode == "batch":
+        # The same for the submitter: producers and the submitter itself wake it; this covers a lost one.
+        celery.conf.beat_schedule["submit-due"] = {
+            "task": "edit_worker.submit_due", "schedule": timedelta(seconds=2), "options": {"expires": 4},
+        }
     return celery
 
 
 app = make_app(get_settings())
+
+
+@worker_ready.connect
+def _clear_node_locks(sender=None, **_kw) -> None:
+    # A worker restarted after a SIGKILL must not wait for its dead predecessor's pass locks
+    # (same node name) to lapse.
+    try:
+        from .deps import build_deps
+
+        limits = build_deps().limits
+        for loop in ("poller", "submitter"):
+            limits.forget(f"{loop}:{sender.hostname}")
+    except Exception:  # Redis not up yet: the locks lapse on their own
+        pass
+    finally:
+        from .db import dispose_all
+        from .deps import reset_deps
+
+        dispose_all()
+        reset_deps()
 
 
 @worker_process_init.connect

@@ -60,6 +60,26 @@ class Settings(BaseSettings):
     # A claimed job's next_poll_at moves this far ahead: if its poller dies mid-batch the job is due
     # again after the lease and another poller takes it (none forgotten, none polled twice at once).
     poll_lease_seconds: float = Field(default=30.0, gt=0, validation_alias=_env("EDIT_WORKER_POLL_LEASE_SECONDS"))
+    # Learn the model's typical inference time (what the provider reports, shared through Redis)
+    # and poll a new prediction first near it: at max(first_poll_delay, typical), capped here.
+    adaptive_first_poll: bool = Field(default=True, validation_alias=_env("EDIT_WORKER_ADAPTIVE_FIRST_POLL"))
+    first_poll_max: float = Field(default=120.0, ge=0, validation_alias=_env("EDIT_WORKER_FIRST_POLL_MAX"))
+    # Batch mode's poller copies a finished job's outputs to S3 itself (same threads, no upload
+    # message); off: an upload task per finished job, as in task mode.
+    upload_inline: bool = Field(default=True, validation_alias=_env("EDIT_WORKER_UPLOAD_INLINE"))
+    # How queued jobs are submitted. "batch": a submitter task per worker node leases due queued
+    # jobs (FOR UPDATE SKIP LOCKED), takes their limiter slots in one Redis call and submits them
+    # over submit_threads threads; producers publish one wake-up per batch, not one message per job.
+    # "task": one submit message per job. Each in-flight submit is one that is ambiguous if the
+    # process is killed mid-call, so submit_threads also bounds that (see README, Reliability).
+    submit_mode: Literal["batch", "task"] = Field(default="batch", validation_alias=_env("EDIT_WORKER_SUBMIT_MODE"))
+    submit_batch_size: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_BATCH_SIZE"))
+    submit_threads: int = Field(default=8, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_THREADS"))
+    # A leased queued job is due again after this long if its submitter died before sending it.
+    submit_lease_seconds: float = Field(default=30.0, gt=0, validation_alias=_env("EDIT_WORKER_SUBMIT_LEASE_SECONDS"))
+    # How long one submitter or poller pass runs before it hands its worker slot back (and wakes
+    # itself again if work remains).
+    batch_pass_seconds: float = Field(default=5.0, gt=0, validation_alias=_env("EDIT_WORKER_BATCH_PASS_SECONDS"))
     # Transient-error backoff (full jitter): base * 2**attempt capped at max.
     backoff_base: float = Field(default=2.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_BASE"))
     backoff_max: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_MAX"))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, bindparam, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker, undefer
 
@@ -30,6 +30,7 @@ def utcnow() -> datetime:
 STEP_SUBMIT = "submit"
 STEP_POLL = "poll"
 STEP_UPLOAD = "upload"
+STEP_SUBMIT_DUE = "submit_due"  # batch mode: "a submitter pass, please" (no job id)
 STEP_FOR_STATE = {State.QUEUED: STEP_SUBMIT, State.PROCESSING: STEP_POLL, State.UPLOADING: STEP_UPLOAD}
 
 
@@ -45,8 +46,14 @@ class NewJob:
     enable_base64_output: bool = False
 
 
+JOBS = Job.__table__
+EVENTS = JobEvent.__table__
+
+
 def _event(session: Session, job_id: str, src: State | None, dst: State, reason: str, at: datetime) -> None:
-    session.add(JobEvent(job_id=job_id, from_state=src.value if src else None, to_state=dst.value, reason=reason[:2000], at=at))
+    # Core, not the ORM unit of work: one INSERT now, no identity-map bookkeeping.
+    session.execute(insert(EVENTS).values(job_id=job_id, from_state=src.value if src else None, to_state=dst.value,
+                                          reason=reason[:2000], at=at))
 
 
 def create_jobs(
@@ -116,6 +123,26 @@ def create_jobs(
     raise IllegalTransition("could not create jobs: idempotency keys kept conflicting")
 
 
+def _check_edge(job_id: str, src: State, dst: State) -> None:
+    if not can_transition(src, dst):
+        raise IllegalTransition(f"job {job_id}: {src} -> {dst} is not an allowed transition")
+
+
+def _move_values(dst: State, now: datetime, fields: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {"state": dst.value, "updated_at": now, **fields}
+    if dst.terminal:
+        values.setdefault("finished_at", now)
+        values.setdefault("next_poll_at", None)
+        values.setdefault("next_attempt_at", None)
+    return values
+
+
+def _conditions(job_id: str, state: State, where: dict[str, Any] | None) -> list:
+    cond = [JOBS.c.id == job_id, JOBS.c.state == state.value]
+    cond += [JOBS.c[column] == value if value is not None else JOBS.c[column].is_(None) for column, value in (where or {}).items()]
+    return cond
+
+
 def transition(
     session: Session,
     job_id: str,
@@ -131,31 +158,59 @@ def transition(
     transaction. False when the row was not in `src` any more (or a `where` column differs):
     someone else moved it, and the caller's message is stale. An edge the machine does not have
     raises IllegalTransition."""
-    if not can_transition(src, dst):
-        raise IllegalTransition(f"job {job_id}: {src} -> {dst} is not an allowed transition")
+    _check_edge(job_id, src, dst)
     now = clock()
-    values: dict[str, Any] = {"state": dst.value, "updated_at": now, **fields}
-    if dst.terminal:
-        values.setdefault("finished_at", now)
-        values.setdefault("next_poll_at", None)
-        values.setdefault("next_attempt_at", None)
-    cond = [Job.id == job_id, Job.state == src.value]
-    cond += [getattr(Job, column) == value for column, value in (where or {}).items()]
-    result = session.execute(update(Job).where(*cond).values(**values).execution_options(synchronize_session=False))
+    result = session.execute(update(JOBS).where(*_conditions(job_id, src, where)).values(**_move_values(dst, now, fields)))
     if result.rowcount != 1:
         return False
     _event(session, job_id, src, dst, reason, now)
     return True
 
 
+def transition_now(
+    sessions: sessionmaker[Session],
+    job_id: str,
+    src: State,
+    dst: State,
+    reason: str,
+    *,
+    clock: Clock = utcnow,
+    where: dict[str, Any] | None = None,
+    returning: tuple[str, ...] = (),
+    **fields: Any,
+) -> Row | None:
+    """`transition` as a transaction of its own, for the hot path: on PostgreSQL one statement
+    (`WITH moved AS (UPDATE … RETURNING …), ev AS (INSERT INTO job_events …) SELECT … FROM moved`)
+    on an autocommit connection — one round trip, atomic; elsewhere UPDATE + INSERT in a session.
+    Returns the moved row's `returning` columns (always including `id`), or None when the CAS lost."""
+    _check_edge(job_id, src, dst)
+    now = clock()
+    cols = [JOBS.c.id, *(JOBS.c[name] for name in returning)]
+    upd = update(JOBS).where(*_conditions(job_id, src, where)).values(**_move_values(dst, now, fields)).returning(*cols)
+    engine = sessions.kw["bind"]
+    if engine.dialect.name == "postgresql":
+        moved = upd.cte("moved")
+        at = bindparam("ev_at", now, type_=EVENTS.c.at.type)
+        ev = insert(EVENTS).from_select(
+            ["job_id", "from_state", "to_state", "reason", "at"],
+            select(moved.c.id, literal(src.value, EVENTS.c.from_state.type), literal(dst.value, EVENTS.c.to_state.type),
+                   literal(reason[:2000], EVENTS.c.reason.type), at),
+        ).cte("ev")
+        stmt = select(*moved.c).add_cte(ev)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            return conn.execute(stmt).first()
+    with sessions() as session:
+        row = session.execute(upd).first()
+        if row is None:
+            return None
+        _event(session, job_id, src, dst, reason, now)
+        session.commit()
+        return row
+
+
 def update_if(session: Session, job_id: str, state: State, *, clock: Clock = utcnow, where: dict[str, Any] | None = None, **fields: Any) -> bool:
     """Compare-and-set column updates that keep the state (poll bookkeeping, deferrals)."""
-    cond = [Job.id == job_id, Job.state == state.value]
-    for column, value in (where or {}).items():
-        cond.append(getattr(Job, column) == value)
-    result = session.execute(
-        update(Job).where(*cond).values(updated_at=clock(), **fields).execution_options(synchronize_session=False)
-    )
+    result = session.execute(update(JOBS).where(*_conditions(job_id, state, where)).values(updated_at=clock(), **fields))
     return result.rowcount == 1
 
 
@@ -230,6 +285,21 @@ def pending_outbox(sessions: sessionmaker[Session], *, older_than: datetime | No
         if job_ids is not None:
             query = query.where(Outbox.job_id.in_(job_ids))
         return list(session.scalars(query))
+
+
+def publish_outbox(publisher, rows: list[Outbox], sent: list[int], *, batch_submit: bool) -> None:
+    """Publish outbox rows, appending each published row's id to `sent` as it goes (a failure
+    leaves the rest for the relay's next run). With batch_submit, all submit rows become one
+    submitter wake-up: the submitter leases queued jobs from the table, it needs no message per job."""
+    submits = [row.id for row in rows if row.task == STEP_SUBMIT] if batch_submit else []
+    if submits:
+        publisher.publish(STEP_SUBMIT_DUE, "")
+        sent.extend(submits)
+    for row in rows:
+        if row.task == STEP_SUBMIT and batch_submit:
+            continue
+        publisher.publish(row.task, row.job_id)
+        sent.append(row.id)
 
 
 def mark_sent(sessions: sessionmaker[Session], ids: list[int], *, clock: Clock = utcnow) -> None:

@@ -46,8 +46,18 @@ class Limits(Protocol):
     def breaker_wait(self) -> float: ...
     def record_failure(self, *, threshold: int, window: float, open_seconds: float, reason: str) -> bool: ...
     def record_success(self) -> None: ...
-    # At most one caller per key within ttl gets True (de-duplicates poller wake-ups).
+    # At most one caller per key within ttl gets True (de-duplicates poller wake-ups); forget()
+    # ends it early (a loop's per-node lock: `once` to take it, `forget` to hand it back).
     def once(self, key: str, ttl: float) -> bool: ...
+    def forget(self, key: str) -> None: ...
+    # Batch forms for the batch submitter: how many submits may start now (and else how long to
+    # wait), slots for several jobs in one round trip (a prefix of `tokens` is granted), release many.
+    def capacity(self) -> Gate | int: ...
+    def acquire_many(self, tokens: list[str]) -> tuple[int, Gate]: ...
+    def release_many(self, tokens: list[str]) -> None: ...
+    # The model's typical inference time (an EWMA of what the provider reports), for the first poll.
+    def observe_inference(self, seconds: float) -> None: ...
+    def typical_inference(self) -> float | None: ...
 
 
 # KEYS: rate zset, active zset   ARGV: window_ms, rate_limit, max_concurrency, token, slot_ttl_ms
@@ -71,6 +81,68 @@ redis.call('ZADD', KEYS[2], now + ttl, token)
 redis.call('PEXPIRE', KEYS[1], window * 2)
 return {0, 0}
 """
+
+
+# KEYS: rate zset, active zset   ARGV: window_ms, rate_limit, max_concurrency, slot_ttl_ms, tokens...
+# Grants tokens in order until a limit is reached: {granted, status of the first refused, wait_ms}.
+_ACQUIRE_MANY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window, limit, conc, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local active, used = redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[1])
+local granted = 0
+for i = 5, #ARGV do
+  local token = ARGV[i]
+  local held = redis.call('ZSCORE', KEYS[2], token)
+  if (not held) and active >= conc then
+    return {granted, -1, 1000}
+  end
+  if used >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {granted, -2, math.max(50, tonumber(oldest[2]) + window - now)}
+  end
+  redis.call('ZADD', KEYS[1], now, token .. ':' .. now .. ':' .. t[2])
+  redis.call('ZADD', KEYS[2], now + ttl, token)
+  used = used + 1
+  if not held then active = active + 1 end
+  granted = granted + 1
+end
+redis.call('PEXPIRE', KEYS[1], window * 2)
+return {granted, 0, 0}
+"""
+
+# KEYS: rate zset, active zset   ARGV: window_ms, rate_limit, max_concurrency -> {room, wait_ms}
+_CAPACITY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window, limit, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local room_c = conc - redis.call('ZCARD', KEYS[2])
+local room_r = limit - redis.call('ZCARD', KEYS[1])
+if room_c <= 0 then return {0, -1, 1000} end
+if room_r <= 0 then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, -2, math.max(50, tonumber(oldest[2]) + window - now)}
+end
+return {math.min(room_c, room_r), 0, 0}
+"""
+
+# KEYS: ewma key   ARGV: sample seconds, weight -> the new average
+_OBSERVE = """
+local old = redis.call('GET', KEYS[1])
+local x, a = tonumber(ARGV[1]), tonumber(ARGV[2])
+local v = x
+if old then v = tonumber(old) * (1 - a) + x * a end
+redis.call('SET', KEYS[1], tostring(v), 'EX', 86400)
+return tostring(v)
+"""
+
+LIMIT_REASONS = {-1: "provider concurrency limit reached", -2: "provider rate limit reached"}
+TYPICAL_CACHE_SECONDS = 5.0
+EWMA_WEIGHT = 0.2
 
 
 class RedisLimits:
@@ -97,7 +169,12 @@ class RedisLimits:
         self.k_probe = f"{namespace}:breaker:probe"
         self.k_journal = f"{namespace}:submitted:"
         self.k_failures = f"{namespace}:failures"
+        self.k_inference = f"{namespace}:typical-inference"
         self._acquire = self.r.register_script(_ACQUIRE)
+        self._acquire_many = self.r.register_script(_ACQUIRE_MANY)
+        self._capacity = self.r.register_script(_CAPACITY)
+        self._observe = self.r.register_script(_OBSERVE)
+        self._typical: tuple[float, float | None] = (0.0, None)  # (read at, value): one GET per 5 s
 
     @classmethod
     def from_url(cls, url: str, **kw) -> "RedisLimits":
@@ -182,6 +259,39 @@ class RedisLimits:
     def once(self, key: str, ttl: float) -> bool:
         return bool(self.r.set(f"{self.namespace}:once:{key}", "1", nx=True, px=max(1, int(ttl * 1000))))
 
+    def forget(self, key: str) -> None:
+        self.r.delete(f"{self.namespace}:once:{key}")
+
+    def capacity(self) -> Gate | int:
+        room, status, wait_ms = self._capacity(keys=[self.k_rate, self.k_active],
+                                               args=[60_000, self.rate_per_minute, self.max_concurrency])
+        return int(room) if int(status) == 0 else Gate(int(wait_ms) / 1000.0, LIMIT_REASONS[int(status)])
+
+    def acquire_many(self, tokens: list[str]) -> tuple[int, Gate]:
+        if not tokens:
+            return 0, GO
+        granted, status, wait_ms = self._acquire_many(
+            keys=[self.k_rate, self.k_active],
+            args=[60_000, self.rate_per_minute, self.max_concurrency, int(self.slot_ttl * 1000), *tokens],
+        )
+        return int(granted), (GO if int(status) == 0 else Gate(int(wait_ms) / 1000.0, LIMIT_REASONS[int(status)]))
+
+    def release_many(self, tokens: list[str]) -> None:
+        if tokens:
+            self.r.zrem(self.k_active, *tokens)
+
+    def observe_inference(self, seconds: float) -> None:
+        value = float(self._observe(keys=[self.k_inference], args=[f"{seconds:.3f}", EWMA_WEIGHT]))
+        self._typical = (time.monotonic(), value)
+
+    def typical_inference(self) -> float | None:
+        read_at, value = self._typical
+        if time.monotonic() - read_at > TYPICAL_CACHE_SECONDS:
+            raw = self.r.get(self.k_inference)
+            value = float(raw) if raw else None
+            self._typical = (time.monotonic(), value)
+        return value
+
 
 class MemoryLimits:
     """The same behaviour in one process, on an injectable clock (unit tests, single-process tools)."""
@@ -201,6 +311,7 @@ class MemoryLimits:
         self._journal: dict[str, str] = {}
         self._failures: list[float] = []
         self._once: dict[str, float] = {}
+        self._typical: float | None = None
 
     def check_breaker(self) -> Gate:
         with self._lock:
@@ -287,3 +398,37 @@ class MemoryLimits:
                 return False
             self._once[key] = now + ttl
             return True
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._once.pop(key, None)
+
+    def capacity(self) -> Gate | int:
+        with self._lock:
+            now = self.clock()
+            self._stamps = [s for s in self._stamps if s > now - 60.0]
+            if len(self._active) >= self.max_concurrency:
+                return Gate(1.0, LIMIT_REASONS[-1])
+            if len(self._stamps) >= self.rate_per_minute:
+                return Gate(max(0.05, self._stamps[0] + 60.0 - now), LIMIT_REASONS[-2])
+            return min(self.max_concurrency - len(self._active), self.rate_per_minute - len(self._stamps))
+
+    def acquire_many(self, tokens: list[str]) -> tuple[int, Gate]:
+        for granted, token in enumerate(tokens):
+            gate = self.acquire(token)
+            if not gate.open:
+                return granted, gate
+        return len(tokens), GO
+
+    def release_many(self, tokens: list[str]) -> None:
+        with self._lock:
+            self._active.difference_update(tokens)
+
+    def observe_inference(self, seconds: float) -> None:
+        with self._lock:
+            old = self._typical
+            self._typical = seconds if old is None else old * (1 - EWMA_WEIGHT) + seconds * EWMA_WEIGHT
+
+    def typical_inference(self) -> float | None:
+        with self._lock:
+            return self._typical

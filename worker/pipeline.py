@@ -37,7 +37,7 @@ from .errors import (
     ProviderError,
     TransientProviderError,
 )
-from .jobs import STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, add_outbox, transition, update_if
+from .jobs import STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, add_outbox, transition, transition_now, update_if
 from .states import State
 from .storage import extension_for, sniff_content_type
 from .wavespeed import EditRequest, Prediction, PredictionStatus, prediction_error
@@ -74,8 +74,18 @@ def _past_deadline(deps: Deps, job: Job) -> bool:
 
 # --- submit ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Ticket:
+    """A job just moved queued -> submitting (committed), with what the provider call needs."""
+
+    job_id: str
+    attempt: int
+    request: EditRequest
+    probe: bool = False  # this submit is the half-open breaker's one probe
+
+
 def run_submit(deps: Deps, job_id: str) -> Next | None:
-    s = deps.settings
+    """Task mode's submit of one job (also the reconciler's re-drive of one queued job)."""
     with deps.sessions() as session:
         job = session.get(Job, job_id, options=[undefer(Job.image_payload)])
         if job is None or job.state != State.QUEUED.value:
@@ -115,9 +125,17 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
                 # The probe was not used (deferred, lost a race, or an error): hand it back at once,
                 # or every submission would wait for a probe that never reports.
                 deps.limits.release_probe()
-        request = EditRequest(prompt=job.prompt, image=job.image_payload, size=job.size, seed=job.seed,
-                              enable_base64_output=job.enable_base64_output)
+        ticket = Ticket(job_id, attempt, EditRequest(prompt=job.prompt, image=job.image_payload, size=job.size, seed=job.seed,
+                                                     enable_base64_output=job.enable_base64_output), probe)
+    return send_submit(deps, ticket)
 
+
+def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | None:
+    """Everything after queued -> submitting: the provider call and what its answer means.
+    `batch`: called by the batch submitter, which settles the breaker and wakes the poller once
+    per batch instead of once per job."""
+    s = deps.settings
+    job_id, attempt, probe = ticket.job_id, ticket.attempt, ticket.probe
     webhook = None
     if s.webhook_url and s.webhook_secret:
         # A per-job URL: when the provider calls it, the task is certainly this job's — the one
@@ -127,7 +145,7 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
         webhook = job_webhook_url(s.webhook_url, s.webhook_secret, job_id)
     crashpoint("before_submit")
     try:
-        prediction = deps.provider.submit(request, webhook=webhook)
+        prediction = deps.provider.submit(ticket.request, webhook=webhook)
     except AmbiguousSubmitError as exc:
         # The provider may have created (and will bill) a task. Never resubmit blindly: leave the job
         # in `submitting`; the reconciler looks the task up and decides.
@@ -171,13 +189,19 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
         return None
 
     crashpoint("after_submit")
-    nxt = record_submission(deps, job_id, prediction)  # first: the paid task must be on record
+    nxt = record_submission(deps, job_id, prediction, wake=not batch)  # first: the paid task must be on record
+    if not batch:
+        settle_breaker(deps)
+    return nxt
+
+
+def settle_breaker(deps: Deps) -> None:
+    """A submit went through: the provider is healthy again (closes a half-open breaker)."""
     try:
         deps.limits.record_success()
         deps.limits.reset_breaker()
     except Exception as exc:  # Redis down: the breaker state catches up on the next call
-        log.warning("could not update the breaker after a submit: %s", type(exc).__name__, extra={"job_id": job_id})
-    return nxt
+        log.warning("could not update the breaker after a submit: %s", type(exc).__name__)
 
 
 def _note_failure(deps: Deps, exc: TransientProviderError) -> None:
@@ -187,41 +211,58 @@ def _note_failure(deps: Deps, exc: TransientProviderError) -> None:
         log.error("provider outage: circuit breaker open for %.0fs (%s)", s.outage_open_seconds, exc)
 
 
+def first_poll_delay(deps: Deps) -> float:
+    """When to poll a new prediction first: near the model's typical inference time (learned from
+    what the provider reports, shared through Redis), never sooner than the configured delay."""
+    s = deps.settings
+    if not s.adaptive_first_poll:
+        return s.first_poll_delay
+    try:
+        typical = deps.limits.typical_inference()
+    except Exception:  # Redis down: the configured delay is always a safe answer
+        typical = None
+    return max(s.first_poll_delay, min(typical or 0.0, s.first_poll_max))
+
+
 @retry(retry=retry_if_exception_type((OperationalError, InterfaceError)), stop=stop_after_delay(120),
        wait=wait_exponential_jitter(initial=0.5, max=10), reraise=True)
-def _commit_prediction(deps: Deps, job_id: str, prediction: Prediction, first_poll: float) -> tuple[bool, int]:
+def _commit_prediction(deps: Deps, job_id: str, prediction: Prediction, first_poll: float) -> int | None:
+    """The prediction id on the row, in a transaction of its own; the new poll_seq if the job moved
+    on to `processing`, None if it had left `submitting` meanwhile."""
+    row = transition_now(deps.sessions, job_id, State.SUBMITTING, State.PROCESSING, f"provider accepted: prediction {prediction.id}",
+                         clock=deps.clock, returning=("poll_seq",), prediction_id=prediction.id, poll_seq=Job.poll_seq + 1,
+                         error_code=None, error_message=None, next_poll_at=deps.clock() + timedelta(seconds=first_poll))
+    if row is not None:
+        return row.poll_seq
+    # Cancelled (or resolved) meanwhile: still record which provider task belongs to it.
     with deps.sessions() as session:
-        job = session.get(Job, job_id)
-        seq = (job.poll_seq if job else 0) + 1
-        moved = transition(session, job_id, State.SUBMITTING, State.PROCESSING, f"provider accepted: prediction {prediction.id}",
-                           clock=deps.clock, prediction_id=prediction.id, poll_seq=seq, error_code=None, error_message=None,
-                           next_poll_at=deps.clock() + timedelta(seconds=first_poll))
-        if not moved:
-            # Cancelled (or resolved) meanwhile: still record which provider task belongs to it.
-            update_if(session, job_id, State(job.state) if job else State.CANCELLED, clock=deps.clock,
-                      where={"prediction_id": None}, prediction_id=prediction.id)
+        state = session.scalar(select(Job.state).where(Job.id == job_id))
+        if state is not None:
+            update_if(session, job_id, State(state), clock=deps.clock, where={"prediction_id": None}, prediction_id=prediction.id)
         session.commit()
-        return moved, seq
+    return None
 
 
-def record_submission(deps: Deps, job_id: str, prediction: Prediction) -> Next | None:
+def record_submission(deps: Deps, job_id: str, prediction: Prediction, *, wake: bool = True) -> Next | None:
     """Commit the prediction id before anything else. The provider has billed this task: a database
     hiccup here is retried in place (re-running the task would pay twice); the id is also journaled
-    in Redis so that if this process dies now the reconciler adopts the task instead of guessing."""
+    in Redis so that if this process dies now the reconciler adopts the task instead of guessing.
+    `wake`: publish what polls it next (the batch submitter wakes the poller once per batch)."""
     try:
         deps.limits.remember_submission(job_id, prediction.id)
     except Exception:  # the journal is a second line of defence; the database is the record
         log.warning("could not journal prediction %s in Redis", prediction.id, extra={"job_id": job_id})
     crashpoint("after_journal")
-    moved, seq = _commit_prediction(deps, job_id, prediction, deps.settings.first_poll_delay)
-    if not moved:
+    first_poll = first_poll_delay(deps)
+    seq = _commit_prediction(deps, job_id, prediction, first_poll)
+    if seq is None:
         log.info("job left submitting meanwhile; cancelling provider task %s", prediction.id, extra={"job_id": job_id})
         _cancel_at_provider(deps, prediction.id)
         deps.limits.release(job_id)
         return None
     if deps.settings.poll_mode == "batch":
-        return poller_wakeup(deps, deps.settings.first_poll_delay)
-    return Next(STEP_POLL, job_id, countdown=deps.settings.first_poll_delay, poll_seq=seq)
+        return poller_wakeup(deps, first_poll) if wake else Next(STEP_POLL_DUE, "", countdown=first_poll)
+    return Next(STEP_POLL, job_id, countdown=first_poll, poll_seq=seq)
 
 
 # --- poll -----------------------------------------------------------------------------------
@@ -298,14 +339,11 @@ def apply_decision(deps: Deps, target: PollTarget, decision: Decision, *, chain:
     if isinstance(decision, Fail):
         return _fail(deps, target.job_id, State.PROCESSING, decision.reason, decision.code, decision.message)
     prediction = decision.prediction
-    with deps.sessions() as session:
-        moved = transition(session, target.job_id, State.PROCESSING, State.UPLOADING,
+    moved = transition_now(deps.sessions, target.job_id, State.PROCESSING, State.UPLOADING,
                            f"prediction completed with {len(prediction.outputs)} output(s)", clock=deps.clock,
-                           where={"poll_seq": target.seq},
-                           provider_outputs=prediction.outputs, has_nsfw_contents=prediction.has_nsfw_contents,
-                           next_poll_at=None)
-        session.commit()
-    return Next(STEP_UPLOAD, target.job_id) if moved else None
+                           where={"poll_seq": target.seq}, provider_outputs=prediction.outputs,
+                           has_nsfw_contents=prediction.has_nsfw_contents, next_poll_at=None)
+    return Next(STEP_UPLOAD, target.job_id) if moved is not None else None
 
 
 def _fail_past_deadline(deps: Deps, job_id: str, prediction_id: str | None) -> None:
@@ -417,18 +455,20 @@ def poll_due(deps: Deps, *, max_seconds: float = 10.0, executor=None) -> PollBat
                 live.append(target)
         pause = _breaker_pause(deps)
         if pause is not None:
-            decisions = [Reschedule(pause.wait + jittered(0, s.poll_interval, deps.rng)) for _ in live]
+            outcomes = [(Reschedule(pause.wait + jittered(0, s.poll_interval, deps.rng)), None) for _ in live]
         else:
-            decisions = list(pool.map(lambda t: _safe_fetch(deps, t), live))
-        later = [(t, d) for t, d in zip(live, decisions) if isinstance(d, Reschedule)]
+            outcomes = list(pool.map(lambda t: _poll_one(deps, t), live))
+        later = [(t, d) for t, (d, _) in zip(live, outcomes) if isinstance(d, Reschedule)]
         report.rescheduled += _reschedule_many(deps, later)
-        for target, decision in zip(live, decisions):
+        done = [t.job_id for t, (d, _) in zip(live, outcomes) if not isinstance(d, Reschedule)]
+        _release_slots(deps, done)
+        _observe_inference(deps, [d.prediction for d, _ in outcomes if isinstance(d, Finish)])
+        for target, (decision, nxt) in zip(live, outcomes):
             if isinstance(decision, Reschedule):
                 continue
-            nxt = apply_decision(deps, target, decision, chain=False)
             if isinstance(decision, Finish):
                 report.finished += 1
-                if nxt:
+                if nxt is not None:
                     report.uploads.append(nxt)
             else:
                 report.failed += 1
@@ -454,11 +494,41 @@ def poller_wakeup(deps: Deps, delay: float) -> Next | None:
     return Next(STEP_POLL_DUE, "", countdown=max(0.0, bucket * WAKEUP_BUCKET - now)) if first else None
 
 
-def _safe_fetch(deps: Deps, target: PollTarget) -> Decision:
+def _poll_one(deps: Deps, target: PollTarget) -> tuple[Decision, Next | None]:
+    """One job of a poller batch, in a pool thread: fetch the result and act on it — finished jobs
+    are copied to S3 right here (upload_inline), failed ones recorded; reschedules are written in
+    bulk by the caller."""
     try:
-        return fetch_and_decide(deps, target.prediction_id)
+        decision = fetch_and_decide(deps, target.prediction_id)
     except Exception as exc:  # e.g. Redis down while noting the outcome: try this job again later
-        return Reschedule(deps.settings.poll_interval, f"{type(exc).__name__} while polling")
+        return Reschedule(deps.settings.poll_interval, f"{type(exc).__name__} while polling"), None
+    if isinstance(decision, Reschedule):
+        return decision, None
+    try:
+        if isinstance(decision, Finish) and deps.settings.upload_inline:
+            return decision, finish_inline(deps, target, decision.prediction)
+        return decision, apply_decision(deps, target, decision, chain=False)
+    except Exception as exc:  # the database is down: the lease runs out and the job is polled again
+        log.warning("recording a poll outcome failed: %s", type(exc).__name__, extra={"job_id": target.job_id})
+        return Reschedule(deps.settings.poll_lease_seconds), None
+
+
+def _release_slots(deps: Deps, job_ids: list[str]) -> None:
+    # The provider's concurrency slots of predictions that ended (one Redis call for the batch).
+    try:
+        deps.limits.release_many(job_ids)
+    except Exception as exc:  # slots also expire on their own (slot_ttl)
+        log.warning("could not release %d limiter slot(s): %s", len(job_ids), type(exc).__name__)
+
+
+def _observe_inference(deps: Deps, predictions: list[Prediction]) -> None:
+    samples = sorted(p.inference_ms for p in predictions if p.inference_ms)
+    if not samples or not deps.settings.adaptive_first_poll:
+        return
+    try:
+        deps.limits.observe_inference(samples[len(samples) // 2] / 1000.0)
+    except Exception:  # Redis down: keep the last known value
+        pass
 
 
 def next_due_in(deps: Deps) -> float | None:
@@ -507,45 +577,74 @@ def _decode_base64_output(value: str) -> bytes:
         raise PermanentProviderError("an output is neither a URL nor valid base64", code=ERR_BAD_OUTPUT) from None
 
 
+def copy_outputs(deps: Deps, job_id: str, outputs: list[str]) -> list[str]:
+    """Download each output (or decode its base64) and put it at its deterministic S3 key.
+    PermanentProviderError: an output is unusable. TransientProviderError (download) and
+    StorageError propagate for a retry: the keys are deterministic, so a retry overwrites what a
+    crashed attempt left half-done."""
+    uris: list[str] = []
+    for index, output in enumerate(outputs):
+        # Spooled: small outputs stay in memory, large ones go to disk; the bytes are held once.
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as buf:
+            if output.startswith(("http://", "https://")):
+                declared = deps.provider.download(output, buf)
+            else:
+                buf.write(_decode_base64_output(output))
+                declared = None
+            crashpoint("mid_download")
+            buf.seek(0)
+            content_type = sniff_content_type(buf.read(16), declared)
+            key = deps.storage.key_for(job_id, index, extension_for(content_type))
+            uris.append(deps.storage.put(key, buf, content_type))
+    crashpoint("mid_upload")
+    return uris
+
+
+def _succeed(deps: Deps, job_id: str, uris: list[str]) -> bool:
+    moved = transition_now(deps.sessions, job_id, State.UPLOADING, State.SUCCEEDED, f"{len(uris)} output(s) stored in S3",
+                           clock=deps.clock, outputs=uris, provider_outputs=None, error_code=None, error_message=None)
+    if moved is not None:
+        log.info("job succeeded", extra={"job_id": job_id, "outputs": len(uris)})
+    return moved is not None
+
+
 def run_upload(deps: Deps, job_id: str) -> Next | None:
     with deps.sessions() as session:
-        job = session.get(Job, job_id, options=[undefer(Job.provider_outputs)])
-        if job is None or job.state != State.UPLOADING.value:
+        row = session.execute(select(Job.state, Job.provider_outputs, Job.deadline_at).where(Job.id == job_id)).first()
+        if row is None or row.state != State.UPLOADING.value:
             return None
-        outputs = list(job.provider_outputs or [])
-        if _past_deadline(deps, job):
+        if deps.clock() >= row.deadline_at:
             # Keep provider_outputs: `retry` can still copy them while the URLs live (about 7 days).
             transition(session, job_id, State.UPLOADING, State.FAILED, "deadline passed while uploading", clock=deps.clock,
                        error_code=ERR_DEADLINE, error_message="outputs could not be copied to S3 before the job's deadline")
             session.commit()
             return None
-
-    uris: list[str] = []
+        outputs = list(row.provider_outputs or [])
     try:
-        for index, output in enumerate(outputs):
-            # Spooled: small outputs stay in memory, large ones go to disk; the bytes are held once.
-            with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as buf:
-                if output.startswith(("http://", "https://")):
-                    declared = deps.provider.download(output, buf)
-                else:
-                    buf.write(_decode_base64_output(output))
-                    declared = None
-                crashpoint("mid_download")
-                buf.seek(0)
-                content_type = sniff_content_type(buf.read(16), declared)
-                key = deps.storage.key_for(job_id, index, extension_for(content_type))
-                uris.append(deps.storage.put(key, buf, content_type))
+        uris = copy_outputs(deps, job_id, outputs)
     except PermanentProviderError as exc:
         return _fail(deps, job_id, State.UPLOADING, f"output unusable: {exc}", str(exc.code or "download_failed"), exc.message)
-    # TransientProviderError (download) and StorageError propagate: the task retries with backoff;
-    # the keys are deterministic, so a retry overwrites what a crashed attempt left half-done.
-    crashpoint("mid_upload")
+    _succeed(deps, job_id, uris)
+    return None
 
-    with deps.sessions() as session:
-        transition(session, job_id, State.UPLOADING, State.SUCCEEDED, f"{len(uris)} output(s) stored in S3", clock=deps.clock,
-                   outputs=uris, provider_outputs=None, error_code=None, error_message=None)
-        session.commit()
-    log.info("job succeeded", extra={"job_id": job_id, "outputs": len(uris)})
+
+def finish_inline(deps: Deps, target: PollTarget, prediction: Prediction) -> Next | None:
+    """Batch mode: the poller that saw a prediction complete copies its outputs at once (in its
+    thread pool): processing -> uploading (outputs recorded first), copy, -> succeeded. If the copy
+    fails transiently the job stays in `uploading` and an upload task retries it with backoff."""
+    moved = transition_now(deps.sessions, target.job_id, State.PROCESSING, State.UPLOADING,
+                           f"prediction completed with {len(prediction.outputs)} output(s)", clock=deps.clock,
+                           where={"poll_seq": target.seq}, provider_outputs=prediction.outputs,
+                           has_nsfw_contents=prediction.has_nsfw_contents, next_poll_at=None)
+    if moved is None:
+        return None  # another poller (or a cancel) took the job
+    try:
+        _succeed(deps, target.job_id, copy_outputs(deps, target.job_id, list(prediction.outputs)))
+    except PermanentProviderError as exc:
+        return _fail(deps, target.job_id, State.UPLOADING, f"output unusable: {exc}", str(exc.code or "download_failed"), exc.message)
+    except Exception as exc:  # download, S3 or database trouble: the upload task retries with backoff
+        log.warning("copying outputs failed, an upload task retries: %s", type(exc).__name__, extra={"job_id": target.job_id})
+        return Next(STEP_UPLOAD, target.job_id, countdown=compute_backoff(0, base=deps.settings.backoff_base, maximum=deps.settings.backoff_max, rng=deps.rng))
     return None
 
 

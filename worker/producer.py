@@ -15,7 +15,7 @@ from models import Job
 from .config import Settings, get_settings
 from .db import session_factory
 from .errors import EditWorkerError, InvalidInput
-from .jobs import NewJob, create_jobs, get_job as _get_job, mark_sent, pending_outbox
+from .jobs import NewJob, create_jobs, get_job as _get_job, mark_sent, pending_outbox, publish_outbox
 from .validation import load_image, validate_prompt, validate_seed, validate_size
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,7 @@ def publish_new(settings: Settings, job_ids: list[str], *, publisher=None) -> No
     sent: list[int] = []
     publisher = publisher or _publisher()
     try:
-        for row in rows:
-            publisher.publish(row.task, row.job_id)
-            sent.append(row.id)
+        publish_outbox(publisher, rows, sent, batch_submit=settings.submit_mode == "batch")
     except Exception as exc:  # broker down: not an error for the producer
         log.warning("broker unavailable (%s); %d job(s) stay queued for the outbox relay", type(exc).__name__, len(rows) - len(sent))
     finally:

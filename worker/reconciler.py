@@ -16,9 +16,10 @@ from models import Job, Outbox
 
 from .deps import Deps
 from .errors import ProviderError
-from .jobs import STEP_FOR_STATE, STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, mark_sent, pending_outbox, transition, update_if
+from .jobs import STEP_FOR_STATE, STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, mark_sent, pending_outbox, publish_outbox, transition, update_if
 from .pipeline import ERR_DEADLINE, Next, poller_wakeup, record_submission, schedule
 from .states import ACTIVE, State
+from .submitter import submitter_wakeup
 from .wavespeed import MODEL, Prediction, PredictionStatus
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,7 @@ def relay_outbox(deps: Deps, *, older_than: float = 0.0, limit: int = 1000) -> i
     rows = pending_outbox(deps.sessions, older_than=cutoff, limit=limit)
     sent: list[int] = []
     try:
-        for row in rows:
-            deps.publisher.publish(row.task, row.job_id)
-            sent.append(row.id)
+        publish_outbox(deps.publisher, rows, sent, batch_submit=deps.settings.submit_mode == "batch")
     finally:
         mark_sent(deps.sessions, sent, clock=deps.clock)
     return len(sent)
@@ -127,6 +126,9 @@ def _redrive(deps: Deps, job: Job, state: State) -> None:
         with deps.sessions() as session:  # touch the row so the next sweep waits a full period again
             update_if(session, job.id, State.QUEUED, clock=deps.clock)
             session.commit()
+        if deps.settings.submit_mode == "batch":
+            schedule(deps, submitter_wakeup(deps, 0.0))  # the submitter leases it from the table
+            return
     if step == STEP_UPLOAD:
         with deps.sessions() as session:
             update_if(session, job.id, State.UPLOADING, clock=deps.clock)

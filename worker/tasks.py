@@ -5,18 +5,19 @@ and map infrastructure errors (database, S3, Redis, output downloads) to a Celer
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Callable
 
 import redis
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from . import pipeline, reconciler
+from . import pipeline, reconciler, submitter
 from .backoff import compute_backoff
 from .celery_app import MAX_COUNTDOWN, QUEUE, app
 from .deps import Deps, build_deps
 from .errors import StorageError, TransientProviderError
-from .jobs import STEP_POLL, STEP_SUBMIT, STEP_UPLOAD
+from .jobs import STEP_POLL, STEP_SUBMIT, STEP_SUBMIT_DUE, STEP_UPLOAD
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,73 @@ def upload(self, job_id: str) -> None:
     _run(self, lambda deps: pipeline.run_upload(deps, job_id))
 
 
+def _node(task) -> str:
+    return task.request.hostname or socket.gethostname()
+
+
+def loop_lock_ttl(settings) -> float:
+    # A pass runs batch_pass_seconds (plus the batch in hand); a SIGKILLed holder's lock lapses
+    # soon after, and a restarted worker clears its own at start (celery_app.worker_ready).
+    return 2 * settings.batch_pass_seconds + 5
+
+
 @app.task(name="edit_worker.poll_due", bind=True)
 def poll_due(self) -> None:
-    """Batch mode's poller: claim due jobs, poll them concurrently, wake again when the next is due."""
+    """Batch mode's poller: claim due jobs, poll them concurrently, wake again when the next is due.
+    One pass per worker node at a time, so the poller never takes every slot of a node."""
     deps = build_deps()
+    lock = f"poller:{_node(self)}"
     try:
-        report = pipeline.poll_due(deps)
+        if not deps.limits.once(lock, ttl=loop_lock_ttl(deps.settings)):
+            return  # this node's pass is running; it wakes itself when the next job is due
+    except redis.RedisError:
+        pass  # no Redis: run unlocked (passes on one node only ever claim disjoint jobs)
+    try:
+        report = pipeline.poll_due(deps, max_seconds=deps.settings.batch_pass_seconds)
         for nxt in report.uploads:
             pipeline.schedule(deps, nxt)
         if report.next_due_in is not None:
-            pipeline.schedule(deps, pipeline.poller_wakeup(deps, report.next_due_in))
+            # Due now (the pass ran out of time): chain directly; later: a de-duplicated wake-up.
+            wake = pipeline.Next(pipeline.STEP_POLL_DUE, "") if report.next_due_in <= 0 else pipeline.poller_wakeup(deps, report.next_due_in)
+            pipeline.schedule(deps, wake)
     except INFRA_ERRORS as exc:
         # Claimed jobs come due again after the lease; beat wakes a poller every few seconds.
         log.warning("poller pass failed: %s", type(exc).__name__)
+    finally:
+        _unlock(deps, lock)
+
+
+@app.task(name="edit_worker.submit_due", bind=True)
+def submit_due(self) -> None:
+    """Batch mode's submitter: lease due queued jobs and submit them concurrently (submitter.py).
+    One pass per worker node at a time; it wakes itself while queued work remains."""
+    deps = build_deps()
+    lock = f"submitter:{_node(self)}"
+    try:
+        if not deps.limits.once(lock, ttl=loop_lock_ttl(deps.settings)):
+            # This node's pass is running. It may be finishing just now, so look again in a moment.
+            pipeline.schedule(deps, submitter.submitter_wakeup(deps, 1.0))
+            return
+    except redis.RedisError:
+        pass
+    try:
+        report = submitter.submit_due(deps)
+        for nxt in report.schedule:
+            pipeline.schedule(deps, nxt)
+        if report.next_due_in is not None:
+            pipeline.schedule(deps, submitter.submitter_wakeup(deps, report.next_due_in, dedupe=report.next_due_in > 0))
+    except INFRA_ERRORS as exc:
+        # Leased jobs come due again after the lease; beat wakes a submitter every few seconds.
+        log.warning("submitter pass failed: %s", type(exc).__name__)
+    finally:
+        _unlock(deps, lock)
+
+
+def _unlock(deps: Deps, lock: str) -> None:
+    try:
+        deps.limits.forget(lock)
+    except redis.RedisError:
+        pass  # it lapses on its own
 
 
 @app.task(name="edit_worker.reconcile", bind=True)
@@ -85,7 +140,8 @@ def reconcile(self) -> None:
             pass
 
 
-_TASK_NAMES = {STEP_SUBMIT: submit.name, STEP_POLL: poll.name, STEP_UPLOAD: upload.name, pipeline.STEP_POLL_DUE: poll_due.name}
+_TASK_NAMES = {STEP_SUBMIT: submit.name, STEP_POLL: poll.name, STEP_UPLOAD: upload.name, pipeline.STEP_POLL_DUE: poll_due.name,
+               STEP_SUBMIT_DUE: submit_due.name}
 
 
 class CeleryPublisher:
@@ -95,7 +151,7 @@ class CeleryPublisher:
         self.celery = celery or app
 
     def publish(self, step: str, job_id: str, *, countdown: float = 0.0, poll_seq: int | None = None) -> None:
-        args = [] if step == pipeline.STEP_POLL_DUE else [job_id] if step != STEP_POLL else [job_id, poll_seq]
+        args = [] if step in (pipeline.STEP_POLL_DUE, STEP_SUBMIT_DUE) else [job_id] if step != STEP_POLL else [job_id, poll_seq]
         # Longer waits are the row's business (next_attempt_at / next_poll_at + the sweep): a
         # countdown near the visibility timeout would be redelivered while still waiting.
         options = {"countdown": min(countdown, MAX_COUNTDOWN)} if countdown > 0 else {}

@@ -131,7 +131,10 @@ def settings(database_url) -> Settings:
         max_image_bytes=1024 * 1024,
         allow_private_urls=False,
         base64_output=False,
-        poll_mode="task",  # the step-by-step `drive` fixture follows task mode's chain; test_poller.py covers batch
+        # The step-by-step `drive` fixture follows task mode's chain; test_poller.py and
+        # test_submitter.py cover the batch modes.
+        poll_mode="task",
+        submit_mode="task",
     )
 
 

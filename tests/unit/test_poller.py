@@ -11,6 +11,8 @@ import pytest
 
 from worker import jobs, pipeline
 
+BUCKET, PREFIX = "edit-worker-unit", "edits"  # as in conftest.py
+
 
 @pytest.fixture
 def batch_deps(deps):
@@ -52,7 +54,55 @@ def test_nothing_is_polled_before_it_is_due(batch_deps, new_job, fake_provider, 
     assert report.next_due_in == pytest.approx(batch_deps.settings.first_poll_delay, abs=0.01)
 
 
-def test_due_jobs_complete_and_uploads_are_scheduled(batch_deps, new_job, fake_provider, clock, load, executor):
+def test_due_jobs_are_copied_to_s3_by_the_poller_itself(batch_deps, new_job, fake_provider, clock, load, executor, list_keys, sessions):
+    ids = _processing(batch_deps, new_job, 5)
+    clock.advance(batch_deps.settings.first_poll_delay)
+    report = pipeline.poll_due(batch_deps, executor=executor)
+    assert report.claimed == 5 and report.finished == 5
+    assert report.uploads == []  # no upload message: done inline
+    assert {load(i).state for i in ids} == {"succeeded"}
+    assert sorted(list_keys()) == sorted(f"{PREFIX}/{i}/0.png" for i in ids)
+    for job_id in ids:
+        job = load(job_id)
+        assert job.outputs == [f"s3://{BUCKET}/{PREFIX}/{job_id}/0.png"] and job.provider_outputs is None
+        assert [(e.from_state, e.to_state) for e in jobs.job_events(sessions, job_id)][-2:] == [
+            ("processing", "uploading"), ("uploading", "succeeded")]
+    assert fake_provider.calls["result"] == 5 and fake_provider.calls["download"] == 5
+    assert batch_deps.limits.breaker_state()["active"] == 0  # every provider slot handed back
+    assert report.next_due_in is None
+
+
+def test_a_failed_inline_copy_leaves_the_job_uploading_for_an_upload_task(batch_deps, new_job, fake_provider, clock, load, executor):
+    ids = _processing(batch_deps, new_job, 2)
+    fake_provider.script("download", httpx.Response(503, text="<html>busy</html>"))
+    clock.advance(batch_deps.settings.first_poll_delay)
+    report = pipeline.poll_due(batch_deps, executor=executor)
+    assert report.finished == 2
+    assert len(report.uploads) == 1 and report.uploads[0].step == jobs.STEP_UPLOAD and report.uploads[0].countdown > 0
+    failed = report.uploads[0].job_id
+    assert load(failed).state == "uploading" and load(failed).provider_outputs
+    assert {load(i).state for i in ids if i != failed} == {"succeeded"}
+    pipeline.run_upload(batch_deps, failed)  # what the upload task does
+    assert load(failed).state == "succeeded"
+
+
+def test_the_first_poll_learns_the_models_typical_inference_time(batch_deps, new_job, clock, executor, load):
+    batch_deps.settings = batch_deps.settings.model_copy(update={"first_poll_delay": 0.5})
+    _processing(batch_deps, new_job, 3)
+    clock.advance(0.5)
+    pipeline.poll_due(batch_deps, executor=executor)  # the fake provider reports 1234 ms of inference
+    assert batch_deps.limits.typical_inference() == pytest.approx(1.234)
+    later = new_job(prompt="after learning")
+    nxt = pipeline.run_submit(batch_deps, later)
+    assert (load(later).next_poll_at - clock.now()).total_seconds() == pytest.approx(1.234, abs=0.01)
+    assert nxt is None or nxt.countdown >= 1.234
+    off = batch_deps.settings.model_copy(update={"adaptive_first_poll": False})
+    batch_deps.settings = off
+    assert pipeline.first_poll_delay(batch_deps) == 0.5
+
+
+def test_due_jobs_complete_and_uploads_are_scheduled_when_not_inline(batch_deps, new_job, fake_provider, clock, load, executor):
+    batch_deps.settings = batch_deps.settings.model_copy(update={"upload_inline": False})
     ids = _processing(batch_deps, new_job, 5)
     clock.advance(batch_deps.settings.first_poll_delay)
     report = pipeline.poll_due(batch_deps, executor=executor)

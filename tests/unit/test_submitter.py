@@ -1,0 +1,149 @@
+"""The batch submitter (submit_mode=batch): leases due queued jobs, takes limiter slots in one call,
+submits each exactly once, hands back what it cannot send, and wakes the poller once per batch."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from worker import jobs, pipeline, submitter
+from worker.limits import MemoryLimits
+from worker.producer import publish_new
+
+
+@pytest.fixture
+def sub_deps(deps):
+    deps.settings = deps.settings.model_copy(update={"poll_mode": "batch", "submit_mode": "batch", "submit_batch_size": 50,
+                                                     "submit_threads": 4})
+    return deps
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        yield pool
+
+
+def _queued(new_job, n: int) -> list[str]:
+    return [new_job(prompt=f"queued job {i}") for i in range(n)]
+
+
+def _path(sessions, job_id: str) -> list[tuple[str | None, str]]:
+    return [(e.from_state, e.to_state) for e in jobs.job_events(sessions, job_id)]
+
+
+def test_a_pass_submits_every_due_job_exactly_once_and_wakes_the_poller_once(sub_deps, new_job, fake_provider, load, sessions, executor):
+    ids = _queued(new_job, 7)
+    report = submitter.submit_due(sub_deps, executor=executor)
+    assert (report.leased, report.started, report.accepted, report.lost) == (7, 7, 7, 0)
+    assert len(fake_provider.submissions) == 7
+    assert sorted(t.body["prompt"] for t in fake_provider.submissions) == sorted(f"queued job {i}" for i in range(7))
+    for job_id in ids:
+        job = load(job_id)
+        assert job.state == "processing" and job.prediction_id and job.attempts == 1
+        assert _path(sessions, job_id) == [(None, "queued"), ("queued", "submitting"), ("submitting", "processing")]
+        assert sub_deps.limits.recall_submission(job_id) == job.prediction_id  # journaled
+    assert [n.step for n in report.schedule] == [pipeline.STEP_POLL_DUE]
+    assert report.next_due_in is None  # nothing left queued
+    # A second pass finds nothing: no job is sent twice.
+    again = submitter.submit_due(sub_deps, executor=executor)
+    assert again.leased == 0 and len(fake_provider.submissions) == 7
+
+
+def test_jobs_beyond_the_rate_limit_wait_in_queued_without_spending_an_attempt(sub_deps, new_job, fake_provider, load, clock, executor):
+    sub_deps.limits = MemoryLimits(rate_per_minute=3, clock=clock.monotonic)
+    ids = _queued(new_job, 5)
+    report = submitter.submit_due(sub_deps, executor=executor)
+    assert report.started == 3 and len(fake_provider.submissions) == 3
+    waiting = [load(i) for i in ids if load(i).state == "queued"]
+    assert len(waiting) == 2 and all(j.attempts == 0 for j in waiting)
+    assert report.next_due_in == pytest.approx(60.0, abs=0.5)  # the rate window
+    clock.advance(61)
+    later = submitter.submit_due(sub_deps, executor=executor)
+    assert later.started == 2 and {load(i).state for i in ids} == {"processing"}
+    assert len(fake_provider.submissions) == 5
+
+
+def test_an_open_breaker_leases_nothing_and_a_half_open_one_lets_exactly_one_probe_through(sub_deps, new_job, fake_provider, load, clock, executor):
+    ids = _queued(new_job, 4)
+    sub_deps.limits.trip_breaker(30, "provider unavailable")
+    report = submitter.submit_due(sub_deps, executor=executor)
+    assert report.leased == 0 and fake_provider.calls["submit"] == 0
+    assert report.next_due_in == pytest.approx(30.0, abs=0.1)
+    clock.advance(31)
+    probe = submitter.submit_due(sub_deps, executor=executor)
+    assert probe.started == 1 and len(fake_provider.submissions) == 1
+    assert not sub_deps.limits.breaker_state()["tripped"]  # the probe went through: closed
+    rest = submitter.submit_due(sub_deps, executor=executor)
+    assert rest.started == 3 and {load(i).state for i in ids} == {"processing"}
+
+
+def test_a_submitter_that_died_after_leasing_leaves_its_jobs_queued_until_the_lease_runs_out(sub_deps, new_job, fake_provider, load, clock, executor):
+    ids = _queued(new_job, 3)
+    leases = submitter.lease_queued(sub_deps, 10)  # ... and then the process is SIGKILLed
+    assert len(leases) == 3 and {load(i).state for i in ids} == {"queued"}
+    assert submitter.submit_due(sub_deps, executor=executor).leased == 0  # still leased
+    clock.advance(sub_deps.settings.submit_lease_seconds + 0.1)
+    report = submitter.submit_due(sub_deps, executor=executor)
+    assert report.started == 3 and len(fake_provider.submissions) == 3
+    # The dead submitter's leases are stale: starting one now loses the compare-and-set.
+    assert submitter._start(sub_deps, leases[0], probe=False) == ("lost", None)
+    assert len(fake_provider.submissions) == 3
+
+
+def test_a_slow_submitter_whose_lease_was_taken_over_does_not_send_the_job(sub_deps, new_job, fake_provider, load, clock):
+    job_id = new_job()
+    [old] = submitter.lease_queued(sub_deps, 1)  # a submitter stalls past its lease ...
+    clock.advance(sub_deps.settings.submit_lease_seconds + 0.1)
+    [new] = submitter.lease_queued(sub_deps, 1)  # ... and another leases the same, still queued, job
+    assert new.job_id == old.job_id == job_id and new.seq != old.seq
+    assert submitter._start(sub_deps, old, probe=False) == ("lost", None)  # the stale one wakes up: no send
+    assert fake_provider.calls["submit"] == 0 and load(job_id).state == "queued"
+    assert submitter._start(sub_deps, new, probe=False)[0] == "accepted"
+    assert len(fake_provider.submissions) == 1
+
+
+def test_a_transient_error_puts_only_that_job_back_with_backoff(sub_deps, new_job, fake_provider, load, clock, executor):
+    ids = _queued(new_job, 3)
+    sub_deps.settings = sub_deps.settings.model_copy(update={"submit_threads": 1})
+    fake_provider.script("submit", httpx.Response(502, text="<html>bad gateway</html>"))
+    report = submitter.submit_due(sub_deps, executor=ThreadPoolExecutor(max_workers=1))
+    assert report.started == 3 and report.accepted == 2
+    back = [load(i) for i in ids if load(i).state == "queued"]
+    assert len(back) == 1 and back[0].attempts == 1 and back[0].next_attempt_at > clock.now()
+    assert report.next_due_in == pytest.approx((back[0].next_attempt_at - clock.now()).total_seconds(), abs=0.01)
+    clock.advance(report.next_due_in)
+    assert submitter.submit_due(sub_deps, executor=executor).accepted == 1
+    assert {load(i).state for i in ids} == {"processing"} and len(fake_provider.submissions) == 3
+
+
+def test_two_submitters_at_once_never_send_a_job_twice(sub_deps, new_job, fake_provider, executor):
+    _queued(new_job, 40)
+    barrier = threading.Barrier(2)
+
+    def one_pass():
+        barrier.wait()
+        return submitter.submit_due(sub_deps, executor=executor)
+
+    with ThreadPoolExecutor(max_workers=2) as outer:
+        reports = list(outer.map(lambda _: one_pass(), range(2)))
+    assert sum(r.accepted for r in reports) == 40
+    prompts = [t.body["prompt"] for t in fake_provider.submissions]
+    assert len(prompts) == 40 and len(set(prompts)) == 40
+
+
+def test_producers_publish_one_wakeup_per_batch_not_one_message_per_job(sub_deps, new_job, sessions, publisher):
+    ids = _queued(new_job, 25)
+    publish_new(sub_deps.settings, ids, publisher=publisher)
+    assert publisher.sent == [(jobs.STEP_SUBMIT_DUE, "", 0.0, None)]
+    assert jobs.pending_outbox(sessions) == []  # every submit row counts as published
+
+
+def test_wakeups_in_the_same_half_second_are_shared(sub_deps):
+    first = submitter.submitter_wakeup(sub_deps, 1.0)
+    assert first is not None and first.step == jobs.STEP_SUBMIT_DUE and 1.0 <= first.countdown < 1.5
+    assert submitter.submitter_wakeup(sub_deps, 1.0) is None
+    assert submitter.submitter_wakeup(sub_deps, 1.0, dedupe=False) is not None

@@ -1,0 +1,226 @@
+"""The batch submitter (submit_mode=batch): one pass leases due queued jobs, takes their limiter
+slots in one Redis call and submits them concurrently over the process's one HTTP client.
+
+Leasing keeps a job `queued` (it bumps the row's poll_seq, our claim version while queued, and
+pushes next_attempt_at out by the lease), so a submitter that dies before sending a job leaves it
+queued and due again after the lease — not ambiguous. Each job moves queued -> submitting (CAS on
+that version) in its own thread right before its provider call, and from there on it is exactly
+`pipeline.send_submit`, the same code as task mode: the same journal, the same answers to every
+error. At most `submit_threads` submits are in the air at once per process, which also bounds how
+many submits a SIGKILL can leave ambiguous.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import bindparam, func, or_, select, update
+
+from .deps import Deps
+from .jobs import JOBS, STEP_POLL, STEP_SUBMIT, STEP_SUBMIT_DUE, transition_now
+from .limits import Gate
+from .pipeline import STEP_POLL_DUE, Next, Ticket, poller_wakeup, send_submit, settle_breaker
+from .states import State
+from .wavespeed import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: str
+    seq: int  # the row's poll_seq after leasing: the CAS that starts the submit checks it
+    attempts: int
+    request: EditRequest
+
+
+@dataclass
+class SubmitBatchReport:
+    leased: int = 0
+    started: int = 0        # moved to submitting and sent (whatever the provider answered)
+    accepted: int = 0       # the provider created a task
+    deferred: int = 0       # leased, but the limiter had no slot: back to queued for `wait`
+    lost: int = 0           # someone else moved the job between lease and submit
+    next_due_in: float | None = None   # when queued work is due next (None: nothing queued)
+    schedule: list[Next] = field(default_factory=list)  # follow-up messages to publish
+
+
+def _due_filter(now: datetime):
+    c = JOBS.c
+    return (c.state == State.QUEUED.value, or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now), c.deadline_at > now)
+
+
+def lease_queued(deps: Deps, limit: int) -> list[Lease]:
+    """Lease up to `limit` due queued jobs, oldest first. PostgreSQL: FOR UPDATE SKIP LOCKED, so
+    concurrent submitters lease disjoint sets; SQLite serialises writers and the UPDATE re-checks."""
+    now = deps.clock()
+    c = JOBS.c
+    due = select(c.id).where(*_due_filter(now)).order_by(c.created_at).limit(limit).with_for_update(skip_locked=True)
+    stmt = (update(JOBS)
+            .where(c.id.in_(due.scalar_subquery()), *_due_filter(now))
+            .values(poll_seq=c.poll_seq + 1, next_attempt_at=now + timedelta(seconds=deps.settings.submit_lease_seconds), updated_at=now)
+            .returning(c.id, c.poll_seq, c.attempts, c.prompt, c.image_payload, c.size, c.seed, c.enable_base64_output, c.created_at))
+    with deps.sessions() as session:
+        rows = session.execute(stmt).all()
+        session.commit()
+    rows.sort(key=lambda r: r.created_at)
+    return [Lease(r.id, r.poll_seq, r.attempts, EditRequest(prompt=r.prompt, image=r.image_payload, size=r.size, seed=r.seed,
+                                                            enable_base64_output=r.enable_base64_output)) for r in rows]
+
+
+def _unlease(deps: Deps, leases: list[Lease], wait: float) -> None:
+    """Hand leased jobs back (no limiter slot now): due again in `wait`, no attempt spent."""
+    if not leases:
+        return
+    c = JOBS.c
+    due = deps.clock() + timedelta(seconds=wait)
+    stmt = (update(JOBS).where(c.id == bindparam("b_id"), c.state == State.QUEUED.value, c.poll_seq == bindparam("b_seq"))
+            .values(next_attempt_at=due, updated_at=deps.clock()))
+    with deps.sessions() as session:
+        session.connection().execute(stmt, [{"b_id": lease.job_id, "b_seq": lease.seq} for lease in leases])
+        session.commit()
+
+
+def _start(deps: Deps, lease: Lease, probe: bool) -> tuple[str, Next | None]:
+    """In a pool thread: queued -> submitting (CAS on the lease), then the provider call."""
+    attempt = lease.attempts + 1
+    try:
+        moved = transition_now(deps.sessions, lease.job_id, State.QUEUED, State.SUBMITTING, f"submit attempt {attempt}",
+                               clock=deps.clock, where={"poll_seq": lease.seq}, attempts=attempt,
+                               submitted_at=deps.clock(), next_attempt_at=None)
+    except Exception as exc:  # database down: the job is still queued and its lease runs out
+        log.warning("could not start a leased submit: %s", type(exc).__name__, extra={"job_id": lease.job_id})
+        deps.limits.release(lease.job_id)
+        return "lost", None
+    if moved is None:
+        deps.limits.release(lease.job_id)
+        return "lost", None
+    try:
+        nxt = send_submit(deps, Ticket(lease.job_id, attempt, lease.request, probe), batch=True)
+    except Exception as exc:
+        # The job is in `submitting`: whether a task exists is for the reconciler to find out (the
+        # journal, then the provider's task list) — never a blind resubmit.
+        log.warning("submit ended with %s; the reconciler settles it", type(exc).__name__, extra={"job_id": lease.job_id})
+        return "started", None
+    accepted = nxt is not None and nxt.step in (STEP_POLL_DUE, STEP_POLL)
+    return ("accepted" if accepted else "started"), nxt
+
+
+def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -> SubmitBatchReport:
+    """One submitter pass: lease, take slots, submit — batch after batch until nothing is due, a
+    limit or the breaker says wait, or `max_seconds` pass. Never sleeps."""
+    s = deps.settings
+    report = SubmitBatchReport()
+    pool = executor or _submit_executor(s.submit_threads)
+    started = time.monotonic()
+    limit = max_seconds if max_seconds is not None else s.batch_pass_seconds
+    waits: list[float] = []
+    polls: list[float] = []
+    while time.monotonic() - started < limit:
+        gate = deps.limits.check_breaker()
+        if not gate.open:
+            waits.append(gate.wait)
+            break
+        probe = gate.probe
+        room = 1 if probe else deps.limits.capacity()
+        if isinstance(room, Gate):
+            waits.append(room.wait)
+            break
+        want = min(s.submit_batch_size, room)
+        leases: list[Lease] = []
+        try:
+            leases = lease_queued(deps, want)
+        finally:
+            if probe and not leases:
+                deps.limits.release_probe()  # an unused probe goes back at once
+        report.leased += len(leases)
+        if not leases:
+            break
+        granted, gate = deps.limits.acquire_many([lease.job_id for lease in leases])
+        go, back = leases[:granted], leases[granted:]
+        if back:
+            _unlease(deps, back, gate.wait)
+            report.deferred += len(back)
+            waits.append(gate.wait)
+            log.info("%d submit(s) deferred %.1fs: %s", len(back), gate.wait, gate.reason)
+        if probe and not go:
+            deps.limits.release_probe()
+        outcomes = list(pool.map(lambda lease: _start(deps, lease, probe), go))
+        for status, nxt in outcomes:
+            report.lost += status == "lost"
+            report.started += status != "lost"
+            report.accepted += status == "accepted"
+            if nxt is None:
+                continue
+            if nxt.step == STEP_POLL_DUE:
+                polls.append(nxt.countdown)
+            elif nxt.step == STEP_SUBMIT:
+                continue  # a retry later: the row's next_attempt_at says when; a pass takes it then
+            else:
+                report.schedule.append(nxt)  # task poll mode: each job's own poll chain
+        if report.accepted:
+            settle_breaker(deps)
+        if back or len(leases) < want or probe:
+            break
+    if polls:
+        wake = poller_wakeup(deps, min(polls))
+        if wake is not None:
+            report.schedule.append(wake)
+    report.next_due_in = _next_due_in(deps, blocked=min(waits) if waits else 0.0)
+    return report
+
+
+def _next_due_in(deps: Deps, *, blocked: float) -> float | None:
+    """Seconds until queued work can go: the rows' soonest next_attempt_at, but not before the
+    limiter or breaker allows (`blocked`). None when nothing is queued."""
+    now = deps.clock()
+    c = JOBS.c
+    with deps.sessions() as session:
+        row = session.execute(select(func.count(), func.min(c.next_attempt_at),
+                                     func.count().filter(c.next_attempt_at.is_(None)))
+                              .where(c.state == State.QUEUED.value, c.deadline_at > now)).one()
+    queued, soonest, undated = row
+    if not queued:
+        return None
+    if undated:
+        due = 0.0
+    else:
+        if soonest.tzinfo is None:  # SQLite's min() bypasses the column type
+            soonest = datetime.fromisoformat(str(soonest)).replace(tzinfo=timezone.utc)
+        due = max(0.0, (soonest - now).total_seconds())
+    return max(due, blocked)
+
+
+# Wake-ups are bucketed like the poller's: many producers in the same half second share one.
+WAKEUP_BUCKET = 0.5
+
+
+def submitter_wakeup(deps: Deps, delay: float, *, dedupe: bool = True) -> Next | None:
+    now = deps.clock().timestamp()
+    bucket = math.ceil((now + max(0.0, delay)) / WAKEUP_BUCKET)
+    if dedupe:
+        try:
+            if not deps.limits.once(f"submit-due:{bucket}", ttl=max(delay, 0.0) + 60):
+                return None
+        except Exception:  # Redis down: publish anyway (a duplicate pass finds nothing to do)
+            pass
+    return Next(STEP_SUBMIT_DUE, "", countdown=max(0.0, bucket * WAKEUP_BUCKET - now))
+
+
+_executor_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+
+
+def _submit_executor(threads: int) -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="submit")
+        return _executor
