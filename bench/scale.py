@@ -425,8 +425,10 @@ def base_env(stack: Stack, args, bucket: str) -> dict[str, str]:
         # The account limiter must not be what bounds the benchmark.
         "EDIT_WORKER_RATE_LIMIT_PER_MINUTE": HUGE,
         "EDIT_WORKER_MAX_CONCURRENCY": HUGE,
-        "EDIT_WORKER_FIRST_POLL_DELAY": f"{args.latency:g}",
     })
+    # The deployment's guess of the model's inference time, used until the worker has learned it
+    # from what the provider reports (adaptive_first_poll).
+    env["EDIT_WORKER_FIRST_POLL_DELAY"] = f"{args.latency:g}"
     for item in args.env:
         key, _, value = item.partition("=")
         env[key] = value

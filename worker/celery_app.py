@@ -76,8 +76,9 @@ def _clear_node_locks(sender=None, **_kw) -> None:
         from .deps import build_deps
 
         limits = build_deps().limits
-        for loop in ("poller", "submitter"):
-            limits.forget(f"{loop}:{sender.hostname}")
+        for loop, slots in (("poller", build_deps().settings.poll_passes_per_node), ("submitter", 1)):
+            for slot in range(slots):
+                limits.forget(f"{loop}:{sender.hostname}:{slot}")
     except Exception:  # Redis not up yet: the locks lapse on their own
         pass
     finally:

@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_MAX_CONCURRENCY"))
     # How long a job may take in total before it is failed as hopeless.
     job_deadline_seconds: float = Field(default=3600.0, gt=0, validation_alias=_env("EDIT_WORKER_JOB_DEADLINE_SECONDS"))
-    # First poll after submit (near the model's typical inference time), then every poll_interval (+ jitter).
+    # First poll after submit (near the model's typical inference time; with adaptive_first_poll
+    # only until that is learned), then every poll_interval (+ jitter).
     first_poll_delay: float = Field(default=3.0, ge=0, validation_alias=_env("EDIT_WORKER_FIRST_POLL_DELAY"))
     poll_interval: float = Field(default=2.0, ge=2.0, validation_alias=_env("EDIT_WORKER_POLL_INTERVAL"))
     poll_jitter: float = Field(default=0.5, ge=0, validation_alias=_env("EDIT_WORKER_POLL_JITTER"))
@@ -61,7 +62,8 @@ class Settings(BaseSettings):
     # again after the lease and another poller takes it (none forgotten, none polled twice at once).
     poll_lease_seconds: float = Field(default=30.0, gt=0, validation_alias=_env("EDIT_WORKER_POLL_LEASE_SECONDS"))
     # Learn the model's typical inference time (what the provider reports, shared through Redis)
-    # and poll a new prediction first near it: at max(first_poll_delay, typical), capped here.
+    # and poll a new prediction first at it (capped here); first_poll_delay is the guess used
+    # until something has been learned.
     adaptive_first_poll: bool = Field(default=True, validation_alias=_env("EDIT_WORKER_ADAPTIVE_FIRST_POLL"))
     first_poll_max: float = Field(default=120.0, ge=0, validation_alias=_env("EDIT_WORKER_FIRST_POLL_MAX"))
     # Batch mode's poller copies a finished job's outputs to S3 itself (same threads, no upload
@@ -75,11 +77,18 @@ class Settings(BaseSettings):
     submit_mode: Literal["batch", "task"] = Field(default="batch", validation_alias=_env("EDIT_WORKER_SUBMIT_MODE"))
     submit_batch_size: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_BATCH_SIZE"))
     submit_threads: int = Field(default=8, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_THREADS"))
+    # Reap before sowing: while jobs due for polling wait longer than this (the pollers are behind,
+    # e.g. the host's CPU is saturated), the submitter starts no new predictions, so finished
+    # ones are copied out first and their lag stays bounded. 0 turns it off.
+    submit_backpressure_seconds: float = Field(default=1.0, ge=0, validation_alias=_env("EDIT_WORKER_SUBMIT_BACKPRESSURE_SECONDS"))
     # A leased queued job is due again after this long if its submitter died before sending it.
     submit_lease_seconds: float = Field(default=30.0, gt=0, validation_alias=_env("EDIT_WORKER_SUBMIT_LEASE_SECONDS"))
+    # Poller passes that may run at once on one worker node (each in its own Celery slot and
+    # process, so polling and copying outputs can use more than one core); the submitter runs one.
+    poll_passes_per_node: int = Field(default=2, ge=1, validation_alias=_env("EDIT_WORKER_POLL_PASSES_PER_NODE"))
     # How long one submitter or poller pass runs before it hands its worker slot back (and wakes
     # itself again if work remains).
-    batch_pass_seconds: float = Field(default=5.0, gt=0, validation_alias=_env("EDIT_WORKER_BATCH_PASS_SECONDS"))
+    batch_pass_seconds: float = Field(default=3.0, gt=0, validation_alias=_env("EDIT_WORKER_BATCH_PASS_SECONDS"))
     # Transient-error backoff (full jitter): base * 2**attempt capped at max.
     backoff_base: float = Field(default=2.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_BASE"))
     backoff_max: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_MAX"))

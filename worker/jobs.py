@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 
 from sqlalchemy import Row, bindparam, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql import ClauseElement
 from sqlalchemy.orm import Session, sessionmaker, undefer
 
 from models import Job, JobEvent, Outbox
@@ -185,20 +186,15 @@ def transition_now(
     Returns the moved row's `returning` columns (always including `id`), or None when the CAS lost."""
     _check_edge(job_id, src, dst)
     now = clock()
-    cols = [JOBS.c.id, *(JOBS.c[name] for name in returning)]
-    upd = update(JOBS).where(*_conditions(job_id, src, where)).values(**_move_values(dst, now, fields)).returning(*cols)
+    values = _move_values(dst, now, fields)
     engine = sessions.kw["bind"]
     if engine.dialect.name == "postgresql":
-        moved = upd.cte("moved")
-        at = bindparam("ev_at", now, type_=EVENTS.c.at.type)
-        ev = insert(EVENTS).from_select(
-            ["job_id", "from_state", "to_state", "reason", "at"],
-            select(moved.c.id, literal(src.value, EVENTS.c.from_state.type), literal(dst.value, EVENTS.c.to_state.type),
-                   literal(reason[:2000], EVENTS.c.reason.type), at),
-        ).cte("ev")
-        stmt = select(*moved.c).add_cte(ev)
+        stmt, params = _move_statement(src, dst, values, where or {}, returning)
+        params.update(job_id=job_id, ev_reason=reason[:2000], ev_at=now)
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            return conn.execute(stmt).first()
+            return conn.execute(stmt, params).first()
+    cols = [JOBS.c.id, *(JOBS.c[name] for name in returning)]
+    upd = update(JOBS).where(*_conditions(job_id, src, where)).values(**values).returning(*cols)
     with sessions() as session:
         row = session.execute(upd).first()
         if row is None:
@@ -206,6 +202,45 @@ def transition_now(
         _event(session, job_id, src, dst, reason, now)
         session.commit()
         return row
+
+
+_MOVES: dict[tuple, Any] = {}
+
+
+def _move_statement(src: State, dst: State, values: dict[str, Any], where: dict[str, Any],
+                    returning: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    """The PostgreSQL CTE for a transition, built once per shape (which columns are set, which are
+    compared, what comes back) with every value a bound parameter: building a statement and its
+    cache key costs more than executing it."""
+    params: dict[str, Any] = {}
+    shape_values: list[tuple[str, str | None]] = []
+    for name, value in values.items():
+        if isinstance(value, ClauseElement):
+            shape_values.append((name, str(value)))  # an expression such as poll_seq + 1: part of the shape
+        else:
+            shape_values.append((name, None))
+            params[f"v_{name}"] = value
+    shape_where: list[tuple[str, bool]] = []
+    for name, value in where.items():
+        shape_where.append((name, value is None))
+        if value is not None:
+            params[f"w_{name}"] = value
+    key = (src, dst, tuple(shape_values), tuple(shape_where), returning)
+    stmt = _MOVES.get(key)
+    if stmt is None:
+        c = JOBS.c
+        cond = [c.id == bindparam("job_id"), c.state == src.value]
+        cond += [c[name].is_(None) if is_null else c[name] == bindparam(f"w_{name}", type_=c[name].type)
+                 for name, is_null in shape_where]
+        sets = {name: values[name] if expr is not None else bindparam(f"v_{name}", type_=c[name].type) for name, expr in shape_values}
+        moved = update(JOBS).where(*cond).values(**sets).returning(c.id, *(c[name] for name in returning)).cte("moved")
+        ev = insert(EVENTS).from_select(
+            ["job_id", "from_state", "to_state", "reason", "at"],
+            select(moved.c.id, literal(src.value, EVENTS.c.from_state.type), literal(dst.value, EVENTS.c.to_state.type),
+                   bindparam("ev_reason", type_=EVENTS.c.reason.type), bindparam("ev_at", type_=EVENTS.c.at.type)),
+        ).cte("ev")
+        stmt = _MOVES[key] = select(*moved.c).add_cte(ev)
+    return stmt, params
 
 
 def update_if(session: Session, job_id: str, state: State, *, clock: Clock = utcnow, where: dict[str, Any] | None = None, **fields: Any) -> bool:

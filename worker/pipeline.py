@@ -212,8 +212,9 @@ def _note_failure(deps: Deps, exc: TransientProviderError) -> None:
 
 
 def first_poll_delay(deps: Deps) -> float:
-    """When to poll a new prediction first: near the model's typical inference time (learned from
-    what the provider reports, shared through Redis), never sooner than the configured delay."""
+    """When to poll a new prediction first: at the model's typical inference time as the provider
+    reports it (learned fleet-wide through Redis); the configured first_poll_delay until something
+    has been learned (or with adaptive_first_poll off)."""
     s = deps.settings
     if not s.adaptive_first_poll:
         return s.first_poll_delay
@@ -221,7 +222,7 @@ def first_poll_delay(deps: Deps) -> float:
         typical = deps.limits.typical_inference()
     except Exception:  # Redis down: the configured delay is always a safe answer
         typical = None
-    return max(s.first_poll_delay, min(typical or 0.0, s.first_poll_max))
+    return s.first_poll_delay if typical is None else min(typical, s.first_poll_max)
 
 
 @retry(retry=retry_if_exception_type((OperationalError, InterfaceError)), stop=stop_after_delay(120),
@@ -393,6 +394,7 @@ class PollBatchReport:
     finished: int = 0
     failed: int = 0
     next_due_in: float | None = None
+    backlog: bool = False  # stopped with full batches still coming: more is due right now
     uploads: list[Next] = field(default_factory=list)
 
 
@@ -474,7 +476,13 @@ def poll_due(deps: Deps, *, max_seconds: float = 10.0, executor=None) -> PollBat
                 report.failed += 1
         if len(claimed) < s.poll_batch_size:
             break
+    else:
+        report.backlog = True
     report.next_due_in = next_due_in(deps)
+    if report.claimed:
+        log.info("poller pass: %d claimed, %d finished, %d failed, %d rescheduled in %.2fs; next due in %s", report.claimed,
+                 report.finished, report.failed, report.rescheduled, time.monotonic() - started,
+                 "-" if report.next_due_in is None else f"{report.next_due_in:.1f}s")
     return report
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,7 @@ class SubmitBatchReport:
     accepted: int = 0       # the provider created a task
     deferred: int = 0       # leased, but the limiter had no slot: back to queued for `wait`
     lost: int = 0           # someone else moved the job between lease and submit
+    backpressure: bool = False  # stopped because the pollers are behind
     next_due_in: float | None = None   # when queued work is due next (None: nothing queued)
     schedule: list[Next] = field(default_factory=list)  # follow-up messages to publish
 
@@ -129,6 +131,10 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             waits.append(gate.wait)
             break
         probe = gate.probe
+        if not probe and _pollers_behind(deps):
+            report.backpressure = True
+            waits.append(BACKPRESSURE_RECHECK)
+            break
         room = 1 if probe else deps.limits.capacity()
         if isinstance(room, Gate):
             waits.append(room.wait)
@@ -174,7 +180,28 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
         if wake is not None:
             report.schedule.append(wake)
     report.next_due_in = _next_due_in(deps, blocked=min(waits) if waits else 0.0)
+    if report.leased:
+        log.info("submitter pass: %d leased, %d accepted, %d deferred, %d lost in %.2fs%s; next due in %s", report.leased,
+                 report.accepted, report.deferred, report.lost, time.monotonic() - started,
+                 " (held back: pollers behind)" if report.backpressure else "",
+                 "-" if report.next_due_in is None else f"{report.next_due_in:.1f}s")
     return report
+
+
+# How soon a submitter held back by busy pollers looks again.
+BACKPRESSURE_RECHECK = 0.5
+
+
+def _pollers_behind(deps: Deps) -> bool:
+    """Is any job's poll overdue by more than submit_backpressure_seconds? (Claimed jobs are not:
+    a claim pushes next_poll_at out by the lease, and backoffs push it out too.)"""
+    grace = deps.settings.submit_backpressure_seconds
+    if grace <= 0 or deps.settings.poll_mode != "batch":
+        return False
+    c = JOBS.c
+    cutoff = deps.clock() - timedelta(seconds=grace)
+    with deps.sessions() as session:
+        return session.scalar(select(c.id).where(c.state == State.PROCESSING.value, c.next_poll_at < cutoff).limit(1)) is not None
 
 
 def _next_due_in(deps: Deps, *, blocked: float) -> float | None:
@@ -218,9 +245,22 @@ _executor_lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
 
 
+# Reap before sowing, on the CPU too: submit threads run at a lower scheduling priority (Linux
+# lets any thread raise its own nice value), so when a host is CPU-bound the pollers copying out
+# finished predictions get the CPU first and submitting slows down to what is left.
+SUBMIT_THREAD_NICE = 5
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SUBMIT_THREAD_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: plain priority
+        pass
+
+
 def _submit_executor(threads: int) -> ThreadPoolExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="submit")
+            _executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="submit", initializer=_lower_priority)
         return _executor

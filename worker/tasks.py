@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import contextmanager
 from typing import Callable
 
 import redis
@@ -68,25 +69,26 @@ def poll_due(self) -> None:
     """Batch mode's poller: claim due jobs, poll them concurrently, wake again when the next is due.
     One pass per worker node at a time, so the poller never takes every slot of a node."""
     deps = build_deps()
-    lock = f"poller:{_node(self)}"
-    try:
-        if not deps.limits.once(lock, ttl=loop_lock_ttl(deps.settings)):
-            return  # this node's pass is running; it wakes itself when the next job is due
-    except redis.RedisError:
-        pass  # no Redis: run unlocked (passes on one node only ever claim disjoint jobs)
-    try:
-        report = pipeline.poll_due(deps, max_seconds=deps.settings.batch_pass_seconds)
-        for nxt in report.uploads:
-            pipeline.schedule(deps, nxt)
-        if report.next_due_in is not None:
-            # Due now (the pass ran out of time): chain directly; later: a de-duplicated wake-up.
-            wake = pipeline.Next(pipeline.STEP_POLL_DUE, "") if report.next_due_in <= 0 else pipeline.poller_wakeup(deps, report.next_due_in)
-            pipeline.schedule(deps, wake)
-    except INFRA_ERRORS as exc:
-        # Claimed jobs come due again after the lease; beat wakes a poller every few seconds.
-        log.warning("poller pass failed: %s", type(exc).__name__)
-    finally:
-        _unlock(deps, lock)
+    follow: list[pipeline.Next | None] = []
+    with _node_pass(deps, f"poller:{_node(self)}", lambda: pipeline.poller_wakeup(deps, BUSY_RETRY),
+                    slots=deps.settings.poll_passes_per_node) as mine:
+        if not mine:
+            return
+        try:
+            report = pipeline.poll_due(deps, max_seconds=deps.settings.batch_pass_seconds)
+        except INFRA_ERRORS as exc:
+            # Claimed jobs come due again after the lease; beat wakes a poller every few seconds.
+            log.warning("poller pass failed: %s", type(exc).__name__)
+            return
+    # After the lock is released: a wake-up that arrives at once must find the node free.
+    follow.extend(report.uploads)
+    if report.next_due_in is not None:
+        # A backlog (the pass ran out of time with full batches): chain directly. Otherwise a
+        # de-duplicated wake-up at the next half-second boundary, which gathers the jobs coming
+        # due meanwhile into one pass instead of a storm of tiny ones.
+        follow.append(pipeline.Next(pipeline.STEP_POLL_DUE, "") if report.backlog
+                      else pipeline.poller_wakeup(deps, report.next_due_in))
+    _schedule_all(deps, follow)
 
 
 @app.task(name="edit_worker.submit_due", bind=True)
@@ -94,25 +96,56 @@ def submit_due(self) -> None:
     """Batch mode's submitter: lease due queued jobs and submit them concurrently (submitter.py).
     One pass per worker node at a time; it wakes itself while queued work remains."""
     deps = build_deps()
-    lock = f"submitter:{_node(self)}"
-    try:
-        if not deps.limits.once(lock, ttl=loop_lock_ttl(deps.settings)):
-            # This node's pass is running. It may be finishing just now, so look again in a moment.
-            pipeline.schedule(deps, submitter.submitter_wakeup(deps, 1.0))
+    follow: list[pipeline.Next | None] = []
+    with _node_pass(deps, f"submitter:{_node(self)}", lambda: submitter.submitter_wakeup(deps, BUSY_RETRY)) as mine:
+        if not mine:
             return
-    except redis.RedisError:
-        pass
+        try:
+            report = submitter.submit_due(deps)
+        except INFRA_ERRORS as exc:
+            # Leased jobs come due again after the lease; beat wakes a submitter every few seconds.
+            log.warning("submitter pass failed: %s", type(exc).__name__)
+            return
+    follow.extend(report.schedule)
+    if report.next_due_in is not None:
+        follow.append(submitter.submitter_wakeup(deps, report.next_due_in, dedupe=report.next_due_in > 0))
+    _schedule_all(deps, follow)
+
+
+# A pass that finds its node's pass running looks again this much later: the running one may be
+# just finishing (and would not see the work this wake-up was for).
+BUSY_RETRY = 0.5
+
+
+@contextmanager
+def _node_pass(deps: Deps, name: str, when_busy: Callable[[], pipeline.Next | None], *, slots: int = 1):
+    """At most `slots` passes of one loop run on a node at once (a lock per slot in Redis)."""
+    lock: str | None = None
     try:
-        report = submitter.submit_due(deps)
-        for nxt in report.schedule:
-            pipeline.schedule(deps, nxt)
-        if report.next_due_in is not None:
-            pipeline.schedule(deps, submitter.submitter_wakeup(deps, report.next_due_in, dedupe=report.next_due_in > 0))
-    except INFRA_ERRORS as exc:
-        # Leased jobs come due again after the lease; beat wakes a submitter every few seconds.
-        log.warning("submitter pass failed: %s", type(exc).__name__)
+        for slot in range(slots):
+            key = f"{name}:{slot}"
+            if deps.limits.once(key, ttl=loop_lock_ttl(deps.settings)):
+                lock = key
+                break
+    except redis.RedisError:
+        lock = ""  # no Redis: run unlocked (passes only ever claim disjoint jobs)
+    if lock is None:
+        _schedule_all(deps, [when_busy()])
+        yield False
+        return
+    try:
+        yield True
     finally:
-        _unlock(deps, lock)
+        if lock:
+            _unlock(deps, lock)
+
+
+def _schedule_all(deps: Deps, steps: list[pipeline.Next | None]) -> None:
+    try:
+        for nxt in steps:
+            pipeline.schedule(deps, nxt)
+    except INFRA_ERRORS as exc:  # broker down: beat's ticks and the sweep wake the loops again
+        log.warning("could not publish follow-up steps: %s", type(exc).__name__)
 
 
 def _unlock(deps: Deps, lock: str) -> None:

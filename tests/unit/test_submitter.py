@@ -17,7 +17,7 @@ from worker.producer import publish_new
 @pytest.fixture
 def sub_deps(deps):
     deps.settings = deps.settings.model_copy(update={"poll_mode": "batch", "submit_mode": "batch", "submit_batch_size": 50,
-                                                     "submit_threads": 4})
+                                                     "submit_threads": 4, "submit_backpressure_seconds": 0.0})
     return deps
 
 
@@ -147,3 +147,20 @@ def test_wakeups_in_the_same_half_second_are_shared(sub_deps):
     assert first is not None and first.step == jobs.STEP_SUBMIT_DUE and 1.0 <= first.countdown < 1.5
     assert submitter.submitter_wakeup(sub_deps, 1.0) is None
     assert submitter.submitter_wakeup(sub_deps, 1.0, dedupe=False) is not None
+
+
+def test_the_submitter_holds_back_while_the_pollers_are_behind(sub_deps, new_job, fake_provider, clock, load, executor):
+    sub_deps.settings = sub_deps.settings.model_copy(update={"submit_backpressure_seconds": 1.0})
+    first = _queued(new_job, 2)
+    assert submitter.submit_due(sub_deps, executor=executor).accepted == 2
+    later = _queued(new_job, 3)
+    # The first two come due for polling and nobody polls them for longer than the grace.
+    clock.advance(sub_deps.settings.first_poll_delay + 1.5)
+    held = submitter.submit_due(sub_deps, executor=executor)
+    assert held.backpressure and held.started == 0 and fake_provider.calls["submit"] == 2
+    assert held.next_due_in == pytest.approx(submitter.BACKPRESSURE_RECHECK)
+    assert {load(i).state for i in later} == {"queued"}
+    pipeline.poll_due(sub_deps, executor=executor)  # the pollers catch up ...
+    assert {load(i).state for i in first} == {"succeeded"}
+    resumed = submitter.submit_due(sub_deps, executor=executor)  # ... and submitting resumes
+    assert not resumed.backpressure and resumed.accepted == 3
