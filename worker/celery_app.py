@@ -76,7 +76,8 @@ def _clear_node_locks(sender=None, **_kw) -> None:
         from .deps import build_deps
 
         limits = build_deps().limits
-        for loop, slots in (("poller", build_deps().settings.poll_passes_per_node), ("submitter", 1)):
+        settings = build_deps().settings
+        for loop, slots in (("poller", settings.poll_passes_per_node), ("submitter", settings.submit_passes_per_node)):
             for slot in range(slots):
                 limits.forget(f"{loop}:{sender.hostname}:{slot}")
     except Exception:  # Redis not up yet: the locks lapse on their own

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # Provider account tier: submissions per minute and tasks running at once (lowest tier: 2 and 2).
     rate_limit_per_minute: int = Field(default=120, ge=1, validation_alias=_env("EDIT_WORKER_RATE_LIMIT_PER_MINUTE"))
     max_concurrency: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_MAX_CONCURRENCY"))
+    # Pacing: at most this many submissions per second fleet-wide, smoothly (a token bucket; the
+    # per-minute rate above allows a whole minute's quota at once). Set it to what the fleet can
+    # copy out per second to keep a large burst's lag behind the provider low. 0 = off.
+    submit_pace_per_second: float = Field(default=0.0, ge=0, validation_alias=_env("EDIT_WORKER_SUBMIT_PACE_PER_SECOND"))
     # How long a job may take in total before it is failed as hopeless.
     job_deadline_seconds: float = Field(default=3600.0, gt=0, validation_alias=_env("EDIT_WORKER_JOB_DEADLINE_SECONDS"))
     # First poll after submit (near the model's typical inference time; with adaptive_first_poll
@@ -71,12 +75,17 @@ class Settings(BaseSettings):
     upload_inline: bool = Field(default=True, validation_alias=_env("EDIT_WORKER_UPLOAD_INLINE"))
     # How queued jobs are submitted. "batch": a submitter task per worker node leases due queued
     # jobs (FOR UPDATE SKIP LOCKED), takes their limiter slots in one Redis call and submits them
-    # over submit_threads threads; producers publish one wake-up per batch, not one message per job.
-    # "task": one submit message per job. Each in-flight submit is one that is ambiguous if the
-    # process is killed mid-call, so submit_threads also bounds that (see README, Reliability).
+    # over the process's one HTTP client; producers publish one wake-up per batch, not one message
+    # per job. "task": one submit message per job.
+    # A submit in the air when its process is SIGKILLed is ambiguous (the provider may have made
+    # the task; its task list cannot say whose it is). One submit thread per pass keeps that to
+    # one job per killed process, which the reconciler settles by itself; more threads submit
+    # faster against a slow provider but can leave several for an operator (README, Reliability).
     submit_mode: Literal["batch", "task"] = Field(default="batch", validation_alias=_env("EDIT_WORKER_SUBMIT_MODE"))
     submit_batch_size: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_BATCH_SIZE"))
-    submit_threads: int = Field(default=8, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_THREADS"))
+    submit_threads: int = Field(default=1, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_THREADS"))
+    # Submitter passes that may run at once on one worker node (each its own process and slot).
+    submit_passes_per_node: int = Field(default=1, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_PASSES_PER_NODE"))
     # Reap before sowing: while jobs due for polling wait longer than this (the pollers are behind,
     # e.g. the host's CPU is saturated), the submitter starts no new predictions, so finished
     # ones are copied out first and their lag stays bounded. 0 turns it off.

@@ -83,6 +83,7 @@ def build_deps(settings: Settings | None = None, publisher: Publisher | None = N
                     rate_per_minute=settings.rate_limit_per_minute,
                     max_concurrency=settings.max_concurrency,
                     slot_ttl=settings.job_deadline_seconds,
+                    pace_per_second=settings.submit_pace_per_second,
                 ),
                 publisher=publisher,
             )

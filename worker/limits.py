@@ -55,6 +55,9 @@ class Limits(Protocol):
     def capacity(self) -> Gate | int: ...
     def acquire_many(self, tokens: list[str]) -> tuple[int, Gate]: ...
     def release_many(self, tokens: list[str]) -> None: ...
+    # Pacing (submit_pace_per_second): a token bucket shared by the fleet; takes up to `want`
+    # tokens, answers how many it got and, if fewer, when the next one comes.
+    def pace(self, want: int) -> tuple[int, float]: ...
     # The model's typical inference time (an EWMA of what the provider reports), for the first poll.
     def observe_inference(self, seconds: float) -> None: ...
     def typical_inference(self) -> float | None: ...
@@ -130,6 +133,24 @@ end
 return {math.min(room_c, room_r), 0, 0}
 """
 
+# KEYS: bucket hash   ARGV: rate per second, burst, want -> {taken, ms until the next token}
+_PACE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local take = math.min(want, math.floor(tokens))
+tokens = tokens - take
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], 60)
+local wait = 0
+if take < want then wait = math.ceil((1 - tokens) / rate * 1000) end
+return {take, wait}
+"""
+
 # KEYS: ewma key   ARGV: sample seconds, weight -> the new average
 _OBSERVE = """
 local old = redis.call('GET', KEYS[1])
@@ -139,6 +160,12 @@ if old then v = tonumber(old) * (1 - a) + x * a end
 redis.call('SET', KEYS[1], tostring(v), 'EX', 86400)
 return tostring(v)
 """
+
+def pace_burst(rate: float) -> float:
+    # Half a second's worth (at least one), the submitter's wake-up granularity: each pass takes
+    # what accrued since the last one, so a burst of work goes out at the paced rate.
+    return max(1.0, rate / 2)
+
 
 LIMIT_REASONS = {-1: "provider concurrency limit reached", -2: "provider rate limit reached"}
 TYPICAL_CACHE_SECONDS = 5.0
@@ -156,6 +183,7 @@ class RedisLimits:
         max_concurrency: int,
         slot_ttl: float = 3600.0,
         namespace: str = "edit-worker",
+        pace_per_second: float = 0.0,
     ):
         self.r = client
         self.rate_per_minute = rate_per_minute
@@ -170,6 +198,9 @@ class RedisLimits:
         self.k_journal = f"{namespace}:submitted:"
         self.k_failures = f"{namespace}:failures"
         self.k_inference = f"{namespace}:typical-inference"
+        self.k_pace = f"{namespace}:pace"
+        self.pace_per_second = pace_per_second
+        self._pace = self.r.register_script(_PACE)
         self._acquire = self.r.register_script(_ACQUIRE)
         self._acquire_many = self.r.register_script(_ACQUIRE_MANY)
         self._capacity = self.r.register_script(_CAPACITY)
@@ -280,6 +311,12 @@ class RedisLimits:
         if tokens:
             self.r.zrem(self.k_active, *tokens)
 
+    def pace(self, want: int) -> tuple[int, float]:
+        if self.pace_per_second <= 0 or want <= 0:
+            return want, 0.0
+        taken, wait_ms = self._pace(keys=[self.k_pace], args=[self.pace_per_second, pace_burst(self.pace_per_second), want])
+        return int(taken), int(wait_ms) / 1000.0
+
     def observe_inference(self, seconds: float) -> None:
         value = float(self._observe(keys=[self.k_inference], args=[f"{seconds:.3f}", EWMA_WEIGHT]))
         self._typical = (time.monotonic(), value)
@@ -296,7 +333,10 @@ class RedisLimits:
 class MemoryLimits:
     """The same behaviour in one process, on an injectable clock (unit tests, single-process tools)."""
 
-    def __init__(self, *, rate_per_minute: int = 10_000, max_concurrency: int = 10_000, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, *, rate_per_minute: int = 10_000, max_concurrency: int = 10_000, clock: Callable[[], float] = time.monotonic,
+                 pace_per_second: float = 0.0):
+        self.pace_per_second = pace_per_second
+        self._tokens: tuple[float, float] | None = None  # (tokens, at)
         self.rate_per_minute = rate_per_minute
         self.max_concurrency = max_concurrency
         self.clock = clock
@@ -432,3 +472,15 @@ class MemoryLimits:
     def typical_inference(self) -> float | None:
         with self._lock:
             return self._typical
+
+    def pace(self, want: int) -> tuple[int, float]:
+        if self.pace_per_second <= 0 or want <= 0:
+            return want, 0.0
+        with self._lock:
+            now, burst = self.clock(), pace_burst(self.pace_per_second)
+            tokens, at = self._tokens or (burst, now)
+            tokens = min(burst, tokens + max(0.0, now - at) * self.pace_per_second)
+            take = min(want, int(tokens))
+            tokens -= take
+            self._tokens = (tokens, now)
+            return take, (0.0 if take == want else (1 - tokens) / self.pace_per_second)

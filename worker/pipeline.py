@@ -37,6 +37,7 @@ from .errors import (
     ProviderError,
     TransientProviderError,
 )
+from .limits import Gate
 from .jobs import STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, add_outbox, transition, transition_now, update_if
 from .states import State
 from .storage import extension_for, sniff_content_type
@@ -103,6 +104,10 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
         probe = gate.probe  # this call holds the half-open breaker's single probe
         moved = False
         try:
+            if gate.open and not probe:
+                taken, pace_wait = deps.limits.pace(1)
+                if not taken:
+                    gate = Gate(pace_wait, "submissions paced (submit_pace_per_second)")
             if gate.open:
                 gate = deps.limits.acquire(job_id)
             if not gate.open:

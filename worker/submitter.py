@@ -6,8 +6,8 @@ pushes next_attempt_at out by the lease), so a submitter that dies before sendin
 queued and due again after the lease — not ambiguous. Each job moves queued -> submitting (CAS on
 that version) in its own thread right before its provider call, and from there on it is exactly
 `pipeline.send_submit`, the same code as task mode: the same journal, the same answers to every
-error. At most `submit_threads` submits are in the air at once per process, which also bounds how
-many submits a SIGKILL can leave ambiguous.
+error. At most `submit_threads` submits are in the air at once per process (default one), which
+is also how many submits a SIGKILL of the process can leave ambiguous.
 """
 
 from __future__ import annotations
@@ -90,7 +90,25 @@ def _unlease(deps: Deps, leases: list[Lease], wait: float) -> None:
         session.commit()
 
 
+# How long one submit takes here (CAS, provider call, record), an in-process running average:
+# it sizes the batches so that a pass leases only what it can send within its time.
+_submit_seconds = 0.05
+
+
+def _batch_that_fits(threads: int, seconds: float) -> int:
+    return max(threads, int(threads * seconds / max(_submit_seconds, 0.001)))
+
+
 def _start(deps: Deps, lease: Lease, probe: bool) -> tuple[str, Next | None]:
+    global _submit_seconds
+    began = time.monotonic()
+    try:
+        return _start_one(deps, lease, probe)
+    finally:
+        _submit_seconds = 0.8 * _submit_seconds + 0.2 * (time.monotonic() - began)
+
+
+def _start_one(deps: Deps, lease: Lease, probe: bool) -> tuple[str, Next | None]:
     """In a pool thread: queued -> submitting (CAS on the lease), then the provider call."""
     attempt = lease.attempts + 1
     try:
@@ -139,7 +157,13 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
         if isinstance(room, Gate):
             waits.append(room.wait)
             break
-        want = min(s.submit_batch_size, room)
+        # No more than the pass can send before its time is up (and well inside the lease).
+        want = min(s.submit_batch_size, room, _batch_that_fits(s.submit_threads, limit))
+        if not probe:
+            want, pace_wait = deps.limits.pace(want)
+            if want == 0:
+                waits.append(pace_wait)
+                break
         leases: list[Lease] = []
         try:
             leases = lease_queued(deps, want)

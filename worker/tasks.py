@@ -97,7 +97,8 @@ def submit_due(self) -> None:
     One pass per worker node at a time; it wakes itself while queued work remains."""
     deps = build_deps()
     follow: list[pipeline.Next | None] = []
-    with _node_pass(deps, f"submitter:{_node(self)}", lambda: submitter.submitter_wakeup(deps, BUSY_RETRY)) as mine:
+    with _node_pass(deps, f"submitter:{_node(self)}", lambda: submitter.submitter_wakeup(deps, BUSY_RETRY),
+                    slots=deps.settings.submit_passes_per_node) as mine:
         if not mine:
             return
         try:

@@ -164,3 +164,16 @@ def test_the_submitter_holds_back_while_the_pollers_are_behind(sub_deps, new_job
     assert {load(i).state for i in first} == {"succeeded"}
     resumed = submitter.submit_due(sub_deps, executor=executor)  # ... and submitting resumes
     assert not resumed.backpressure and resumed.accepted == 3
+
+
+def test_pacing_spreads_a_burst_at_the_configured_rate(sub_deps, new_job, fake_provider, clock, load, executor):
+    sub_deps.limits = MemoryLimits(clock=clock.monotonic, pace_per_second=10)  # a burst of 5 every half second
+    ids = _queued(new_job, 12)
+    first = submitter.submit_due(sub_deps, executor=executor)
+    assert first.started == 5 and first.next_due_in == pytest.approx(0.1, abs=0.01)
+    clock.advance(0.5)
+    assert submitter.submit_due(sub_deps, executor=executor).started == 5
+    clock.advance(0.2)
+    assert submitter.submit_due(sub_deps, executor=executor).started == 2
+    assert {load(i).state for i in ids} == {"processing"} and len(fake_provider.submissions) == 12
+    assert all(load(i).attempts == 1 for i in ids)  # waiting for a token spends no attempt
