@@ -753,11 +753,25 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
             if r.state == "succeeded" and r.prompt in created_at_provider]
     opened: dict[str, float] = {}
     intervals = []
+    left_processing: dict[str, float] = {}
     for job_id, src, dst, at in sorted(events, key=lambda e: e[3]):
         if dst == "processing":
             opened[job_id] = epoch(at)
         elif src == "processing" and job_id in opened:
             intervals.append((opened.pop(job_id), epoch(at)))
+        if src == "processing":
+            left_processing[job_id] = epoch(at)
+    # The lag in two parts: how long after the provider finished the poller saw it (processing ->
+    # uploading), and how long copying the outputs to S3 and recording took after that.
+    with get_engine(stack.pg_url(db, ROLES["monitor"])).connect() as conn:
+        ids = {r.prompt: r.id for r in conn.execute(text("SELECT id, prompt FROM jobs WHERE state = 'succeeded'"))}
+    get_engine(stack.pg_url(db, ROLES["monitor"])).dispose()
+    noticed, copied = [], []
+    for r in ended:
+        job_id = ids.get(r.prompt)
+        if r.state == "succeeded" and job_id in left_processing and r.prompt in created_at_provider:
+            noticed.append(left_processing[job_id] - (created_at_provider[r.prompt] + args.latency))
+            copied.append(epoch(r.finished_at) - left_processing[job_id])
     intervals += [(start, last_terminal) for start in opened.values()]
     calls = {k: calls1[k] - calls0.get(k, 0) for k in calls1}
     provider_calls = calls["submit_requests"] + calls["result_requests"] + calls["downloads"]
@@ -774,6 +788,8 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
         "steady_jobs_per_s": steady_rate([f for _, f in finished]),
         "overhead": {q: percentile(overheads, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))},
         "lag": {q: percentile(lags, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))},
+        "lag_noticed": {q: percentile(noticed, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("max", 1.0))},
+        "lag_copy": {q: percentile(copied, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("max", 1.0))},
         "max_in_flight_sampled": sampler.max_processing,
         "max_in_flight_exact": max_overlap(intervals) if intervals else None,
         "provider": {**calls, "per_job": provider_calls / max(terminal, 1),
@@ -948,6 +964,11 @@ def details_for(r: dict) -> list[str]:
                      f"all incl. downloads {p['per_job']:.2f}/job; "
                      f"overhead max {_f(r['overhead']['max'], '{:.2f}')}s; worker RSS tree first/last/peak per worker "
                      f"{_f(r['rss_mb']['first_tree'], '{:.0f}')}/{_f(r['rss_mb']['last_tree'], '{:.0f}')}/{r['rss_mb']['peak_tree_per_worker']:.0f} MB")
+        if r.get("lag_noticed"):
+            n, c = r["lag_noticed"], r["lag_copy"]
+            lines.append(f"{r['label']}: lag behind provider, in two parts p50/p95/max: seen by a poll "
+                         f"{_f(n['p50'], '{:.2f}')}/{_f(n['p95'], '{:.2f}')}/{_f(n['max'], '{:.2f}')}s after the provider finished, "
+                         f"then copied to S3 and recorded in {_f(c['p50'], '{:.2f}')}/{_f(c['p95'], '{:.2f}')}/{_f(c['max'], '{:.2f}')}s")
     else:
         s = r["overhead_in_slot"]
         lines.append(f"{r['label']}: overhead counted from the slot picking the job up (excl. queueing) p50/p95/p99 "

@@ -479,8 +479,8 @@ def poll_due(deps: Deps, *, max_seconds: float = 10.0, executor=None) -> PollBat
                     report.uploads.append(nxt)
             else:
                 report.failed += 1
-        if len(claimed) < s.poll_batch_size:
-            break
+        # Keep claiming while anything is due (jobs come due during a batch), until none is or
+        # the pass's time is up.
     else:
         report.backlog = True
     report.next_due_in = next_due_in(deps)

@@ -26,7 +26,7 @@ from sqlalchemy import bindparam, func, or_, select, update
 from .deps import Deps
 from .jobs import JOBS, STEP_POLL, STEP_SUBMIT, STEP_SUBMIT_DUE, transition_now
 from .limits import Gate
-from .pipeline import STEP_POLL_DUE, Next, Ticket, poller_wakeup, send_submit, settle_breaker
+from .pipeline import STEP_POLL_DUE, Next, Ticket, poller_wakeup, schedule, send_submit, settle_breaker
 from .states import State
 from .wavespeed import EditRequest
 
@@ -195,14 +195,15 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
                 continue  # a retry later: the row's next_attempt_at says when; a pass takes it then
             else:
                 report.schedule.append(nxt)  # task poll mode: each job's own poll chain
+        if polls:
+            # Wake the poller for this batch now (de-duplicated per half second), not at the end
+            # of the pass: the first jobs of a long pass would otherwise be polled late.
+            _wake_poller(deps, min(polls))
+            polls.clear()
         if report.accepted:
             settle_breaker(deps)
         if back or len(leases) < want or probe:
             break
-    if polls:
-        wake = poller_wakeup(deps, min(polls))
-        if wake is not None:
-            report.schedule.append(wake)
     report.next_due_in = _next_due_in(deps, blocked=min(waits) if waits else 0.0)
     if report.leased:
         log.info("submitter pass: %d leased, %d accepted, %d deferred, %d lost in %.2fs%s; next due in %s", report.leased,
@@ -210,6 +211,13 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
                  " (held back: pollers behind)" if report.backpressure else "",
                  "-" if report.next_due_in is None else f"{report.next_due_in:.1f}s")
     return report
+
+
+def _wake_poller(deps: Deps, delay: float) -> None:
+    try:
+        schedule(deps, poller_wakeup(deps, delay))
+    except Exception as exc:  # broker down: beat's poll tick wakes a poller within seconds
+        log.warning("could not wake the poller: %s", type(exc).__name__)
 
 
 # How soon a submitter held back by busy pollers looks again.

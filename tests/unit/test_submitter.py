@@ -46,7 +46,10 @@ def test_a_pass_submits_every_due_job_exactly_once_and_wakes_the_poller_once(sub
         assert job.state == "processing" and job.prediction_id and job.attempts == 1
         assert _path(sessions, job_id) == [(None, "queued"), ("queued", "submitting"), ("submitting", "processing")]
         assert sub_deps.limits.recall_submission(job_id) == job.prediction_id  # journaled
-    assert [n.step for n in report.schedule] == [pipeline.STEP_POLL_DUE]
+    # The poller was woken for the batch at once, in time for the first job's first poll.
+    assert [(step, countdown) for step, _, countdown, _ in sub_deps.publisher.sent if step == pipeline.STEP_POLL_DUE] == [
+        (pipeline.STEP_POLL_DUE, pytest.approx(sub_deps.settings.first_poll_delay, abs=0.5))]
+    assert report.schedule == []
     assert report.next_due_in is None  # nothing left queued
     # A second pass finds nothing: no job is sent twice.
     again = submitter.submit_due(sub_deps, executor=executor)
