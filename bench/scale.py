@@ -687,6 +687,15 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
             profiler.start()
 
         log(f"{label}: enqueueing {args.jobs} jobs through submit_edit_many ({workers_n} worker(s) x concurrency {args.concurrency})")
+        if args.outage_seconds > 0:
+            # A provider outage in the middle of the run (503 HTML on every call), then recovery:
+            # the provider calls per job then include everything the outage and the recovery cost.
+            for delay, down in ((args.outage_at, True), (args.outage_at + args.outage_seconds, False)):
+                timer = threading.Timer(delay, lambda down=down: (
+                    httpx.put(f"{stack.sandbox_url}/_sandbox/config", json={"outage": down}, timeout=30),
+                    log(f"{label}: provider outage {'begins' if down else 'ends'}")))
+                timer.daemon = True
+                timer.start()
         t_start = time.time()
         submit_edit_many(items, settings=settings, publisher=publisher, batch_size=args.batch_size)
         t_enqueued = time.time()
@@ -1076,7 +1085,12 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--baseline-poll", type=float, default=2.0, help="the baseline's sleep between result polls (default 2 s)")
     p.add_argument("--baseline-first", action="store_true", help="run the baseline before the edit worker")
     p.add_argument("--timeout", type=float, default=0.0, help="drain time limit per edit-worker run (default: max(120, 4*latency + jobs/5))")
-    p.add_argument("--s3", choices=("moto", "rclone"), default="moto", help="S3 server (moto in memory, or rclone over a temp dir)")
+    # rclone (Go) costs this 2-core machine about a third of moto's (Python) CPU per object, and
+    # keeps objects on disk like a real server; moto when rclone is not installed.
+    p.add_argument("--s3", choices=("moto", "rclone"), default="rclone" if shutil.which("rclone") else "moto",
+                   help="S3 server (default: rclone over a temp dir if installed (test extra), else moto in memory)")
+    p.add_argument("--outage-at", type=float, default=5.0, help="seconds after enqueue starts when --outage-seconds begins")
+    p.add_argument("--outage-seconds", type=float, default=0.0, help="inject a provider outage (503 everywhere) of this length")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for worker and beat (repeatable)")
     p.add_argument("--worker-arg", action="append", default=[], metavar="ARG", help="extra `edit-worker worker` argument (repeatable)")
     p.add_argument("--sample-interval", type=float, default=0.5)

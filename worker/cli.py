@@ -100,6 +100,13 @@ def worker(ctx: typer.Context) -> None:
         raise typer.Exit(_supervise([sys.executable, "-m", "worker.cli", "worker", *args], env))
     from .celery_app import QUEUE, app as celery
 
+    if not any(a in ("-c", "--concurrency") or a.startswith(("--concurrency=", "-c")) for a in args):
+        # The batch loops each hold a slot while they run (poller and submitter passes per node),
+        # and the sweep and retries need one more: not Celery's default of one per CPU.
+        from .config import get_settings
+
+        s = get_settings()
+        args += ["--concurrency", str(max(4, s.poll_passes_per_node + s.submit_passes_per_node + 1))]
     if not any(a in ("-Q", "--queues") or a.startswith("--queues=") for a in args):
         args += ["-Q", QUEUE]
     if not any(a.startswith(("-l", "--loglevel")) for a in args):

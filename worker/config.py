@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     # no message per poll, thousands in flight per worker. "task": each job chains its own poll
     # message with a countdown. Both are non-blocking; bench/RESULTS.md compares them.
     poll_mode: Literal["batch", "task"] = Field(default="batch", validation_alias=_env("EDIT_WORKER_POLL_MODE"))
-    poll_batch_size: int = Field(default=500, ge=1, validation_alias=_env("EDIT_WORKER_POLL_BATCH_SIZE"))
+    poll_batch_size: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_POLL_BATCH_SIZE"))
     poll_threads: int = Field(default=32, ge=1, validation_alias=_env("EDIT_WORKER_POLL_THREADS"))
     # A claimed job's next_poll_at moves this far ahead: if its poller dies mid-batch the job is due
     # again after the lease and another poller takes it (none forgotten, none polled twice at once).

@@ -408,10 +408,12 @@ def claim_due(deps: Deps, limit: int) -> list[tuple[PollTarget, datetime]]:
     CAS) and push next_poll_at out by the lease. PostgreSQL: FOR UPDATE SKIP LOCKED, so concurrent
     pollers claim disjoint sets; SQLite serialises writers, and the UPDATE re-checks the due time."""
     now = deps.clock()
+    # Materialized: see submitter.lease_queued (a re-run subquery could claim more than `limit`).
     due = (select(Job.id).where(Job.state == State.PROCESSING.value, Job.next_poll_at <= now)
-           .order_by(Job.next_poll_at).limit(limit).with_for_update(skip_locked=True))
+           .order_by(Job.next_poll_at).limit(limit).with_for_update(skip_locked=True)
+           .cte("due").prefix_with("MATERIALIZED", dialect="postgresql"))
     stmt = (update(Job)
-            .where(Job.id.in_(due.scalar_subquery()), Job.state == State.PROCESSING.value, Job.next_poll_at <= now)
+            .where(Job.id.in_(select(due.c.id)), Job.state == State.PROCESSING.value, Job.next_poll_at <= now)
             .values(poll_seq=Job.poll_seq + 1, next_poll_at=now + timedelta(seconds=deps.settings.poll_lease_seconds), updated_at=now)
             .returning(Job.id, Job.poll_seq, Job.prediction_id, Job.deadline_at)
             .execution_options(synchronize_session=False))

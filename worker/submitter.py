@@ -64,9 +64,12 @@ def lease_queued(deps: Deps, limit: int) -> list[Lease]:
     concurrent submitters lease disjoint sets; SQLite serialises writers and the UPDATE re-checks."""
     now = deps.clock()
     c = JOBS.c
-    due = select(c.id).where(*_due_filter(now)).order_by(c.created_at).limit(limit).with_for_update(skip_locked=True)
+    # A materialized CTE: PostgreSQL may re-run an `IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`
+    # subquery during the UPDATE, each run skipping what the last one locked — more than n rows.
+    due = (select(c.id).where(*_due_filter(now)).order_by(c.created_at).limit(limit).with_for_update(skip_locked=True)
+           .cte("due").prefix_with("MATERIALIZED", dialect="postgresql"))
     stmt = (update(JOBS)
-            .where(c.id.in_(due.scalar_subquery()), *_due_filter(now))
+            .where(c.id.in_(select(due.c.id)), *_due_filter(now))
             .values(poll_seq=c.poll_seq + 1, next_attempt_at=now + timedelta(seconds=deps.settings.submit_lease_seconds), updated_at=now)
             .returning(c.id, c.poll_seq, c.attempts, c.prompt, c.image_payload, c.size, c.seed, c.enable_base64_output, c.created_at))
     with deps.sessions() as session:
@@ -110,6 +113,8 @@ def _start(deps: Deps, lease: Lease, probe: bool) -> tuple[str, Next | None]:
 
 def _start_one(deps: Deps, lease: Lease, probe: bool) -> tuple[str, Next | None]:
     """In a pool thread: queued -> submitting (CAS on the lease), then the provider call."""
+    if not probe and _breaker_opened(deps):
+        return "held", None  # an earlier submit (here or anywhere in the fleet) opened the breaker
     attempt = lease.attempts + 1
     try:
         moved = transition_now(deps.sessions, lease.job_id, State.QUEUED, State.SUBMITTING, f"submit attempt {attempt}",
@@ -183,7 +188,18 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
         if probe and not go:
             deps.limits.release_probe()
         outcomes = list(pool.map(lambda lease: _start(deps, lease, probe), go))
+        held = [lease for lease, (status, _) in zip(go, outcomes) if status == "held"]
+        if held:
+            # The breaker opened mid-batch (a 401, or an outage): the rest wait in `queued`, no
+            # attempt spent, and are due when the breaker lets submissions through again.
+            wait = max(_breaker_opened(deps), BACKPRESSURE_RECHECK)
+            _release_slots(deps, [lease.job_id for lease in held])
+            _unlease(deps, held, wait)
+            report.deferred += len(held)
+            waits.append(wait)
         for status, nxt in outcomes:
+            if status == "held":
+                continue
             report.lost += status == "lost"
             report.started += status != "lost"
             report.accepted += status == "accepted"
@@ -202,7 +218,7 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             polls.clear()
         if report.accepted:
             settle_breaker(deps)
-        if back or len(leases) < want or probe:
+        if back or held or len(leases) < want or probe:
             break
     report.next_due_in = _next_due_in(deps, blocked=min(waits) if waits else 0.0)
     if report.leased:
@@ -211,6 +227,22 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
                  " (held back: pollers behind)" if report.backpressure else "",
                  "-" if report.next_due_in is None else f"{report.next_due_in:.1f}s")
     return report
+
+
+def _breaker_opened(deps: Deps) -> float:
+    """Seconds the shared breaker stays open (0: closed); a Redis error counts as closed, as in
+    the per-job path (the provider's own answer is the final word)."""
+    try:
+        return deps.limits.breaker_wait()
+    except Exception:
+        return 0.0
+
+
+def _release_slots(deps: Deps, job_ids: list[str]) -> None:
+    try:
+        deps.limits.release_many(job_ids)
+    except Exception as exc:  # the slots expire on their own
+        log.warning("could not release %d limiter slot(s): %s", len(job_ids), type(exc).__name__)
 
 
 def _wake_poller(deps: Deps, delay: float) -> None:

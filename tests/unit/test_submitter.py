@@ -180,3 +180,17 @@ def test_pacing_spreads_a_burst_at_the_configured_rate(sub_deps, new_job, fake_p
     assert submitter.submit_due(sub_deps, executor=executor).started == 2
     assert {load(i).state for i in ids} == {"processing"} and len(fake_provider.submissions) == 12
     assert all(load(i).attempts == 1 for i in ids)  # waiting for a token spends no attempt
+
+
+def test_a_401_mid_batch_stops_the_batch_and_the_rest_wait_queued(sub_deps, new_job, fake_provider, load, clock):
+    ids = _queued(new_job, 5)
+    sub_deps.settings = sub_deps.settings.model_copy(update={"submit_threads": 1})
+    fake_provider.api_key = "rotated"  # every call now answers 401
+    report = submitter.submit_due(sub_deps, executor=ThreadPoolExecutor(max_workers=1))
+    assert fake_provider.calls["submit"] == 1  # the first 401 opened the breaker; nobody else tried
+    assert report.started == 1 and report.deferred == 4
+    assert sub_deps.limits.breaker_state()["open"]
+    assert report.next_due_in == pytest.approx(sub_deps.settings.breaker_open_seconds, abs=1)
+    assert {load(i).state for i in ids} == {"queued"}
+    assert sorted(load(i).attempts for i in ids) == [0, 0, 0, 0, 1]
+    assert sub_deps.limits.breaker_state()["active"] == 0  # no limiter slot kept by waiting jobs

@@ -1,0 +1,75 @@
+"""Claims on real PostgreSQL: a submitter's lease and a poller's claim take at most their limit,
+and two at once never take the same job (FOR UPDATE SKIP LOCKED, from a materialized CTE:
+PostgreSQL may re-run an `IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)` subquery and then take
+more than n rows)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import update
+
+from worker import pipeline, submitter
+from worker.jobs import JOBS, utcnow
+
+pytestmark = pytest.mark.integration
+
+
+def _deps(cluster):
+    return SimpleNamespace(settings=cluster.settings, sessions=cluster.sessions(), clock=utcnow)
+
+
+def _queue(cluster, sample_image, n: int) -> None:
+    from worker.producer import submit_edit_many
+
+    items = [{"image": str(sample_image), "prompt": f"claim test {i}", "size": "512*512"} for i in range(n)]
+    submit_edit_many(items, settings=cluster.settings, publisher=SimpleNamespace(publish=lambda *a, **k: None))
+
+
+def test_leases_take_at_most_their_limit_and_never_the_same_job_twice(cluster, sample_image):
+    _queue(cluster, sample_image, 60)
+    deps = _deps(cluster)
+    assert len(submitter.lease_queued(deps, 7)) == 7
+    results: list[list] = []
+    barrier = threading.Barrier(4)
+
+    def lease():
+        barrier.wait()
+        results.append(submitter.lease_queued(deps, 10))
+
+    threads = [threading.Thread(target=lease) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    ids = [lease.job_id for batch in results for lease in batch]
+    assert all(len(batch) <= 10 for batch in results)
+    assert len(ids) == len(set(ids)) == 40  # 53 were free: every lease got its 10, no overlap
+
+
+def test_poller_claims_take_at_most_their_limit_and_never_the_same_job_twice(cluster, sample_image):
+    _queue(cluster, sample_image, 60)
+    deps = _deps(cluster)
+    past = utcnow() - timedelta(seconds=5)
+    with deps.sessions() as session:  # as if all 60 were at the provider and due for a poll
+        session.execute(update(JOBS).values(state="processing", next_poll_at=past, prediction_id=JOBS.c.id))
+        session.commit()
+    assert len(pipeline.claim_due(deps, 7)) == 7
+    results: list[list] = []
+    barrier = threading.Barrier(4)
+
+    def claim():
+        barrier.wait()
+        results.append(pipeline.claim_due(deps, 10))
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    ids = [target.job_id for batch in results for target, _ in batch]
+    assert all(len(batch) <= 10 for batch in results)
+    assert len(ids) == len(set(ids)) == 40
