@@ -481,8 +481,10 @@ def poll_due(deps: Deps, *, max_seconds: float = 10.0, executor=None) -> PollBat
                     report.uploads.append(nxt)
             else:
                 report.failed += 1
-        # Keep claiming while anything is due (jobs come due during a batch), until none is or
-        # the pass's time is up.
+        # Keep claiming while a useful batch is due (jobs come due during a batch), until few are
+        # or the pass's time is up; stragglers go with the next wake-up's batch (≤ 0.5 s later).
+        if len(claimed) < max(1, s.poll_batch_size // 10):
+            break
     else:
         report.backlog = True
     report.next_due_in = next_due_in(deps)

@@ -102,19 +102,31 @@ def _batch_that_fits(threads: int, seconds: float) -> int:
     return max(threads, int(threads * seconds / max(_submit_seconds, 0.001)))
 
 
-def _start(deps: Deps, lease: Lease, probe: bool) -> tuple[str, Next | None]:
+class _Batch:
+    """What the submits of one batch tell each other: once one of them met a provider error, the
+    rest look at the shared breaker before sending (one Redis call each, only then)."""
+
+    def __init__(self) -> None:
+        self.trouble = threading.Event()
+
+
+def _start(deps: Deps, lease: Lease, probe: bool, batch: _Batch | None = None) -> tuple[str, Next | None]:
     global _submit_seconds
     began = time.monotonic()
+    batch = batch or _Batch()
     try:
-        return _start_one(deps, lease, probe)
+        status, nxt = _start_one(deps, lease, probe, batch)
+        if nxt is not None and nxt.step == STEP_SUBMIT:
+            batch.trouble.set()  # a transient error or refused credentials: the breaker may be open
+        return status, nxt
     finally:
         _submit_seconds = 0.8 * _submit_seconds + 0.2 * (time.monotonic() - began)
 
 
-def _start_one(deps: Deps, lease: Lease, probe: bool) -> tuple[str, Next | None]:
+def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[str, Next | None]:
     """In a pool thread: queued -> submitting (CAS on the lease), then the provider call."""
-    if not probe and _breaker_opened(deps):
-        return "held", None  # an earlier submit (here or anywhere in the fleet) opened the breaker
+    if not probe and batch.trouble.is_set() and _breaker_opened(deps):
+        return "held", None  # an earlier submit of this batch opened the breaker
     attempt = lease.attempts + 1
     try:
         moved = transition_now(deps.sessions, lease.job_id, State.QUEUED, State.SUBMITTING, f"submit attempt {attempt}",
@@ -187,7 +199,8 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             log.info("%d submit(s) deferred %.1fs: %s", len(back), gate.wait, gate.reason)
         if probe and not go:
             deps.limits.release_probe()
-        outcomes = list(pool.map(lambda lease: _start(deps, lease, probe), go))
+        batch = _Batch()
+        outcomes = list(pool.map(lambda lease: _start(deps, lease, probe, batch), go))
         held = [lease for lease, (status, _) in zip(go, outcomes) if status == "held"]
         if held:
             # The breaker opened mid-batch (a 401, or an outage): the rest wait in `queued`, no
