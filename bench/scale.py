@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Scale benchmark: the edit worker against a blocking baseline, on the real stack, in one run.
 
-    python bench/scale.py --jobs 2000 --latency 10 --workers 1 --concurrency 2 --baseline-seconds 120
+    python bench/scale.py --jobs 2000 --latency 10 --workers 1 --concurrency 4 --baseline-seconds 120 \
+        --env EDIT_WORKER_SUBMIT_PACE_PER_SECOND=120
     python bench/scale.py --jobs 1000 --latency 0 --baseline-seconds 0          # max sustained jobs/s
     python bench/scale.py --jobs 1000 --latency 0 --workers 1,2,4 --baseline-seconds 0
     python bench/scale.py --jobs 1000 --latency 0 --profile                     # + py-spy of worker 0
 
 Starts on 127.0.0.1 (each a child process in its own process group, always torn down): PostgreSQL
-(throwaway cluster, pg_stat_statements preloaded), redis-server, an S3 server (moto, or rclone with
---s3 rclone), the sandbox provider with `--latency L`. Then, per entry of --workers:
+(throwaway cluster, pg_stat_statements preloaded), redis-server, an S3 server (rclone when installed, else moto;
+--s3), the sandbox provider with `--latency L`. Then, per entry of --workers:
 
 1. this worker: W `edit-worker worker --concurrency C` processes + one `edit-worker beat`, jobs put in
    through the producer API (`submit_edit_many`: validated, inserted and published in batches);
