@@ -224,7 +224,10 @@ def adopt_from_webhook(deps: Deps, job_id: str, prediction_id: str) -> str:
     with deps.sessions() as session:
         if session.scalar(select(Job.id).where(Job.prediction_id == prediction_id)):
             return "claimed_elsewhere"
-    return _adopt(deps, job, prediction_id, "named by the provider's webhook for this job")
+    outcome = _adopt(deps, job, prediction_id, "named by the provider's webhook for this job")
+    if job.error_code == ERR_NEEDS_OPERATOR:
+        reexamine_parked(deps)  # it was parked with others: they may be decidable now
+    return outcome
 
 
 def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, resubmit: bool = False) -> str:
@@ -244,12 +247,30 @@ def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, re
             owner = session.scalar(select(Job.id).where(Job.prediction_id == adopt))
         if owner is not None and owner != job_id:
             raise InvalidJobOperation(f"prediction {adopt} already belongs to job {owner}")
-        return _adopt(deps, job, adopt, "named by the operator")
+        outcome = _adopt(deps, job, adopt, "named by the operator")
+    else:
+        with deps.sessions() as session:
+            moved = transition(session, job_id, State.SUBMITTING, State.QUEUED, "operator: resubmit", clock=deps.clock,
+                               error_code=None, error_message=None, next_attempt_at=None)
+            session.commit()
+        deps.limits.release(job_id)
+        if moved:
+            schedule(deps, Next(STEP_SUBMIT, job_id))
+        outcome = "resubmitted"
+    reexamine_parked(deps)
+    return outcome
+
+
+def reexamine_parked(deps: Deps) -> dict[str, str]:
+    """Settling one of several competing ambiguous submits can make the others decidable (one job
+    and one unclaimed task left in a window): look at every job parked for an operator again."""
     with deps.sessions() as session:
-        moved = transition(session, job_id, State.SUBMITTING, State.QUEUED, "operator: resubmit", clock=deps.clock,
-                           error_code=None, error_message=None, next_attempt_at=None)
-        session.commit()
-    deps.limits.release(job_id)
-    if moved:
-        schedule(deps, Next(STEP_SUBMIT, job_id))
-    return "resubmitted"
+        parked = list(session.scalars(select(Job).where(Job.state == State.SUBMITTING.value, Job.prediction_id.is_(None),
+                                                        Job.error_code == ERR_NEEDS_OPERATOR).limit(100)))
+    outcomes: dict[str, str] = {}
+    for job in parked:
+        try:
+            outcomes[job.id] = resolve_ambiguous(deps, job)
+        except ProviderError as exc:  # the provider's list is unavailable: they stay parked
+            log.warning("could not re-examine a parked submit: %s", exc, extra={"job_id": job.id})
+    return outcomes

@@ -325,3 +325,19 @@ def test_the_operator_cannot_adopt_a_prediction_another_job_owns(deps, new_job, 
     with pytest.raises(InvalidJobOperation):
         resolve_by_operator(deps, job_id, adopt=owned)
     assert load(job_id).state == "submitting" and load(owner).prediction_id == owned
+
+
+def test_settling_one_parked_submit_lets_the_reconciler_settle_the_other(deps, new_job, fake_provider, clock, load):
+    a = ambiguous_job(deps, new_job, fake_provider, task_created=True, prompt="a")
+    b = ambiguous_job(deps, new_job, fake_provider, task_created=False, prompt="b")
+    clock.advance(window_over(deps))
+    assert resolve_ambiguous(deps, load(a)) == "needs_operator"
+    assert resolve_ambiguous(deps, load(b)) == "needs_operator"
+    [task] = fake_provider.submissions
+    # The operator knows b's submit never reached the provider: with b out of the window, the one
+    # unclaimed task can only be a's, and the reconciler adopts it without being asked.
+    assert resolve_by_operator(deps, b, resubmit=True) == "resubmitted"
+    assert load(b).state == "queued"
+    job_a = load(a)
+    assert job_a.state == "processing" and job_a.prediction_id == task.id and job_a.error_code is None
+    assert len(fake_provider.submissions) == 1
