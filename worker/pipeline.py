@@ -693,8 +693,20 @@ def cancel_job(deps: Deps, job_id: str, reason: str = "cancelled by operator") -
             session.commit()
         if moved:
             deps.limits.release(job_id)
-            if job.prediction_id and state in (State.SUBMITTING, State.PROCESSING):
-                _cancel_at_provider(deps, job.prediction_id)
+            prediction_id = job.prediction_id
+            if state is State.SUBMITTING and not prediction_id:
+                # The submit may have answered without its commit (a crash): the journal knows.
+                try:
+                    prediction_id = deps.limits.recall_submission(job_id)
+                except Exception:
+                    prediction_id = None
+                if prediction_id:
+                    with deps.sessions() as session:
+                        update_if(session, job_id, State.CANCELLED, clock=deps.clock, where={"prediction_id": None},
+                                  prediction_id=prediction_id)
+                        session.commit()
+            if prediction_id and state in (State.SUBMITTING, State.PROCESSING):
+                _cancel_at_provider(deps, prediction_id)
             return get_job(deps.sessions, job_id)
     raise InvalidJobOperation(f"job {job_id} kept changing state; try again")
 

@@ -13,7 +13,8 @@ from sqlalchemy import select
 
 from models import Outbox
 from worker.errors import InvalidJobOperation, StorageError, TransientProviderError
-from worker.jobs import job_events
+from worker.jobs import job_events, transition
+from worker.states import State
 from worker.limits import MemoryLimits
 from worker.pipeline import Next, cancel_job, retry_job, run_poll, run_submit, run_upload
 from worker.storage import Storage
@@ -502,6 +503,19 @@ def test_cancelling_a_processing_job_cancels_the_provider_task_and_is_terminal(d
     assert run_poll(deps, job_id, first.poll_seq) is None
     assert cancel_job(deps, job_id).state == "cancelled"
     assert len(fake_provider.cancelled) == 1
+
+
+def test_cancelling_a_job_whose_submit_answered_but_never_committed_cancels_the_journaled_task(deps, new_job, load, fake_provider):
+    fake_provider.auto_outcome = None
+    job_id = new_job()
+    with deps.sessions() as session:  # the worker moved it to submitting, sent it, journaled the id ...
+        transition(session, job_id, State.QUEUED, State.SUBMITTING, "submit attempt 1", clock=deps.clock, attempts=1)
+        session.commit()
+    task = fake_provider.create_task({"prompt": "make the sky purple"}, via_submit=True)
+    deps.limits.remember_submission(job_id, task.id)  # ... and died before its commit
+    job = cancel_job(deps, job_id)
+    assert job.state == "cancelled" and job.prediction_id == task.id
+    assert fake_provider.cancelled == [task.id]
 
 
 def test_cancelling_a_queued_job_does_not_call_the_provider(deps, new_job, fake_provider):
