@@ -445,7 +445,8 @@ def test_slow_submits_are_adopted_never_resubmitted(cluster, sample_image):
 def test_concurrent_slow_submits_wait_for_the_operator(cluster, sample_image):
     """Several ambiguous submits in the same window: the provider's list carries no prompt, so which
     task is whose cannot be proven. The design leaves them for an operator (never a blind
-    resubmit, never a guess); `edit-worker resolve JOB --adopt ID` then finishes them."""
+    resubmit, never a guess); `edit-worker resolve JOB --adopt ID` then finishes them, and the
+    last one is settled by the reconciler once it is the only one left in its window."""
     cluster.sandbox_config(slow_submit_rate=1.0, slow_submit_seconds=8.0)
     start_fleet(cluster)
     n = 3
@@ -463,10 +464,14 @@ def test_concurrent_slow_submits_wait_for_the_operator(cluster, sample_image):
     assert all(j.state == "submitting" for j in cluster.jobs())
     assert cluster.sandbox_stats()["submissions"] == n
 
-    for job in jobs:
+    # The operator answers for all but the last; each answer makes the reconciler look at the
+    # other parked jobs again, and with one job and one unclaimed task left it settles that one.
+    for job in jobs[:-1]:
         prediction = task_id_for_prompt(cluster, job.prompt)
         out = cluster.cli("resolve", job.id, "--adopt", prediction).stdout
         assert "adopted" in out, out
+    last = next(j for j in cluster.jobs() if j.id == jobs[-1].id)
+    assert last.state != "submitting" and last.prediction_id == task_id_for_prompt(cluster, last.prompt), cluster.states()
 
     done = finish_all_succeeded(cluster, n, timeout=60)
     assert all(j.prediction_id == task_id_for_prompt(cluster, j.prompt) for j in done)
