@@ -76,7 +76,7 @@ def log(message: str) -> None:
 # --- the stack ---------------------------------------------------------------------------------
 
 @dataclass
-class Stack:
+class Stack(local.StackURLs):
     workdir: Path
     pgdir: Path
     seed: int
@@ -98,14 +98,6 @@ class Stack:
     # Worker/beat processes that exited by themselves (not by a fault): name -> count.
     exits: collections.Counter = field(default_factory=collections.Counter)
 
-    @property
-    def sandbox_url(self) -> str:
-        return f"http://127.0.0.1:{self.sandbox.port}"
-
-    @property
-    def s3_url(self) -> str:
-        return f"http://127.0.0.1:{self.s3.port}"
-
     def services(self) -> list[local.Service]:
         procs = [self.beat, *self.workers, self.api, self.sandbox, self.s3, self.redis, self.postgres]
         return [p for p in procs if p is not None]
@@ -123,7 +115,7 @@ class Stack:
             **{k: v for k, v in os.environ.items()
                if not k.startswith(("EDIT_WORKER_", "WAVESPEED_", "S3_", "AWS_", "CELERY_", "DATABASE_URL"))},
             "DATABASE_URL": db_url,
-            "CELERY_BROKER_URL": f"redis://127.0.0.1:{self.redis.port}/0",
+            "CELERY_BROKER_URL": self.broker_url,
             "S3_ENDPOINT_URL": self.s3_url,
             "S3_BUCKET": bucket,
             "S3_PREFIX": "edits",

@@ -80,7 +80,7 @@ def log(message: str) -> None:
 # --- the stack ---------------------------------------------------------------------------------
 
 @dataclass
-class Stack:
+class Stack(local.StackURLs):
     workdir: Path
     services: list[local.Service] = field(default_factory=list)
     redis: local.Service | None = None
@@ -89,18 +89,6 @@ class Stack:
     postgres: local.Service | None = None
     pg_port: int = 0
     pg_stat_statements: bool = False
-
-    @property
-    def broker_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis.port}/0"
-
-    @property
-    def s3_url(self) -> str:
-        return f"http://127.0.0.1:{self.s3.port}"
-
-    @property
-    def sandbox_url(self) -> str:
-        return f"http://127.0.0.1:{self.sandbox.port}"
 
     def pg_url(self, db: str = "postgres", role: str = "postgres", driver: bool = True) -> str:
         scheme = "postgresql+psycopg" if driver else "postgresql"

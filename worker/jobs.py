@@ -160,12 +160,18 @@ def transition(
     someone else moved it, and the caller's message is stale. An edge the machine does not have
     raises IllegalTransition."""
     _check_edge(job_id, src, dst)
-    now = clock()
-    result = session.execute(update(JOBS).where(*_conditions(job_id, src, where)).values(**_move_values(dst, now, fields)))
-    if result.rowcount != 1:
-        return False
-    _event(session, job_id, src, dst, reason, now)
-    return True
+    return _move(session, job_id, src, dst, reason, clock(), where, (), fields) is not None
+
+
+def _move(session: Session, job_id: str, src: State, dst: State, reason: str, now: datetime,
+          where: dict[str, Any] | None, returning: tuple[str, ...], fields: dict[str, Any]) -> Row | None:
+    """The compare-and-set UPDATE and, if it moved the row, its event, in the session's transaction."""
+    cols = [JOBS.c.id, *(JOBS.c[name] for name in returning)]
+    row = session.execute(update(JOBS).where(*_conditions(job_id, src, where)).values(**_move_values(dst, now, fields))
+                          .returning(*cols)).first()
+    if row is not None:
+        _event(session, job_id, src, dst, reason, now)
+    return row
 
 
 def transition_now(
@@ -186,20 +192,14 @@ def transition_now(
     Returns the moved row's `returning` columns (always including `id`), or None when the CAS lost."""
     _check_edge(job_id, src, dst)
     now = clock()
-    values = _move_values(dst, now, fields)
     engine = sessions.kw["bind"]
     if engine.dialect.name == "postgresql":
-        stmt, params = _move_statement(src, dst, values, where or {}, returning)
+        stmt, params = _move_statement(src, dst, _move_values(dst, now, fields), where or {}, returning)
         params.update(job_id=job_id, ev_reason=reason[:2000], ev_at=now)
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             return conn.execute(stmt, params).first()
-    cols = [JOBS.c.id, *(JOBS.c[name] for name in returning)]
-    upd = update(JOBS).where(*_conditions(job_id, src, where)).values(**values).returning(*cols)
     with sessions() as session:
-        row = session.execute(upd).first()
-        if row is None:
-            return None
-        _event(session, job_id, src, dst, reason, now)
+        row = _move(session, job_id, src, dst, reason, now, where, returning, fields)
         session.commit()
         return row
 

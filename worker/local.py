@@ -218,6 +218,23 @@ def wait_for_database(url: str, timeout: float = 30.0) -> None:
         engine.dispose()
 
 
+class StackURLs:
+    """The URLs of a local stack's services, for a class holding `redis`, `s3` and `sandbox`
+    Services (the benchmarks' and the integration tests' stacks)."""
+
+    @property
+    def broker_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis.port}/0"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3.port}"
+
+    @property
+    def sandbox_url(self) -> str:
+        return f"http://127.0.0.1:{self.sandbox.port}"
+
+
 def create_database(admin_url: str, name: str) -> str:
     """CREATE DATABASE name (dropping an old one); returns its URL."""
     from sqlalchemy import create_engine, text

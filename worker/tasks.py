@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, TypeVar
 
 import redis
 from kombu.exceptions import OperationalError as BrokerError
@@ -21,6 +21,7 @@ from .errors import StorageError, TransientProviderError
 from .jobs import STEP_POLL, STEP_SUBMIT, STEP_SUBMIT_DUE, STEP_UPLOAD
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Worth retrying the same step: the row has not moved, so re-running it is safe.
 INFRA_ERRORS = (OperationalError, InterfaceError, DBAPIError, StorageError, TransientProviderError,
@@ -67,21 +68,15 @@ def loop_lock_ttl(settings) -> float:
 @app.task(name="edit_worker.poll_due", bind=True)
 def poll_due(self) -> None:
     """Batch mode's poller: claim due jobs, poll them concurrently, wake again when the next is due.
-    One pass per worker node at a time, so the poller never takes every slot of a node."""
+    At most poll_passes_per_node passes per worker node at once, so the poller never takes every
+    slot of a node."""
     deps = build_deps()
-    follow: list[pipeline.Next | None] = []
-    with _node_pass(deps, f"poller:{_node(self)}", lambda: pipeline.poller_wakeup(deps, BUSY_RETRY),
-                    slots=deps.settings.poll_passes_per_node) as mine:
-        if not mine:
-            return
-        try:
-            report = pipeline.poll_due(deps, max_seconds=deps.settings.batch_pass_seconds)
-        except INFRA_ERRORS as exc:
-            # Claimed jobs come due again after the lease; beat wakes a poller every few seconds.
-            log.warning("poller pass failed: %s", type(exc).__name__)
-            return
-    # After the lock is released: a wake-up that arrives at once must find the node free.
-    follow.extend(report.uploads)
+    report = _loop_pass(deps, f"poller:{_node(self)}", deps.settings.poll_passes_per_node,
+                        lambda: pipeline.poller_wakeup(deps, BUSY_RETRY),
+                        lambda: pipeline.poll_due(deps, max_seconds=deps.settings.batch_pass_seconds))
+    if report is None:
+        return
+    follow: list[pipeline.Next | None] = list(report.uploads)
     if report.next_due_in is not None:
         # A backlog (the pass ran out of time with full batches): chain directly. Otherwise a
         # de-duplicated wake-up at the next half-second boundary, which gathers the jobs coming
@@ -93,24 +88,32 @@ def poll_due(self) -> None:
 
 @app.task(name="edit_worker.submit_due", bind=True)
 def submit_due(self) -> None:
-    """Batch mode's submitter: lease due queued jobs and submit them concurrently (submitter.py).
-    One pass per worker node at a time; it wakes itself while queued work remains."""
+    """Batch mode's submitter: lease due queued jobs and submit them (submitter.py). At most
+    submit_passes_per_node passes per worker node at once; it wakes itself while queued work remains."""
     deps = build_deps()
-    follow: list[pipeline.Next | None] = []
-    with _node_pass(deps, f"submitter:{_node(self)}", lambda: submitter.submitter_wakeup(deps, BUSY_RETRY),
-                    slots=deps.settings.submit_passes_per_node) as mine:
-        if not mine:
-            return
-        try:
-            report = submitter.submit_due(deps)
-        except INFRA_ERRORS as exc:
-            # Leased jobs come due again after the lease; beat wakes a submitter every few seconds.
-            log.warning("submitter pass failed: %s", type(exc).__name__)
-            return
-    follow.extend(report.schedule)
+    report = _loop_pass(deps, f"submitter:{_node(self)}", deps.settings.submit_passes_per_node,
+                        lambda: submitter.submitter_wakeup(deps, BUSY_RETRY), lambda: submitter.submit_due(deps))
+    if report is None:
+        return
+    follow: list[pipeline.Next | None] = list(report.schedule)
     if report.next_due_in is not None:
         follow.append(submitter.submitter_wakeup(deps, report.next_due_in, dedupe=report.next_due_in > 0))
     _schedule_all(deps, follow)
+
+
+def _loop_pass(deps: Deps, name: str, slots: int, when_busy: Callable[[], pipeline.Next | None], run: Callable[[], T]) -> T | None:
+    """Run one pass of a batch loop under its node lock; None if the node's slots were busy or the
+    pass failed. The caller publishes follow-ups only after this returns, with the lock released:
+    a wake-up that arrives at once must find the node free. A failed pass loses nothing: claimed
+    and leased jobs come due again after their lease, and beat wakes the loops every few seconds."""
+    with _node_pass(deps, name, when_busy, slots=slots) as mine:
+        if not mine:
+            return None
+        try:
+            return run()
+        except INFRA_ERRORS as exc:
+            log.warning("%s pass failed: %s", name.split(":", 1)[0], type(exc).__name__)
+            return None
 
 
 # A pass that finds its node's pass running looks again this much later: the running one may be

@@ -29,25 +29,13 @@ pytestmark = pytest.mark.integration
 
 
 @dataclass
-class Stack:
+class Stack(local.StackURLs):
     workdir: Path
     redis: local.Service
     s3: local.Service
     sandbox: local.Service
     postgres: local.Service | None
     pg_admin_url: str
-
-    @property
-    def broker_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis.port}/0"
-
-    @property
-    def s3_url(self) -> str:
-        return f"http://127.0.0.1:{self.s3.port}"
-
-    @property
-    def sandbox_url(self) -> str:
-        return f"http://127.0.0.1:{self.sandbox.port}"
 
 
 @pytest.fixture(scope="session")

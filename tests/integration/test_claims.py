@@ -29,22 +29,28 @@ def _queue(cluster, sample_image, n: int) -> None:
     submit_edit_many(items, settings=cluster.settings, publisher=SimpleNamespace(publish=lambda *a, **k: None))
 
 
-def test_leases_take_at_most_their_limit_and_never_the_same_job_twice(cluster, sample_image):
-    _queue(cluster, sample_image, 60)
-    deps = _deps(cluster)
-    assert len(submitter.lease_queued(deps, 7)) == 7
+def _four_at_once(claim) -> list[list]:
+    """Run `claim()` in four threads released together; their results."""
     results: list[list] = []
     barrier = threading.Barrier(4)
 
-    def lease():
+    def one():
         barrier.wait()
-        results.append(submitter.lease_queued(deps, 10))
+        results.append(claim())
 
-    threads = [threading.Thread(target=lease) for _ in range(4)]
+    threads = [threading.Thread(target=one) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+    return results
+
+
+def test_leases_take_at_most_their_limit_and_never_the_same_job_twice(cluster, sample_image):
+    _queue(cluster, sample_image, 60)
+    deps = _deps(cluster)
+    assert len(submitter.lease_queued(deps, 7)) == 7
+    results = _four_at_once(lambda: submitter.lease_queued(deps, 10))
     ids = [lease.job_id for batch in results for lease in batch]
     assert all(len(batch) <= 10 for batch in results)
     assert len(ids) == len(set(ids)) == 40  # 53 were free: every lease got its 10, no overlap
@@ -58,18 +64,7 @@ def test_poller_claims_take_at_most_their_limit_and_never_the_same_job_twice(clu
         session.execute(update(JOBS).values(state="processing", next_poll_at=past, prediction_id=JOBS.c.id))
         session.commit()
     assert len(pipeline.claim_due(deps, 7)) == 7
-    results: list[list] = []
-    barrier = threading.Barrier(4)
-
-    def claim():
-        barrier.wait()
-        results.append(pipeline.claim_due(deps, 10))
-
-    threads = [threading.Thread(target=claim) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results = _four_at_once(lambda: pipeline.claim_due(deps, 10))
     ids = [target.job_id for batch in results for target, _ in batch]
     assert all(len(batch) <= 10 for batch in results)
     assert len(ids) == len(set(ids)) == 40

@@ -271,13 +271,19 @@ def test_two_unclaimed_candidates_leave_the_job_for_an_operator(deps, new_job, f
     assert fake_provider.calls["list"] == lists and load(job_id).state == "submitting"
 
 
-def test_one_task_but_two_unresolved_submits_in_the_window_needs_an_operator(deps, new_job, fake_provider, clock, load):
+def two_parked(deps, new_job, fake_provider, clock, load) -> tuple[str, str]:
+    """Two ambiguous submits in one window, one of which made a task: both parked for an operator."""
     a = ambiguous_job(deps, new_job, fake_provider, task_created=True, prompt="a")
     b = ambiguous_job(deps, new_job, fake_provider, task_created=False, prompt="b")
     clock.advance(window_over(deps))
     # The one task could be either job's: guessing could give a job someone else's edit.
     assert resolve_ambiguous(deps, load(a)) == "needs_operator"
     assert resolve_ambiguous(deps, load(b)) == "needs_operator"
+    return a, b
+
+
+def test_one_task_but_two_unresolved_submits_in_the_window_needs_an_operator(deps, new_job, fake_provider, clock, load):
+    a, b = two_parked(deps, new_job, fake_provider, clock, load)
     assert load(a).prediction_id is None and load(b).prediction_id is None
     assert len(fake_provider.submissions) == 1
 
@@ -328,11 +334,7 @@ def test_the_operator_cannot_adopt_a_prediction_another_job_owns(deps, new_job, 
 
 
 def test_settling_one_parked_submit_lets_the_reconciler_settle_the_other(deps, new_job, fake_provider, clock, load):
-    a = ambiguous_job(deps, new_job, fake_provider, task_created=True, prompt="a")
-    b = ambiguous_job(deps, new_job, fake_provider, task_created=False, prompt="b")
-    clock.advance(window_over(deps))
-    assert resolve_ambiguous(deps, load(a)) == "needs_operator"
-    assert resolve_ambiguous(deps, load(b)) == "needs_operator"
+    a, b = two_parked(deps, new_job, fake_provider, clock, load)
     [task] = fake_provider.submissions
     # The operator knows b's submit never reached the provider: with b out of the window, the one
     # unclaimed task can only be a's, and the reconciler adopts it without being asked.
