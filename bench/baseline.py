@@ -55,8 +55,11 @@ def _http():
     import httpx
 
     if "http" not in _clients:
-        _clients["http"] = httpx.Client(base_url=os.environ["WAVESPEED_BASE_URL"], timeout=60.0,
-                                        headers={"Authorization": f"Bearer {os.environ.get('WAVESPEED_API_KEY', 'sandbox-key')}"})
+        _clients["http"] = httpx.Client(
+            base_url=os.environ["WAVESPEED_BASE_URL"],
+            timeout=60.0,
+            headers={"Authorization": f"Bearer {os.environ.get('WAVESPEED_API_KEY', 'sandbox-key')}"},
+        )
     return _clients["http"]
 
 
@@ -65,8 +68,12 @@ def _s3():
 
     if "s3" not in _clients:
         _clients["s3"] = boto3.session.Session().client(
-            "s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None, region_name=os.environ.get("AWS_REGION", "us-east-1"),
-            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+            "s3",
+            endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
+            region_name=os.environ.get("AWS_REGION", "us-east-1"),
+            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        )
     return _clients["s3"]
 
 
@@ -118,13 +125,19 @@ def edit(job_id: str, created_at: float, prompt: str, image: str, size: str, see
             calls += 1
             body = http.get(url)
             body.raise_for_status()
-            _s3().put_object(Bucket=bucket, Key=f"{prefix}/{job_id}/{index}.png", Body=io.BytesIO(body.content),
-                             ContentType=body.headers.get("content-type", "image/png"))
+            _s3().put_object(
+                Bucket=bucket,
+                Key=f"{prefix}/{job_id}/{index}.png",
+                Body=io.BytesIO(body.content),
+                ContentType=body.headers.get("content-type", "image/png"),
+            )
             stored += 1
     state = "succeeded" if data["status"] == "completed" else "failed"
-    _db().execute("INSERT INTO baseline_results (job_id, prompt, state, created_at, started_at, finished_at, provider_calls, outputs) "
-                  "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (job_id) DO NOTHING",
-                  (job_id, prompt, state, created_at, started, time.time(), calls, stored))
+    _db().execute(
+        "INSERT INTO baseline_results (job_id, prompt, state, created_at, started_at, finished_at, provider_calls, outputs) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (job_id) DO NOTHING",
+        (job_id, prompt, state, created_at, started, time.time(), calls, stored),
+    )
     return state
 
 
@@ -133,6 +146,5 @@ def enqueue(n: int, *, image: str, size: str, label: str) -> float:
     now = time.time()
     with app.producer_or_acquire() as producer:
         for i in range(n):
-            app.send_task(TASK, args=[str(uuid.uuid4()), now, f"baseline {label} job {i}", image, size, i],
-                          queue=QUEUE, producer=producer)
+            app.send_task(TASK, args=[str(uuid.uuid4()), now, f"baseline {label} job {i}", image, size, i], queue=QUEUE, producer=producer)
     return now

@@ -61,12 +61,41 @@ from worker.config import settings_from_env  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 NEEDS_OPERATOR = "ambiguous_submit_needs_operator"
-CLEAN_SANDBOX = {"latency": 1.0, "fail_rate": 0.0, "submit_error_rate": 0.0, "submit_error_status": 500,
-                 "result_error_rate": 0.0, "slow_submit_rate": 0.0, "slow_submit_seconds": 8.0,
-                 "download_fail_rate": 0.0, "outage": False, "auth_failure": False}
+CLEAN_SANDBOX = {
+    "latency": 1.0,
+    "fail_rate": 0.0,
+    "submit_error_rate": 0.0,
+    "submit_error_status": 500,
+    "result_error_rate": 0.0,
+    "slow_submit_rate": 0.0,
+    "slow_submit_seconds": 8.0,
+    "download_fail_rate": 0.0,
+    "outage": False,
+    "auth_failure": False,
+}
 WEBHOOK_SECRET = "whsec_test-chaos-soak-not-a-secret"
-WORDS = ("sky", "sunset", "neon", "snow", "sketch", "watercolor", "forest", "ocean", "glow", "fog", "castle",
-         "desert", "storm", "retro", "pastel", "golden", "marble", "paper", "glass", "ember")
+WORDS = (
+    "sky",
+    "sunset",
+    "neon",
+    "snow",
+    "sketch",
+    "watercolor",
+    "forest",
+    "ocean",
+    "glow",
+    "fog",
+    "castle",
+    "desert",
+    "storm",
+    "retro",
+    "pastel",
+    "golden",
+    "marble",
+    "paper",
+    "glass",
+    "ember",
+)
 
 
 def log(message: str) -> None:
@@ -74,6 +103,7 @@ def log(message: str) -> None:
 
 
 # --- the stack ---------------------------------------------------------------------------------
+
 
 @dataclass
 class Stack(local.StackURLs):
@@ -112,8 +142,11 @@ class Stack(local.StackURLs):
         db_url = local.create_database(admin, "chaos")
         bucket = "chaos-soak"
         self.env = {
-            **{k: v for k, v in os.environ.items()
-               if not k.startswith(("EDIT_WORKER_", "WAVESPEED_", "S3_", "AWS_", "CELERY_", "DATABASE_URL"))},
+            **{
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith(("EDIT_WORKER_", "WAVESPEED_", "S3_", "AWS_", "CELERY_", "DATABASE_URL"))
+            },
             "DATABASE_URL": db_url,
             "CELERY_BROKER_URL": self.broker_url,
             "S3_ENDPOINT_URL": self.s3_url,
@@ -141,16 +174,22 @@ class Stack(local.StackURLs):
             self.env["WAVESPEED_WEBHOOK_SECRET"] = WEBHOOK_SECRET
             self.env["EDIT_WORKER_WEBHOOK_URL"] = f"http://127.0.0.1:{api_port}/webhooks/wavespeed"
         self.settings = settings_from_env(self.env)
-        from worker.db import migrate
-        from worker.storage import Storage
+        from worker.adapters.database import migrate
+        from worker.adapters.storage import Storage
 
         migrate(db_url)
         Storage.from_settings(self.settings).ensure_bucket()
         self.sandbox_config(**CLEAN_SANDBOX)
         if self.webhooks:
             self.sandbox_config(webhook_secret=WEBHOOK_SECRET)
-            self.api = local.Service("api", [sys.executable, "-m", "worker.cli", "api", "--port", str(api_port)], api_port,
-                                     self.workdir / "api.log", env=self.env, cwd=str(ROOT)).start()
+            self.api = local.Service(
+                "api",
+                [sys.executable, "-m", "worker.cli", "api", "--port", str(api_port)],
+                api_port,
+                self.workdir / "api.log",
+                env=self.env,
+                cwd=str(ROOT),
+            ).start()
         for i in range(2):
             worker = local.celery_worker(self.workdir, self.env, name=f"w{i + 1}", concurrency=4)
             worker.cwd = str(ROOT)
@@ -188,12 +227,12 @@ class Stack(local.StackURLs):
 
 # --- faults ------------------------------------------------------------------------------------
 
+
 class Chaos:
     """Two lanes of faults; every fault reverts itself (restart / clean config) before the next."""
 
     INFRA = ("worker_kill", "worker_child_kill", "redis_restart", "postgres_restart", "s3_restart")
-    PROVIDER = ("provider_outage", "submit_429", "submit_500", "submit_502_html", "result_errors", "slow_submits",
-                "download_failures")
+    PROVIDER = ("provider_outage", "submit_429", "submit_500", "submit_502_html", "result_errors", "slow_submits", "download_failures")
 
     def __init__(self, stack: Stack, seed: int, end: float, t0: float):
         self.stack = stack
@@ -205,8 +244,9 @@ class Chaos:
         self.timeline: list[str] = []
         self._mutex = threading.Lock()
         self._rngs = {"infra": random.Random(f"{seed}:infra"), "provider": random.Random(f"{seed}:provider")}
-        self.threads = [threading.Thread(target=self._lane, args=(name,), name=f"chaos-{name}", daemon=True)
-                        for name in ("infra", "provider")]
+        self.threads = [
+            threading.Thread(target=self._lane, args=(name,), name=f"chaos-{name}", daemon=True) for name in ("infra", "provider")
+        ]
 
     def start(self) -> None:
         for thread in self.threads:
@@ -379,16 +419,16 @@ class Supervisor:
                 with self.stack.lock:
                     if self.stack.torn_down:
                         return
-                    if service.process is None or service.running or service.name in self.stack.held_down \
-                            or service.extra.get("given_up"):
+                    if service.process is None or service.running or service.name in self.stack.held_down or service.extra.get("given_up"):
                         continue
                     code = service.process.returncode
-                    if not service.extra.get("counted") == service.process.pid:
+                    if service.extra.get("counted") != service.process.pid:
                         service.extra["counted"] = service.process.pid
                         self.stack.exits[service.name] += 1
                         last = [line for line in service.log_tail(20000).splitlines() if "CRITICAL" in line or "Unrecoverable" in line]
-                        note = f"{service.name} (pid {service.process.pid}) exited by itself with code {code}" + \
-                               (f": {last[-1][:200]}" if last else "")
+                        note = f"{service.name} (pid {service.process.pid}) exited by itself with code {code}" + (
+                            f": {last[-1][:200]}" if last else ""
+                        )
                         self.notes.append(note)
                         log(note + ("; restarting it" if self.restart else "; NOT restarting it (--no-supervise)"))
                     if not self.restart:
@@ -402,6 +442,7 @@ class Supervisor:
 
 # --- jobs --------------------------------------------------------------------------------------
 
+
 def make_items(n: int, seed: int, image: Path) -> list[dict]:
     rng = random.Random(f"{seed}:prompts")
     run = uuid.uuid4().hex[:6]
@@ -409,8 +450,7 @@ def make_items(n: int, seed: int, image: Path) -> list[dict]:
     for i in range(n):
         words = " ".join(rng.choice(WORDS) for _ in range(4))
         prompt = f"chaos soak {run} seed {seed} job {i:05d}: {words}"[:120]
-        items.append({"image": str(image), "prompt": prompt, "size": "512*512", "seed": i,
-                      "idempotency_key": f"chaos-{run}-{i:05d}"})
+        items.append({"image": str(image), "prompt": prompt, "size": "512*512", "seed": i, "idempotency_key": f"chaos-{run}-{i:05d}"})
     return items
 
 
@@ -438,7 +478,7 @@ def read_jobs(stack: Stack):
     from sqlalchemy import select
 
     from models import Job
-    from worker.db import session_factory
+    from worker.adapters.database import session_factory
 
     with session_factory(stack.settings.database_url)() as session:
         return list(session.scalars(select(Job)))
@@ -488,15 +528,21 @@ def scan_logs(workdir: Path) -> dict[str, int]:
 def cli_status(stack: Stack, job_id: str) -> str:
     try:
         # Wide columns: rich would otherwise wrap the event lines at 80 characters.
-        result = subprocess.run([sys.executable, "-m", "worker.cli", "status", job_id, "--events"],
-                                env={**stack.env, "COLUMNS": "250"},
-                                cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "status", job_id, "--events"],
+            env={**stack.env, "COLUMNS": "250"},
+            cwd=str(ROOT),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return (result.stdout + result.stderr).rstrip()
     except Exception as exc:
         return f"(status failed: {exc!r})"
 
 
 # --- the run -----------------------------------------------------------------------------------
+
 
 def run(args) -> int:
     t_start = time.monotonic()
@@ -511,8 +557,10 @@ def run(args) -> int:
     try:
         log(f"starting the stack in {workdir} (postgres in {pgdir})")
         stack.start()
-        log(f"stack up in {time.monotonic() - t_start:.1f}s: redis :{stack.redis.port}, s3 :{stack.s3.port}, "
-            f"sandbox :{stack.sandbox.port}, postgres :{stack.postgres.port}, workers {[w.process.pid for w in stack.workers]}")
+        log(
+            f"stack up in {time.monotonic() - t_start:.1f}s: redis :{stack.redis.port}, s3 :{stack.s3.port}, "
+            f"sandbox :{stack.sandbox.port}, postgres :{stack.postgres.port}, workers {[w.process.pid for w in stack.workers]}"
+        )
 
         from PIL import Image
 
@@ -523,8 +571,8 @@ def run(args) -> int:
         waves = [items[i::n_waves] for i in range(n_waves)]
         chaos_seconds = args.chaos_seconds or max(45.0, min(240.0, args.jobs * 0.25))
 
-        from worker.celery_app import make_app
-        from worker.tasks import CeleryPublisher
+        from worker.engine.celery_app import make_app
+        from worker.engine.publisher import CeleryPublisher
 
         publisher = CeleryPublisher(make_app(stack.settings))
 
@@ -604,10 +652,9 @@ def run(args) -> int:
 
         import boto3
 
-        from worker.storage import split_uri
+        from worker.adapters.storage import split_uri
 
-        s3 = boto3.client("s3", endpoint_url=stack.s3_url, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
+        s3 = boto3.client("s3", endpoint_url=stack.s3_url, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
         bytes_checked = 0
         bad_outputs: list[tuple[str, str]] = []
         wrong_task: list[tuple[str, str]] = []
@@ -615,8 +662,9 @@ def run(args) -> int:
             for job in succeeded:
                 task = tasks_by_id.get(job.prediction_id)
                 if task is None or task["prompt"] != job.prompt:
-                    wrong_task.append((job.id, f"prediction {job.prediction_id} was created for "
-                                               f"{task['prompt'] if task else 'no known task'!r}"))
+                    wrong_task.append(
+                        (job.id, f"prediction {job.prediction_id} was created for {task['prompt'] if task else 'no known task'!r}")
+                    )
                 if not job.outputs:
                     bad_outputs.append((job.id, "succeeded without outputs"))
                 for index, uri in enumerate(job.outputs or []):
@@ -630,8 +678,9 @@ def run(args) -> int:
                         if expected.status_code != 200:
                             bad_outputs.append((job.id, f"provider output {index} answered {expected.status_code}"))
                         elif body != expected.content:
-                            bad_outputs.append((job.id, f"{uri}: {len(body)} bytes in S3 differ from the provider's "
-                                                        f"{len(expected.content)}"))
+                            bad_outputs.append(
+                                (job.id, f"{uri}: {len(body)} bytes in S3 differ from the provider's {len(expected.content)}")
+                            )
                         else:
                             bytes_checked += len(body)
                     except Exception as exc:
@@ -640,30 +689,39 @@ def run(args) -> int:
         faults_total = sum(v for k, v in chaos.counts.items() if not k.endswith("_skipped"))
         fault_counts = {k: v for k, v in chaos.counts.items() if not k.endswith("_skipped")}
         failed_field = f"{len(failed)}{fmt_counts(failed_reasons)}"
-        summary = (f"chaos: jobs={args.jobs} succeeded={len(succeeded)} failed={failed_field} paid_submissions={paid} "
-                   f"duplicates={len(duplicates)} lost={lost} needs_operator={len(parked_jobs)} "
-                   f"bytes_checked={bytes_checked} faults={faults_total}{fmt_counts(fault_counts)} "
-                   f"unexpected_exits={sum(stack.exits.values())}{fmt_counts(stack.exits)} elapsed={elapsed:.0f}s")
+        summary = (
+            f"chaos: jobs={args.jobs} succeeded={len(succeeded)} failed={failed_field} paid_submissions={paid} "
+            f"duplicates={len(duplicates)} lost={lost} needs_operator={len(parked_jobs)} "
+            f"bytes_checked={bytes_checked} faults={faults_total}{fmt_counts(fault_counts)} "
+            f"unexpected_exits={sum(stack.exits.values())}{fmt_counts(stack.exits)} elapsed={elapsed:.0f}s"
+        )
 
         # --- details (stderr), with `edit-worker status --events` for a sample of problem jobs ---
-        log(f"states {histogram(jobs)}; cancelled={len(cancelled)}; unsubmitted={len(unsubmitted)} missing_rows={len(missing)}; "
+        log(
+            f"states {histogram(jobs)}; cancelled={len(cancelled)}; unsubmitted={len(unsubmitted)} missing_rows={len(missing)}; "
             f"producer tries={submit_tries}; sandbox counters: "
-            + ", ".join(f"{k}={stats[k]}" for k in ("submissions", "submit_requests", "result_requests", "downloads", "cancels",
-                                                    "list_requests")))
-        log(f"provider tasks not belonging to any job prompt: "
+            + ", ".join(
+                f"{k}={stats[k]}" for k in ("submissions", "submit_requests", "result_requests", "downloads", "cancels", "list_requests")
+            )
+        )
+        log(
+            f"provider tasks not belonging to any job prompt: "
             f"{sum(1 for t in stats['tasks'] if t['prompt'] not in {j.prompt for j in jobs})}; "
-            f"attempts histogram {dict(sorted(collections.Counter(j.attempts for j in jobs).items()))}")
+            f"attempts histogram {dict(sorted(collections.Counter(j.attempts for j in jobs).items()))}"
+        )
         log("worker/beat log counts: " + ", ".join(f"{k}={v}" for k, v in scan_logs(workdir).items()))
         if chaos.errors:
             log(f"fault lane errors: {chaos.errors}")
         for note in supervisor.notes:
             log(f"unexpected exit: {note}")
-        for what, sample in (("not terminal", [j.id for j in not_terminal]),
-                             ("needs operator", [j.id for j in parked_jobs]),
-                             ("duplicate submissions", [j.id for j in jobs if j.prompt in duplicates]),
-                             ("failed", [j.id for j in failed]),
-                             ("wrong provider task", [i for i, _ in wrong_task]),
-                             ("bad outputs", [i for i, _ in bad_outputs])):
+        for what, sample in (
+            ("not terminal", [j.id for j in not_terminal]),
+            ("needs operator", [j.id for j in parked_jobs]),
+            ("duplicate submissions", [j.id for j in jobs if j.prompt in duplicates]),
+            ("failed", [j.id for j in failed]),
+            ("wrong provider task", [i for i, _ in wrong_task]),
+            ("bad outputs", [i for i, _ in bad_outputs]),
+        ):
             if not sample:
                 continue
             log(f"{len(sample)} job(s) {what}; sample:")
@@ -671,13 +729,15 @@ def run(args) -> int:
                 extra = [m for i, m in wrong_task + bad_outputs if i == job_id]
                 job = by_id.get(job_id)
                 if job is not None:  # the CLI's text form can swallow an error code as rich markup
-                    extra.append(f"db: state={job.state} error_code={job.error_code} attempts={job.attempts} "
-                                 f"prediction_id={job.prediction_id}")
+                    extra.append(
+                        f"db: state={job.state} error_code={job.error_code} attempts={job.attempts} prediction_id={job.prediction_id}"
+                    )
                 if job is not None and job.prompt in duplicates:
-                    extra.append(f"provider tasks for its prompt: {duplicates[job.prompt]}: "
-                                 + ", ".join(t["id"] for t in stats["tasks"] if t["prompt"] == job.prompt))
-                print("\n".join(["  " + line for line in [*extra, *cli_status(stack, job_id).splitlines()]]),
-                      file=sys.stderr, flush=True)
+                    extra.append(
+                        f"provider tasks for its prompt: {duplicates[job.prompt]}: "
+                        + ", ".join(t["id"] for t in stats["tasks"] if t["prompt"] == job.prompt)
+                    )
+                print("\n".join(["  " + line for line in [*extra, *cli_status(stack, job_id).splitlines()]]), file=sys.stderr, flush=True)
         timeline = workdir / "faults.log"
         timeline.write_text("\n".join(chaos.timeline) + "\n")
 
@@ -717,17 +777,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--duration-limit", type=float, default=900.0, help="hard limit for the whole run, seconds")
-    parser.add_argument("--chaos-seconds", type=float, default=None,
-                        help="how long faults are injected (default: jobs/4, within 45..240)")
-    parser.add_argument("--stall-seconds", type=float, default=180.0,
-                        help="after the faults end, stop waiting when no job moved for this long")
+    parser.add_argument("--chaos-seconds", type=float, default=None, help="how long faults are injected (default: jobs/4, within 45..240)")
+    parser.add_argument(
+        "--stall-seconds", type=float, default=180.0, help="after the faults end, stop waiting when no job moved for this long"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) even on success")
-    parser.add_argument("--no-supervise", dest="supervise", action="store_false",
-                        help="do not restart a worker/beat process that exits by itself (default: restart it, "
-                             "like docker-compose.yml's `restart: unless-stopped`); such exits are counted either way")
-    parser.add_argument("--webhooks", action="store_true",
-                        help="run `edit-worker api` and have the sandbox call each job's signed webhook URL "
-                             "(settles concurrent ambiguous submits that the task list cannot)")
+    parser.add_argument(
+        "--no-supervise",
+        dest="supervise",
+        action="store_false",
+        help="do not restart a worker/beat process that exits by itself (default: restart it, "
+        "like docker-compose.yml's `restart: unless-stopped`); such exits are counted either way",
+    )
+    parser.add_argument(
+        "--webhooks",
+        action="store_true",
+        help="run `edit-worker api` and have the sandbox call each job's signed webhook URL "
+        "(settles concurrent ambiguous submits that the task list cannot)",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")

@@ -79,6 +79,7 @@ def log(message: str) -> None:
 
 # --- the stack ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Stack(local.StackURLs):
     workdir: Path
@@ -94,7 +95,7 @@ class Stack(local.StackURLs):
         scheme = "postgresql+psycopg" if driver else "postgresql"
         return f"{scheme}://{role}@127.0.0.1:{self.pg_port}/{db}"
 
-    def start(self, args) -> "Stack":
+    def start(self, args) -> Stack:
         self.redis = self._start(local.redis(self.workdir / "redis"))
         self.s3 = self._start(local.s3_persistent(self.workdir) if args.s3 == "rclone" else local.s3(self.workdir))
         self.sandbox = self._start(local.sandbox(self.workdir, latency=args.latency))
@@ -112,8 +113,14 @@ class Stack(local.StackURLs):
             service = local.postgres(pg_dir)
             if preload:
                 # Built here rather than in worker/local.py: only the benchmark wants statement stats.
-                service.argv += ["-c", "shared_preload_libraries=pg_stat_statements", "-c", "pg_stat_statements.max=10000",
-                                 "-c", "pg_stat_statements.track_utility=on"]
+                service.argv += [
+                    "-c",
+                    "shared_preload_libraries=pg_stat_statements",
+                    "-c",
+                    "pg_stat_statements.max=10000",
+                    "-c",
+                    "pg_stat_statements.track_utility=on",
+                ]
             try:
                 self.postgres = self._start(service)
             except RuntimeError as exc:
@@ -159,6 +166,7 @@ def _wait_for_log(service: local.Service, needle: str, timeout: float = 60.0) ->
 
 
 # --- sampling: processes and the database ------------------------------------------------------
+
 
 class ProcGroup:
     """CPU and memory of one or more process trees (a Celery worker = main process + pool children)."""
@@ -268,7 +276,12 @@ class Sampler(threading.Thread):
         sys1 = psutil.cpu_times()
         wall = time.time() - self._t0
         busy = (sum(sys1) - sys1.idle - getattr(sys1, "iowait", 0)) - (sum(self._sys0) - self._sys0.idle - getattr(self._sys0, "iowait", 0))
-        return {"wall": wall, "system_busy": busy, "cpus": psutil.cpu_count(), "util_pct": 100.0 * busy / max(wall * psutil.cpu_count(), 1e-9)}
+        return {
+            "wall": wall,
+            "system_busy": busy,
+            "cpus": psutil.cpu_count(),
+            "util_pct": 100.0 * busy / max(wall * psutil.cpu_count(), 1e-9),
+        }
 
     def snapshot(self) -> dict[str, int]:
         with self.lock:
@@ -288,6 +301,7 @@ def component_groups(stack: Stack, workers: list[local.Service], beat: local.Ser
 
 
 # --- database statistics -----------------------------------------------------------------------
+
 
 class DbStats:
     def __init__(self, stack: Stack, db: str):
@@ -318,18 +332,26 @@ class DbStats:
                 return {"kind": "transactions", "by_role": {"all (incl. monitor)": self._xacts(conn) - (self._xact0 or 0)}, "top": []}
             rows = conn.execute(
                 "SELECT r.rolname, sum(s.calls)::bigint FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid "
-                "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s GROUP BY r.rolname", (self.db,)).fetchall()
+                "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s GROUP BY r.rolname",
+                (self.db,),
+            ).fetchall()
             by_role = {name: int(calls) for name, calls in rows}
             top = conn.execute(
                 "SELECT r.rolname, s.calls::bigint, round(s.total_exec_time::numeric, 1), "
                 "left(regexp_replace(s.query, '\\s+', ' ', 'g'), 140) FROM pg_stat_statements s "
                 "JOIN pg_roles r ON r.oid = s.userid JOIN pg_database d ON d.oid = s.dbid "
-                "WHERE d.datname = %s AND r.rolname <> %s ORDER BY s.calls DESC LIMIT 12", (self.db, ROLES["monitor"])).fetchall()
-        return {"kind": "statements", "by_role": by_role,
-                "top": [{"role": role, "calls": int(calls), "exec_ms": float(ms), "query": query} for role, calls, ms, query in top]}
+                "WHERE d.datname = %s AND r.rolname <> %s ORDER BY s.calls DESC LIMIT 12",
+                (self.db, ROLES["monitor"]),
+            ).fetchall()
+        return {
+            "kind": "statements",
+            "by_role": by_role,
+            "top": [{"role": role, "calls": int(calls), "exec_ms": float(ms), "query": query} for role, calls, ms, query in top],
+        }
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
@@ -372,7 +394,9 @@ def epoch(value) -> float:
 def provider_created(stack: Stack) -> dict[str, float]:
     """prompt -> when the sandbox created the provider task (wall clock, ms). Prompts are unique per run."""
     stats = httpx.get(f"{stack.sandbox_url}/_sandbox/stats", timeout=120).json()
-    return {task["prompt"]: datetime.fromisoformat(task["created_at"].replace("Z", "+00:00")).timestamp() for task in stats.get("tasks", [])}
+    return {
+        task["prompt"]: datetime.fromisoformat(task["created_at"].replace("Z", "+00:00")).timestamp() for task in stats.get("tasks", [])
+    }
 
 
 def sandbox_counters(stack: Stack) -> dict:
@@ -385,9 +409,20 @@ def reset_world(stack: Stack, latency: float) -> None:
 
     redis_lib.Redis.from_url(stack.broker_url).flushall()
     httpx.post(f"{stack.sandbox_url}/_sandbox/reset", timeout=30).raise_for_status()
-    httpx.put(f"{stack.sandbox_url}/_sandbox/config", json={"latency": latency, "fail_rate": 0.0, "submit_error_rate": 0.0,
-              "result_error_rate": 0.0, "slow_submit_rate": 0.0, "download_fail_rate": 0.0, "outage": False,
-              "auth_failure": False}, timeout=30).raise_for_status()
+    httpx.put(
+        f"{stack.sandbox_url}/_sandbox/config",
+        json={
+            "latency": latency,
+            "fail_rate": 0.0,
+            "submit_error_rate": 0.0,
+            "result_error_rate": 0.0,
+            "slow_submit_rate": 0.0,
+            "download_fail_rate": 0.0,
+            "outage": False,
+            "auth_failure": False,
+        },
+        timeout=30,
+    ).raise_for_status()
 
 
 def make_bucket(stack: Stack, bucket: str) -> None:
@@ -398,23 +433,27 @@ def make_bucket(stack: Stack, bucket: str) -> None:
 
 
 def base_env(stack: Stack, args, bucket: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDIT_WORKER_", "WAVESPEED_", "S3_", "AWS_", "DATABASE_URL", "CELERY_"))}
-    env.update({
-        "PYTHONPATH": str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
-        "PYTHONUNBUFFERED": "1",
-        "CELERY_BROKER_URL": stack.broker_url,
-        "S3_ENDPOINT_URL": stack.s3_url,
-        "S3_BUCKET": bucket,
-        "S3_PREFIX": "edits",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_REGION": "us-east-1",
-        "WAVESPEED_API_KEY": "sandbox-key",
-        "WAVESPEED_BASE_URL": stack.sandbox_url,
-        # The account limiter must not be what bounds the benchmark.
-        "EDIT_WORKER_RATE_LIMIT_PER_MINUTE": HUGE,
-        "EDIT_WORKER_MAX_CONCURRENCY": HUGE,
-    })
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("EDIT_WORKER_", "WAVESPEED_", "S3_", "AWS_", "DATABASE_URL", "CELERY_"))
+    }
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
+            "PYTHONUNBUFFERED": "1",
+            "CELERY_BROKER_URL": stack.broker_url,
+            "S3_ENDPOINT_URL": stack.s3_url,
+            "S3_BUCKET": bucket,
+            "S3_PREFIX": "edits",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_REGION": "us-east-1",
+            "WAVESPEED_API_KEY": "sandbox-key",
+            "WAVESPEED_BASE_URL": stack.sandbox_url,
+            # The account limiter must not be what bounds the benchmark.
+            "EDIT_WORKER_RATE_LIMIT_PER_MINUTE": HUGE,
+            "EDIT_WORKER_MAX_CONCURRENCY": HUGE,
+        }
+    )
     # The deployment's guess of the model's inference time, used until the worker has learned it
     # from what the provider reports (adaptive_first_poll).
     env["EDIT_WORKER_FIRST_POLL_DELAY"] = f"{args.latency:g}"
@@ -425,6 +464,7 @@ def base_env(stack: Stack, args, bucket: str) -> dict[str, str]:
 
 
 # --- profiling ---------------------------------------------------------------------------------
+
 
 class Profiler(threading.Thread):
     """py-spy on one worker's process tree (main + pool children), three recordings at once, without
@@ -446,16 +486,35 @@ class Profiler(threading.Thread):
         if self._halt.wait(self.delay):
             return
         self.outdir.mkdir(parents=True, exist_ok=True)
-        common = [spy, "record", "--pid", str(self.pid), "--subprocesses", "--nonblocking", "--duration", str(int(self.seconds)),
-                  "--rate", str(self.rate)]
+        common = [
+            spy,
+            "record",
+            "--pid",
+            str(self.pid),
+            "--subprocesses",
+            "--nonblocking",
+            "--duration",
+            str(int(self.seconds)),
+            "--rate",
+            str(self.rate),
+        ]
         # --gil: only samples holding the GIL, i.e. running Python (a thread blocked in a socket read
         # releases it; without --gil py-spy counts such syscalls as active). --idle: wall clock.
-        plans = [("cpu.raw", ["--format", "raw", "--gil"]), ("wall.raw", ["--format", "raw", "--idle"]),
-                 ("wall.svg", ["--format", "flamegraph", "--idle"])]
+        plans = [
+            ("cpu.raw", ["--format", "raw", "--gil"]),
+            ("wall.raw", ["--format", "raw", "--idle"]),
+            ("wall.svg", ["--format", "flamegraph", "--idle"]),
+        ]
         for name, extra in plans:
             log_file = open(self.outdir / f"{name}.log", "wb")
-            self.procs.append(subprocess.Popen([*common, *extra, "--output", str(self.outdir / name)], stdout=log_file,
-                                               stderr=subprocess.STDOUT, start_new_session=True))
+            self.procs.append(
+                subprocess.Popen(
+                    [*common, *extra, "--output", str(self.outdir / name)],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
             log_file.close()
         deadline = time.monotonic() + self.seconds + 60
         for proc in self.procs:
@@ -577,9 +636,13 @@ def analyse_profile(outdir: Path) -> dict:
             "samples": total,
             "background_thread_samples": background,
             # Per role, as a share of that role's own samples (the main process and the pool children differ).
-            "by_role": {role: {"share": round(100.0 * sum(counts.values()) / total, 1),
-                               "categories": {cat: round(100.0 * n / max(sum(counts.values()), 1), 1) for cat, n in counts.most_common()}}
-                        for role, counts in sorted(by_role.items(), reverse=True)},
+            "by_role": {
+                role: {
+                    "share": round(100.0 * sum(counts.values()) / total, 1),
+                    "categories": {cat: round(100.0 * n / max(sum(counts.values()), 1), 1) for cat, n in counts.most_common()},
+                }
+                for role, counts in sorted(by_role.items(), reverse=True)
+            },
             "top_own": [(name, round(100.0 * n / total, 1)) for name, n in own.most_common(15)],
             "top_inclusive_pool": [(name, round(100.0 * n / max(pool_total, 1), 1)) for name, n in inclusive.most_common(150)],
         }
@@ -588,15 +651,22 @@ def analyse_profile(outdir: Path) -> dict:
 
 def print_profile(report: dict, outdir: Path) -> str:
     lines = [f"profile (py-spy, worker 0 tree; files in {outdir.relative_to(ROOT) if outdir.is_relative_to(ROOT) else outdir})"]
-    for kind, title in (("cpu", "GIL-holding samples (~ Python CPU), all threads"), ("wall", "wall-clock samples (incl. idle/waiting), main threads")):
+    for kind, title in (
+        ("cpu", "GIL-holding samples (~ Python CPU), all threads"),
+        ("wall", "wall-clock samples (incl. idle/waiting), main threads"),
+    ):
         data = report.get(kind)
         if not data or data["samples"] <= 1:
             lines.append(f"  {title}: no samples")
             continue
-        extra = f" (+{data['background_thread_samples']} samples of helper threads, left out)" if data.get("background_thread_samples") else ""
+        extra = (
+            f" (+{data['background_thread_samples']} samples of helper threads, left out)" if data.get("background_thread_samples") else ""
+        )
         lines.append(f"  {title}: {data['samples']} samples{extra}")
         for role, info in data["by_role"].items():
-            lines.append(f"    {role} ({info['share']}% of samples): " + ", ".join(f"{cat} {pct}%" for cat, pct in info["categories"].items()))
+            lines.append(
+                f"    {role} ({info['share']}% of samples): " + ", ".join(f"{cat} {pct}%" for cat, pct in info["categories"].items())
+            )
     wall = report.get("wall")
     if wall and wall["samples"] > 1:
         # Where the product's own steps spend their (wall) time, inclusive of everything they call.
@@ -616,13 +686,14 @@ def print_profile(report: dict, outdir: Path) -> str:
 
 # --- the edit worker phase ---------------------------------------------------------------------
 
+
 def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path) -> dict:
     from sqlalchemy import text
 
-    from worker.celery_app import make_app
-    from worker.db import get_engine, migrate
+    from worker.adapters.database import get_engine, migrate
+    from worker.engine.celery_app import make_app
+    from worker.engine.publisher import CeleryPublisher
     from worker.producer import submit_edit_many
-    from worker.tasks import CeleryPublisher
 
     db = f"bench_{label}".replace("-", "_")
     bucket = f"bench-{label}-{uuid.uuid4().hex[:6]}".replace("_", "-").lower()
@@ -645,8 +716,14 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
     sampler = profiler = None
     try:
         for i in range(workers_n):
-            service = local.celery_worker(outdir, {**env, "DATABASE_URL": stack.pg_url(db, ROLES["worker"])}, name=f"{label}-worker{i}",
-                                          concurrency=args.concurrency, pool=args.pool, extra_args=list(args.worker_arg))
+            service = local.celery_worker(
+                outdir,
+                {**env, "DATABASE_URL": stack.pg_url(db, ROLES["worker"])},
+                name=f"{label}-worker{i}",
+                concurrency=args.concurrency,
+                pool=args.pool,
+                extra_args=list(args.worker_arg),
+            )
             service.cwd = str(outdir)  # no stray .env from the caller's directory
             procs.append(service)
             workers.append(service.start())
@@ -664,8 +741,12 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
         dbstats.reset()
         calls0 = sandbox_counters(stack)
         groups = component_groups(stack, workers, beat)
-        sampler = Sampler(args.sample_interval, groups, "SELECT state, count(*) FROM jobs GROUP BY state",
-                          stack.pg_url(db, ROLES["monitor"], driver=False))
+        sampler = Sampler(
+            args.sample_interval,
+            groups,
+            "SELECT state, count(*) FROM jobs GROUP BY state",
+            stack.pg_url(db, ROLES["monitor"], driver=False),
+        )
         sampler.prime()
         sampler.start()
         if args.profile:
@@ -680,9 +761,13 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
             # A provider outage in the middle of the run (503 HTML on every call), then recovery:
             # the provider calls per job then include everything the outage and the recovery cost.
             for delay, down in ((args.outage_at, True), (args.outage_at + args.outage_seconds, False)):
-                timer = threading.Timer(delay, lambda down=down: (
-                    httpx.put(f"{stack.sandbox_url}/_sandbox/config", json={"outage": down}, timeout=30),
-                    log(f"{label}: provider outage {'begins' if down else 'ends'}")))
+                timer = threading.Timer(
+                    delay,
+                    lambda down=down: (
+                        httpx.put(f"{stack.sandbox_url}/_sandbox/config", json={"outage": down}, timeout=30),
+                        log(f"{label}: provider outage {'begins' if down else 'ends'}"),
+                    ),
+                )
                 timer.daemon = True
                 timer.start()
         t_start = time.time()
@@ -731,8 +816,9 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
         _DB_TZ = ZoneInfo(conn.execute(text("SHOW TimeZone")).scalar())
         rows = conn.execute(text("SELECT state, prompt, created_at, finished_at FROM jobs")).fetchall()
         try:
-            events = conn.execute(text("SELECT job_id, from_state, to_state, at FROM job_events "
-                                       "WHERE to_state = 'processing' OR from_state = 'processing'")).fetchall()
+            events = conn.execute(
+                text("SELECT job_id, from_state, to_state, at FROM job_events WHERE to_state = 'processing' OR from_state = 'processing'")
+            ).fetchall()
         except Exception:
             events = []
     get_engine(stack.pg_url(db, ROLES["monitor"])).dispose()
@@ -747,8 +833,11 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
     drain = (last_terminal - first_insert) if not timed_out else (t_seen - first_insert)
     overheads = [f - c - args.latency for c, f in succeeded]
     # Lag behind the provider: our finished_at minus the moment the provider had the result.
-    lags = [epoch(r.finished_at) - (created_at_provider[r.prompt] + args.latency) for r in ended
-            if r.state == "succeeded" and r.prompt in created_at_provider]
+    lags = [
+        epoch(r.finished_at) - (created_at_provider[r.prompt] + args.latency)
+        for r in ended
+        if r.state == "succeeded" and r.prompt in created_at_provider
+    ]
     opened: dict[str, float] = {}
     intervals = []
     left_processing: dict[str, float] = {}
@@ -779,9 +868,18 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
     terminal = sum(states.get(s, 0) for s in TERMINAL)
     db_total = sum(n for role, n in db_report["by_role"].items() if role != ROLES["monitor"])
     result = {
-        "kind": "edit-worker", "label": label, "workers": workers_n, "concurrency": args.concurrency, "pool": args.pool,
-        "latency": args.latency, "jobs": args.jobs, "states": dict(states), "terminal": terminal, "timed_out": timed_out,
-        "enqueue_seconds": t_enqueued - t_start, "drain_seconds": drain,
+        "kind": "edit-worker",
+        "label": label,
+        "workers": workers_n,
+        "concurrency": args.concurrency,
+        "pool": args.pool,
+        "latency": args.latency,
+        "jobs": args.jobs,
+        "states": dict(states),
+        "terminal": terminal,
+        "timed_out": timed_out,
+        "enqueue_seconds": t_enqueued - t_start,
+        "drain_seconds": drain,
         "jobs_per_s": terminal / drain if drain > 0 else None,
         "steady_jobs_per_s": steady_rate([f for _, f in finished]),
         "overhead": {q: percentile(overheads, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))},
@@ -790,15 +888,22 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
         "lag_copy": {q: percentile(copied, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("max", 1.0))},
         "max_in_flight_sampled": sampler.max_processing,
         "max_in_flight_exact": max_overlap(intervals) if intervals else None,
-        "provider": {**calls, "per_job": provider_calls / max(terminal, 1),
-                     "api_per_job": (calls["submit_requests"] + calls["result_requests"]) / max(terminal, 1),
-                     "downloads_per_job": calls["downloads"] / max(terminal, 1),
-                     "target_per_job": 2 + math.ceil(args.latency / 2)},
-        "cpu_seconds": cpu, "system": system,
+        "provider": {
+            **calls,
+            "per_job": provider_calls / max(terminal, 1),
+            "api_per_job": (calls["submit_requests"] + calls["result_requests"]) / max(terminal, 1),
+            "downloads_per_job": calls["downloads"] / max(terminal, 1),
+            "target_per_job": 2 + math.ceil(args.latency / 2),
+        },
+        "cpu_seconds": cpu,
+        "system": system,
         "cpu_s_per_job": cpu["workers"] / max(terminal, 1),
-        "rss_mb": {"peak_process": worker_group.peak_proc_rss / 2**20, "peak_tree_per_worker": worker_group.peak_tree_rss / 2**20 / workers_n,
-                   "first_tree": rss_series[0][1] / 2**20 if rss_series else None,
-                   "last_tree": rss_series[-1][1] / 2**20 if rss_series else None},
+        "rss_mb": {
+            "peak_process": worker_group.peak_proc_rss / 2**20,
+            "peak_tree_per_worker": worker_group.peak_tree_rss / 2**20 / workers_n,
+            "first_tree": rss_series[0][1] / 2**20 if rss_series else None,
+            "last_tree": rss_series[-1][1] / 2**20 if rss_series else None,
+        },
         "db": {**db_report, "per_job": db_total / max(terminal, 1)},
         "profiled": bool(args.profile),
         "sampler_errors": sampler.errors,
@@ -817,6 +922,7 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
 
 # --- the baseline phase ------------------------------------------------------------------------
 
+
 def run_baseline(stack: Stack, args, workers_n: int, label: str, outdir: Path) -> dict:
     import base64
 
@@ -831,8 +937,12 @@ def run_baseline(stack: Stack, args, workers_n: int, label: str, outdir: Path) -
         conn.execute(baseline.SCHEMA)
     reset_world(stack, args.latency)
     make_bucket(stack, bucket)
-    env = {**base_env(stack, args, bucket), "BASELINE_DATABASE_URL": stack.pg_url(db, ROLES["baseline"], driver=False),
-           "BASELINE_POLL_INTERVAL": f"{args.baseline_poll:g}", "S3_PREFIX": "baseline"}
+    env = {
+        **base_env(stack, args, bucket),
+        "BASELINE_DATABASE_URL": stack.pg_url(db, ROLES["baseline"], driver=False),
+        "BASELINE_POLL_INTERVAL": f"{args.baseline_poll:g}",
+        "S3_PREFIX": "baseline",
+    }
     n_jobs = args.baseline_jobs or args.jobs
     image_path = outdir / "input.png"
     if not image_path.exists():
@@ -845,9 +955,27 @@ def run_baseline(stack: Stack, args, workers_n: int, label: str, outdir: Path) -
     sampler = None
     try:
         for i in range(workers_n):
-            argv = [sys.executable, "-m", "celery", "-A", "bench.baseline", "worker", "-Q", baseline.QUEUE, "--concurrency",
-                    str(args.concurrency), "--pool", args.pool, "--hostname", f"{label}{i}@%h", "--loglevel", "INFO"]
-            service = local.Service(f"{label}-worker{i}", argv, 0, outdir / f"{label}-worker{i}.log", env=env, cwd=str(ROOT), wait_port=False)
+            argv = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.baseline",
+                "worker",
+                "-Q",
+                baseline.QUEUE,
+                "--concurrency",
+                str(args.concurrency),
+                "--pool",
+                args.pool,
+                "--hostname",
+                f"{label}{i}@%h",
+                "--loglevel",
+                "INFO",
+            ]
+            service = local.Service(
+                f"{label}-worker{i}", argv, 0, outdir / f"{label}-worker{i}.log", env=env, cwd=str(ROOT), wait_port=False
+            )
             procs.append(service)
             service.start()
         for service in procs:
@@ -856,8 +984,12 @@ def run_baseline(stack: Stack, args, workers_n: int, label: str, outdir: Path) -
         dbstats = DbStats(stack, db)
         dbstats.reset()
         groups = component_groups(stack, procs, None)
-        sampler = Sampler(args.sample_interval, groups, "SELECT state, count(*) FROM baseline_results GROUP BY state",
-                          stack.pg_url(db, ROLES["monitor"], driver=False))
+        sampler = Sampler(
+            args.sample_interval,
+            groups,
+            "SELECT state, count(*) FROM baseline_results GROUP BY state",
+            stack.pg_url(db, ROLES["monitor"], driver=False),
+        )
         sampler.prime()
         sampler.start()
         baseline.app.conf.broker_url = stack.broker_url
@@ -884,7 +1016,9 @@ def run_baseline(stack: Stack, args, workers_n: int, label: str, outdir: Path) -
             service.kill()  # time box over: in-flight baseline tasks are abandoned, not awaited
 
     with psycopg.connect(stack.pg_url(db, ROLES["monitor"], driver=False), autocommit=True) as conn:
-        rows = conn.execute("SELECT state, created_at, started_at, finished_at, provider_calls, outputs, prompt FROM baseline_results").fetchall()
+        rows = conn.execute(
+            "SELECT state, created_at, started_at, finished_at, provider_calls, outputs, prompt FROM baseline_results"
+        ).fetchall()
     rows = [r for r in rows if r[3] <= t_end]
     lags = [r[3] - (created_at_provider[r[6]] + args.latency) for r in rows if r[0] == "succeeded" and r[6] in created_at_provider]
     completed = len(rows)
@@ -894,22 +1028,44 @@ def run_baseline(stack: Stack, args, workers_n: int, label: str, outdir: Path) -
     worker_group = groups[0]
     db_total = sum(n for role, n in db_report["by_role"].items() if role != ROLES["monitor"])
     return {
-        "kind": "baseline", "label": label, "workers": workers_n, "concurrency": args.concurrency, "pool": args.pool,
-        "latency": args.latency, "jobs": n_jobs, "states": dict(Counter(r[0] for r in rows)), "terminal": completed,
-        "timed_out": not all_done, "time_box": args.baseline_seconds, "drain_seconds": elapsed,
+        "kind": "baseline",
+        "label": label,
+        "workers": workers_n,
+        "concurrency": args.concurrency,
+        "pool": args.pool,
+        "latency": args.latency,
+        "jobs": n_jobs,
+        "states": dict(Counter(r[0] for r in rows)),
+        "terminal": completed,
+        "timed_out": not all_done,
+        "time_box": args.baseline_seconds,
+        "drain_seconds": elapsed,
         "jobs_per_s": completed / elapsed if elapsed > 0 else None,
         "steady_jobs_per_s": steady_rate([r[3] for r in rows]),
         "est_drain_all_seconds": (n_jobs / (completed / elapsed)) if completed else None,
-        "overhead": {q: percentile([r[3] - r[1] - args.latency for r in rows], v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))},
+        "overhead": {
+            q: percentile([r[3] - r[1] - args.latency for r in rows], v)
+            for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
+        },
         "lag": {q: percentile(lags, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))},
-        "overhead_in_slot": {q: percentile([r[3] - r[2] - args.latency for r in rows], v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+        "overhead_in_slot": {
+            q: percentile([r[3] - r[2] - args.latency for r in rows], v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+        },
         "max_in_flight_sampled": None,
         "max_in_flight_exact": max_overlap([(r[2], r[3]) for r in rows]) if rows else 0,
-        "provider": {"per_job": sum(r[4] for r in rows) / max(completed, 1), "api_per_job": sum(r[4] - r[5] for r in rows) / max(completed, 1),
-                     "downloads_per_job": sum(r[5] for r in rows) / max(completed, 1), "target_per_job": 2 + math.ceil(args.latency / 2)},
-        "cpu_seconds": cpu, "system": system,
+        "provider": {
+            "per_job": sum(r[4] for r in rows) / max(completed, 1),
+            "api_per_job": sum(r[4] - r[5] for r in rows) / max(completed, 1),
+            "downloads_per_job": sum(r[5] for r in rows) / max(completed, 1),
+            "target_per_job": 2 + math.ceil(args.latency / 2),
+        },
+        "cpu_seconds": cpu,
+        "system": system,
         "cpu_s_per_job": cpu["workers"] / max(completed, 1),
-        "rss_mb": {"peak_process": worker_group.peak_proc_rss / 2**20, "peak_tree_per_worker": worker_group.peak_tree_rss / 2**20 / workers_n},
+        "rss_mb": {
+            "peak_process": worker_group.peak_proc_rss / 2**20,
+            "peak_tree_per_worker": worker_group.peak_tree_rss / 2**20 / workers_n,
+        },
         "db": {**db_report, "per_job": db_total / max(completed, 1)},
         "profiled": False,
     }
@@ -917,9 +1073,21 @@ def run_baseline(stack: Stack, args, workers_n: int, label: str, outdir: Path) -
 
 # --- reporting ---------------------------------------------------------------------------------
 
-COLUMNS = ["run", "W x C", "jobs done", "drain s", "jobs/s", "steady jobs/s", "overhead p50/p95/p99 s",
-           "lag behind provider p50/p95/p99 s", "max in flight",
-           "provider API calls/job + downloads", "worker CPU-s/job", "peak RSS/worker proc MB", "DB stmts/job"]
+COLUMNS = [
+    "run",
+    "W x C",
+    "jobs done",
+    "drain s",
+    "jobs/s",
+    "steady jobs/s",
+    "overhead p50/p95/p99 s",
+    "lag behind provider p50/p95/p99 s",
+    "max in flight",
+    "provider API calls/job + downloads",
+    "worker CPU-s/job",
+    "peak RSS/worker proc MB",
+    "DB stmts/job",
+]
 
 
 def _f(value, fmt: str = "{:.1f}", none: str = "–") -> str:
@@ -930,7 +1098,7 @@ def row_for(r: dict) -> list[str]:
     o = r["overhead"]
     if r["kind"] == "baseline":
         name = "blocking baseline"
-        drain = (f"time-boxed {r['time_box']:g}" if r["timed_out"] else _f(r["drain_seconds"]))
+        drain = f"time-boxed {r['time_box']:g}" if r["timed_out"] else _f(r["drain_seconds"])
         if r["timed_out"] and r.get("est_drain_all_seconds"):
             drain += f" (all {r['jobs']}: ~{r['est_drain_all_seconds']:.0f})"
     else:
@@ -938,13 +1106,27 @@ def row_for(r: dict) -> list[str]:
         drain = _f(r["drain_seconds"]) + (" TIMEOUT" if r["timed_out"] else "")
     in_flight = r["max_in_flight_sampled"]
     exact = r["max_in_flight_exact"]
-    flight = f"{in_flight} (exact {exact})" if in_flight is not None and exact is not None else _f(exact if in_flight is None else in_flight, "{}")
+    flight = (
+        f"{in_flight} (exact {exact})"
+        if in_flight is not None and exact is not None
+        else _f(exact if in_flight is None else in_flight, "{}")
+    )
     db_label = "" if r["db"]["kind"] == "statements" else " xacts"
-    return [name, f"{r['workers']}x{r['concurrency']}", f"{r['terminal']}/{r['jobs']}", drain, _f(r["jobs_per_s"], "{:.2f}"),
-            _f(r["steady_jobs_per_s"], "{:.2f}"), f"{_f(o['p50'], '{:.2f}')}/{_f(o['p95'], '{:.2f}')}/{_f(o['p99'], '{:.2f}')}",
-            "/".join(_f(r["lag"][q], "{:.2f}") for q in ("p50", "p95", "p99")),
-            flight, f"{_f(r['provider']['api_per_job'], '{:.2f}')} + {_f(r['provider']['downloads_per_job'], '{:.2f}')} dl", _f(r["cpu_s_per_job"], "{:.4f}"), _f(r["rss_mb"]["peak_process"], "{:.0f}"),
-            _f(r["db"]["per_job"], "{:.1f}") + db_label]
+    return [
+        name,
+        f"{r['workers']}x{r['concurrency']}",
+        f"{r['terminal']}/{r['jobs']}",
+        drain,
+        _f(r["jobs_per_s"], "{:.2f}"),
+        _f(r["steady_jobs_per_s"], "{:.2f}"),
+        f"{_f(o['p50'], '{:.2f}')}/{_f(o['p95'], '{:.2f}')}/{_f(o['p99'], '{:.2f}')}",
+        "/".join(_f(r["lag"][q], "{:.2f}") for q in ("p50", "p95", "p99")),
+        flight,
+        f"{_f(r['provider']['api_per_job'], '{:.2f}')} + {_f(r['provider']['downloads_per_job'], '{:.2f}')} dl",
+        _f(r["cpu_s_per_job"], "{:.4f}"),
+        _f(r["rss_mb"]["peak_process"], "{:.0f}"),
+        _f(r["db"]["per_job"], "{:.1f}") + db_label,
+    ]
 
 
 def details_for(r: dict) -> list[str]:
@@ -952,32 +1134,43 @@ def details_for(r: dict) -> list[str]:
     cpu = r["cpu_seconds"]
     sysinfo = r["system"]
     other = sysinfo["system_busy"] - sum(cpu.values())
-    lines.append(f"{r['label']}: CPU-s " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
-                 + f", other processes on the machine (not this benchmark) {other:.1f}; machine busy {sysinfo['system_busy']:.1f} CPU-s "
-                 f"over {sysinfo['wall']:.1f}s = {sysinfo['util_pct']:.0f}% of {sysinfo['cpus']} cores")
+    lines.append(
+        f"{r['label']}: CPU-s "
+        + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+        + f", other processes on the machine (not this benchmark) {other:.1f}; machine busy {sysinfo['system_busy']:.1f} CPU-s "
+        f"over {sysinfo['wall']:.1f}s = {sysinfo['util_pct']:.0f}% of {sysinfo['cpus']} cores"
+    )
     if r["kind"] == "edit-worker":
         p = r["provider"]
-        lines.append(f"{r['label']}: enqueue {r['enqueue_seconds']:.1f}s; states {r['states']}; provider submit {p['submit_requests']} "
-                     f"result {p['result_requests']} download {p['downloads']}: API calls {p['api_per_job']:.2f}/job (target <= {p['target_per_job']}), "
-                     f"all incl. downloads {p['per_job']:.2f}/job; "
-                     f"overhead max {_f(r['overhead']['max'], '{:.2f}')}s; worker RSS tree first/last/peak per worker "
-                     f"{_f(r['rss_mb']['first_tree'], '{:.0f}')}/{_f(r['rss_mb']['last_tree'], '{:.0f}')}/{r['rss_mb']['peak_tree_per_worker']:.0f} MB")
+        lines.append(
+            f"{r['label']}: enqueue {r['enqueue_seconds']:.1f}s; states {r['states']}; provider submit {p['submit_requests']} "
+            f"result {p['result_requests']} download {p['downloads']}: API calls {p['api_per_job']:.2f}/job (target <= {p['target_per_job']}), "
+            f"all incl. downloads {p['per_job']:.2f}/job; "
+            f"overhead max {_f(r['overhead']['max'], '{:.2f}')}s; worker RSS tree first/last/peak per worker "
+            f"{_f(r['rss_mb']['first_tree'], '{:.0f}')}/{_f(r['rss_mb']['last_tree'], '{:.0f}')}/{r['rss_mb']['peak_tree_per_worker']:.0f} MB"
+        )
         if r.get("lag_noticed"):
             n, c = r["lag_noticed"], r["lag_copy"]
-            lines.append(f"{r['label']}: lag behind provider, in two parts p50/p95/max: seen by a poll "
-                         f"{_f(n['p50'], '{:.2f}')}/{_f(n['p95'], '{:.2f}')}/{_f(n['max'], '{:.2f}')}s after the provider finished, "
-                         f"then copied to S3 and recorded in {_f(c['p50'], '{:.2f}')}/{_f(c['p95'], '{:.2f}')}/{_f(c['max'], '{:.2f}')}s")
+            lines.append(
+                f"{r['label']}: lag behind provider, in two parts p50/p95/max: seen by a poll "
+                f"{_f(n['p50'], '{:.2f}')}/{_f(n['p95'], '{:.2f}')}/{_f(n['max'], '{:.2f}')}s after the provider finished, "
+                f"then copied to S3 and recorded in {_f(c['p50'], '{:.2f}')}/{_f(c['p95'], '{:.2f}')}/{_f(c['max'], '{:.2f}')}s"
+            )
     else:
         s = r["overhead_in_slot"]
-        lines.append(f"{r['label']}: overhead counted from the slot picking the job up (excl. queueing) p50/p95/p99 "
-                     f"{_f(s['p50'], '{:.2f}')}/{_f(s['p95'], '{:.2f}')}/{_f(s['p99'], '{:.2f}')}s; max in flight = busy slots")
+        lines.append(
+            f"{r['label']}: overhead counted from the slot picking the job up (excl. queueing) p50/p95/p99 "
+            f"{_f(s['p50'], '{:.2f}')}/{_f(s['p95'], '{:.2f}')}/{_f(s['p99'], '{:.2f}')}s; max in flight = busy slots"
+        )
     if r["terminal"] and r["kind"] == "edit-worker":
         # Contamination-proof ceilings: what 100% of this machine's cores would drain at this CPU cost per job.
         stack_cpu = sum(v for k, v in cpu.items() if k not in ("harness", "py-spy"))
-        lines.append(f"{r['label']}: CPU per job: workers {cpu['workers'] / r['terminal']:.4f} s, whole stack excl. harness "
-                     f"{stack_cpu / r['terminal']:.4f} s -> CPU ceiling on {sysinfo['cpus']} cores: "
-                     f"{sysinfo['cpus'] * r['terminal'] / max(stack_cpu, 1e-9):.0f} jobs/s (workers alone: "
-                     f"{sysinfo['cpus'] * r['terminal'] / max(cpu['workers'], 1e-9):.0f} jobs/s)")
+        lines.append(
+            f"{r['label']}: CPU per job: workers {cpu['workers'] / r['terminal']:.4f} s, whole stack excl. harness "
+            f"{stack_cpu / r['terminal']:.4f} s -> CPU ceiling on {sysinfo['cpus']} cores: "
+            f"{sysinfo['cpus'] * r['terminal'] / max(stack_cpu, 1e-9):.0f} jobs/s (workers alone: "
+            f"{sysinfo['cpus'] * r['terminal'] / max(cpu['workers'], 1e-9):.0f} jobs/s)"
+        )
     db = r["db"]
     lines.append(f"{r['label']}: DB {db['kind']} by role " + ", ".join(f"{k} {v}" for k, v in sorted(db["by_role"].items())))
     for top in db.get("top", [])[:8]:
@@ -1006,18 +1199,24 @@ def print_report(results: list[dict], args, command: str, outdir: Path) -> str:
             continue
         base = next((b for b in results if b["kind"] == "baseline" and b["workers"] == r["workers"]), None)
         if base and base["jobs_per_s"] and r["jobs_per_s"]:
-            speedups.append(f"speedup W={r['workers']}: {r['jobs_per_s'] / base['jobs_per_s']:.0f}x the blocking baseline "
-                            f"({r['jobs_per_s']:.2f} vs {base['jobs_per_s']:.3f} jobs/s)")
+            speedups.append(
+                f"speedup W={r['workers']}: {r['jobs_per_s'] / base['jobs_per_s']:.0f}x the blocking baseline "
+                f"({r['jobs_per_s']:.2f} vs {base['jobs_per_s']:.3f} jobs/s)"
+            )
     for line in speedups:
         print(line)
     details = [line for r in results for line in details_for(r)]
     print("\n".join(details))
 
-    md = [f"Command: `{command}`  ",
-          f"Date: {datetime.now().strftime('%Y-%m-%d %H:%M')}, machine: {psutil.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GB RAM, S3 server: {args.s3}, pool: {args.pool}, run dir: `{outdir.relative_to(ROOT) if outdir.is_relative_to(ROOT) else outdir}`  ",
-          f"Code measured: {CODE_VERSION}",
-          "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md = [
+        f"Command: `{command}`  ",
+        f"Date: {datetime.now().strftime('%Y-%m-%d %H:%M')}, machine: {psutil.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GB RAM, S3 server: {args.s3}, pool: {args.pool}, run dir: `{outdir.relative_to(ROOT) if outdir.is_relative_to(ROOT) else outdir}`  ",
+        f"Code measured: {CODE_VERSION}",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     md += ["| " + " | ".join(row) + " |" for row in rows]
     md.append("")
     md += [f"- {line}" for line in speedups]
@@ -1037,8 +1236,9 @@ def code_version() -> str:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "worker", "models"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "worker", "models"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         head, dirty = "?", ""
     return f"{head}{' + uncommitted changes' if dirty else ''} (worker/+models/ sha1 {digest.hexdigest()[:10]})"
@@ -1060,6 +1260,7 @@ def wait_for_quiet_machine(limit: float, threshold: float) -> None:
 
 # --- main --------------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=200, help="jobs per edit-worker run (default 200)")
@@ -1073,11 +1274,17 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--baseline-jobs", type=int, default=0, help="jobs queued for the baseline (default: --jobs)")
     p.add_argument("--baseline-poll", type=float, default=2.0, help="the baseline's sleep between result polls (default 2 s)")
     p.add_argument("--baseline-first", action="store_true", help="run the baseline before the edit worker")
-    p.add_argument("--timeout", type=float, default=0.0, help="drain time limit per edit-worker run (default: max(120, 4*latency + jobs/5))")
+    p.add_argument(
+        "--timeout", type=float, default=0.0, help="drain time limit per edit-worker run (default: max(120, 4*latency + jobs/5))"
+    )
     # rclone (Go) costs this 2-core machine about a third of moto's (Python) CPU per object, and
     # keeps objects on disk like a real server; moto when rclone is not installed.
-    p.add_argument("--s3", choices=("moto", "rclone"), default="rclone" if shutil.which("rclone") else "moto",
-                   help="S3 server (default: rclone over a temp dir if installed (test extra), else moto in memory)")
+    p.add_argument(
+        "--s3",
+        choices=("moto", "rclone"),
+        default="rclone" if shutil.which("rclone") else "moto",
+        help="S3 server (default: rclone over a temp dir if installed (test extra), else moto in memory)",
+    )
     p.add_argument("--outage-at", type=float, default=5.0, help="seconds after enqueue starts when --outage-seconds begins")
     p.add_argument("--outage-seconds", type=float, default=0.0, help="inject a provider outage (503 everywhere) of this length")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for worker and beat (repeatable)")
@@ -1087,8 +1294,13 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--profile-delay", type=float, default=2.0, help="seconds after enqueue starts before profiling")
     p.add_argument("--profile-seconds", type=float, default=15.0)
     p.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="first wait up to this long for other processes to leave the machine quiet (shared hosts)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other processes to leave the machine quiet (shared hosts)",
+    )
     p.add_argument("--idle-threshold", type=float, default=15.0, help="machine CPU %% counted as quiet (default 15)")
     p.add_argument("--label", default="", help="name for the run directory")
     p.add_argument("--keep", action="store_true", help="keep service logs even when the run succeeds (always kept on failure)")
@@ -1124,8 +1336,10 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_quiet_machine(args.wait_idle, args.idle_threshold)
         log(f"starting the stack (run dir {outdir})")
         stack.start(args)
-        log(f"stack up: redis :{stack.redis.port}, s3 ({args.s3}) :{stack.s3.port}, sandbox :{stack.sandbox.port} "
-            f"(latency {args.latency:g}s), postgres :{stack.pg_port} (pg_stat_statements: {stack.pg_stat_statements})")
+        log(
+            f"stack up: redis :{stack.redis.port}, s3 ({args.s3}) :{stack.s3.port}, sandbox :{stack.sandbox.port} "
+            f"(latency {args.latency:g}s), postgres :{stack.pg_port} (pg_stat_statements: {stack.pg_stat_statements})"
+        )
         for w in args.workers_list:
             phases = [("baseline", run_baseline), ("ew", run_edit_worker)]
             if not args.baseline_first:
@@ -1134,7 +1348,9 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "baseline" and args.baseline_seconds <= 0:
                     continue
                 results.append(fn(stack, args, w, f"{kind}-w{w}", outdir))
-                (outdir / "result.json").write_text(json.dumps({"command": command, "code": CODE_VERSION, "args": vars(args), "results": results}, indent=2, default=str))
+                (outdir / "result.json").write_text(
+                    json.dumps({"command": command, "code": CODE_VERSION, "args": vars(args), "results": results}, indent=2, default=str)
+                )
         ok = True
     except KeyboardInterrupt as exc:
         log(f"interrupted ({exc}); tearing down")

@@ -9,22 +9,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __all__ = [
-    "submit_edit", "submit_edit_many", "get_job", "wait_for", "WaitTimeout",
-    "EditWorkerError", "InvalidInput", "JobNotFound", "InvalidJobOperation",
+    "EditWorkerError",
+    "InvalidInput",
+    "InvalidJobOperation",
+    "JobNotFound",
+    "WaitTimeout",
+    "get_job",
+    "submit_edit",
+    "submit_edit_many",
+    "wait_for",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .errors import EditWorkerError, InvalidInput, InvalidJobOperation, JobNotFound
-    from .producer import WaitTimeout, get_job, submit_edit, submit_edit_many, wait_for
+    from worker.errors import EditWorkerError, InvalidInput, InvalidJobOperation, JobNotFound
+    from worker.producer import WaitTimeout, get_job, submit_edit, submit_edit_many, wait_for
 
 
 def __getattr__(name: str):
     if name in ("submit_edit", "submit_edit_many", "get_job", "wait_for", "WaitTimeout"):
-        from . import producer
+        from worker import producer
 
         return getattr(producer, name)
     if name in ("EditWorkerError", "InvalidInput", "JobNotFound", "InvalidJobOperation"):
-        from . import errors
+        from worker import errors
 
         return getattr(errors, name)
     raise AttributeError(f"module 'worker' has no attribute {name!r}")

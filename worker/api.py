@@ -1,5 +1,5 @@
 """The HTTP API (FastAPI): create, read, list, cancel and retry jobs, the WaveSpeed webhook
-receiver, Prometheus metrics and a health check. Thin over jobs, producer and pipeline.
+receiver, Prometheus metrics and a health check. Thin over the job service, the producer and the engine's operator actions.
 
 Every refusal answers `{"error": {"code": …, "message": …}}` and writes nothing.
 """
@@ -11,8 +11,9 @@ import binascii
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,15 +24,19 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import jobs, pipeline, reconciler, webhooks
-from .config import Settings, get_settings
-from .db import get_engine, session_factory
-from .errors import InvalidInput, InvalidJobOperation, JobNotFound
-from .jobs import NewJob
-from .metrics import Metrics
-from .producer import publish_new
-from .states import State
-from .validation import ImageInput, Resolver, check_url, sniff_image, validate_prompt, validate_seed, validate_size
+from worker.adapters import webhooks
+from worker.adapters.database import get_engine, session_factory
+from worker.config import Settings, get_settings
+from worker.core import jobs
+from worker.core.jobs import NewJob
+from worker.core.states import State
+from worker.core.steps import Publisher
+from worker.core.validation import ImageInput, Resolver, check_url, sniff_image, validate_prompt, validate_seed, validate_size
+from worker.engine import operator, reconciler
+from worker.engine.webhooks import nudge_poll
+from worker.errors import InvalidInput, InvalidJobOperation, JobNotFound
+from worker.metrics import Metrics
+from worker.producer import publish_new
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +107,13 @@ def load_api_image(value: str, *, settings: Settings, resolver: Resolver | None 
             data, mime = _decode_base64_image(text_value, max_bytes=settings.max_image_bytes, what="image data")
         except InvalidInput:
             if _looks_like_path(text_value):
-                raise InvalidInput("local file paths are not accepted over HTTP; send the image as base64 "
-                                   "(or a data:image/...;base64 URI) or as an http(s) URL") from None
+                raise InvalidInput(
+                    "local file paths are not accepted over HTTP; send the image as base64 "
+                    "(or a data:image/...;base64 URI) or as an http(s) URL"
+                ) from None
             raise
     digest = hashlib.sha256(data).hexdigest()[:16]
-    return ImageInput(ref=f"base64:{mime}:sha256={digest}",
-                      payload=f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}")
+    return ImageInput(ref=f"base64:{mime}:sha256={digest}", payload=f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}")
 
 
 class CreateJob(BaseModel):
@@ -132,14 +138,13 @@ def validate_api_request(body: CreateJob, *, settings: Settings, resolver: Resol
         if not key or len(key) > 255:
             raise InvalidInput("idempotency key must be 1..255 characters")
     image = load_api_image(body.image, settings=settings, resolver=resolver)
-    return NewJob(image=image, prompt=prompt, size=size, seed=seed, idempotency_key=key,
-                  enable_base64_output=settings.base64_output)
+    return NewJob(image=image, prompt=prompt, size=size, seed=seed, idempotency_key=key, enable_base64_output=settings.base64_output)
 
 
-def _celery_publisher():
-    from .tasks import CeleryPublisher
+def _celery_publisher() -> Publisher:
+    from worker.engine.celery_app import celery_publisher
 
-    return CeleryPublisher()
+    return celery_publisher()
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -161,7 +166,7 @@ def create_app(
     url_resolver: Resolver | None = None,
 ) -> FastAPI:
     """The API over `settings` (default: the environment). `publisher=None` publishes to Celery;
-    `deps_factory` builds the pipeline's Deps for cancel and retry (default: `deps.build_deps`)."""
+    `deps_factory` builds the engine's Deps for cancel and retry (default: `deps.build_deps`)."""
     settings = settings or get_settings()
     sessions = session_factory(settings.database_url)
     secret = webhooks.webhook_secret(settings)
@@ -170,16 +175,18 @@ def create_app(
     max_body = settings.max_image_bytes * 4 // 3 + 64 * 1024
 
     if deps_factory is None:
+
         def deps_factory():
-            from .deps import build_deps
+            from worker.engine.deps import build_deps
 
             return build_deps(settings, publisher)
 
     def get_publisher():
         return publisher if publisher is not None else _celery_publisher()
 
-    app = FastAPI(title="edit-worker", version="0.1.0",
-                  description="Durable WaveSpeed Dreamina V3.0 Edit jobs: submit, status, cancel, retry.")
+    app = FastAPI(
+        title="edit-worker", version="0.1.0", description="Durable WaveSpeed Dreamina V3.0 Edit jobs: submit, status, cancel, retry."
+    )
     app.state.settings = settings
     app.state.metrics = metrics
 
@@ -192,7 +199,8 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 401: ErrorCode.UNAUTHORIZED}.get(
-            exc.status_code, ErrorCode.HTTP_ERROR)
+            exc.status_code, ErrorCode.HTTP_ERROR
+        )
         return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(InvalidInput)
@@ -263,14 +271,14 @@ def create_app(
 
     @app.post("/jobs/{job_id}/cancel")
     def cancel(job_id: str) -> dict:
-        jobs.get_job(sessions, job_id)  # 404 before building the pipeline's dependencies
-        return jobs.to_json(pipeline.cancel_job(deps_factory(), job_id, reason="cancelled over the HTTP API"))
+        jobs.get_job(sessions, job_id)  # 404 before building the engine's dependencies
+        return jobs.to_json(operator.cancel_job(deps_factory(), job_id, reason="cancelled over the HTTP API"))
 
     @app.post("/jobs/{job_id}/retry")
     def retry(job_id: str) -> dict:
         jobs.get_job(sessions, job_id)
         deps = deps_factory()
-        job = pipeline.retry_job(deps, job_id)
+        job = operator.retry_job(deps, job_id)
         try:
             reconciler.relay_outbox(deps)
         except Exception as exc:  # the outbox row is committed: the beat relay publishes it later
@@ -291,7 +299,7 @@ def create_app(
             return error_response(401, ErrorCode.UNAUTHORIZED, str(exc))
         prediction_id = webhooks.prediction_id_of(body)
         # The database work blocks: run it in the thread pool like the sync handlers.
-        nudge = await run_in_threadpool(webhooks.nudge_poll, sessions, get_publisher, prediction_id)
+        nudge = await run_in_threadpool(nudge_poll, sessions, get_publisher, prediction_id)
         outcome = nudge.outcome
         job_hint = webhooks.job_from_url(secret, request.query_params)
         if outcome == "unknown_prediction" and job_hint:

@@ -1,4 +1,4 @@
-"""`edit-worker`: the command line (typer), thin over the producer API, the pipeline and local services.
+"""`edit-worker`: the command line (typer), thin over the producer API, the engine and the dev tools.
 
 Bad input: a one-line `error: …` on stderr and exit code 2; nothing is written.
 """
@@ -11,7 +11,6 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -21,7 +20,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Durable Wave
 out = Console()
 err = Console(stderr=True)
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
@@ -31,13 +29,13 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _settings():
-    from .config import get_settings
+    from worker.config import get_settings
 
     return get_settings()
 
 
 def _print_job(job, as_json: bool) -> None:
-    from .jobs import to_json
+    from worker.core.jobs import to_json
 
     data = to_json(job)
     if as_json:
@@ -55,7 +53,7 @@ def _print_job(job, as_json: bool) -> None:
 
 def _guard(fn):
     """Map the package's errors to clean exits (2 for bad input / unknown job / bad operation)."""
-    from .errors import EditWorkerError, InvalidInput, InvalidJobOperation, JobNotFound
+    from worker.errors import EditWorkerError, InvalidInput, InvalidJobOperation, JobNotFound
 
     try:
         return fn()
@@ -67,20 +65,21 @@ def _guard(fn):
 
 # --- database and processes ------------------------------------------------------------------
 
+
 @app.command()
 def migrate(
-    database_url: Optional[str] = typer.Option(None, help="Defaults to DATABASE_URL."),
+    database_url: str | None = typer.Option(None, help="Defaults to DATABASE_URL."),
     bucket: bool = typer.Option(False, "--bucket", help="Also create S3_BUCKET if it does not exist."),
 ) -> None:
     """Run `alembic upgrade head` on DATABASE_URL (and, with --bucket, create the S3 bucket)."""
-    from .db import migrate as run
+    from worker.adapters.database import migrate as run
 
     settings = _settings()
     url = database_url or settings.database_url
     run(url)
     out.print(f"database at head: {_redact_url(url)}", highlight=False)
     if bucket:
-        from .storage import Storage
+        from worker.adapters.storage import Storage
 
         _guard(lambda: Storage.from_settings(settings).ensure_bucket())
         out.print(f"bucket ready: s3://{settings.s3_bucket}", highlight=False)
@@ -98,12 +97,13 @@ def worker(ctx: typer.Context) -> None:
     if os.environ.get("EDIT_WORKER_SUPERVISE", "1") != "0" and not os.environ.get("_EDIT_WORKER_SUPERVISED"):
         env = {**os.environ, "_EDIT_WORKER_SUPERVISED": "1"}
         raise typer.Exit(_supervise([sys.executable, "-m", "worker.cli", "worker", *args], env))
-    from .celery_app import QUEUE, app as celery
+    from worker.engine.celery_app import QUEUE
+    from worker.engine.celery_app import app as celery
 
     if not any(a in ("-c", "--concurrency") or a.startswith(("--concurrency=", "-c")) for a in args):
         # The batch loops each hold a slot while they run (poller and submitter passes per node),
         # and the sweep and retries need one more: not Celery's default of one per CPU.
-        from .config import get_settings
+        from worker.config import get_settings
 
         s = get_settings()
         args += ["--concurrency", str(max(4, s.poll_passes_per_node + s.submit_passes_per_node + 1))]
@@ -152,7 +152,7 @@ def _supervise(argv: list[str], env: dict[str, str], *, max_restarts: int = 20, 
 @app.command(context_settings=PASSTHROUGH)
 def beat(ctx: typer.Context) -> None:
     """Run the beat scheduler: outbox relay, stuck-job sweep, ambiguous-submit resolution."""
-    from .celery_app import app as celery
+    from worker.engine.celery_app import app as celery
 
     args = list(ctx.args)
     if not any(a.startswith(("-l", "--loglevel")) for a in args):
@@ -163,7 +163,7 @@ def beat(ctx: typer.Context) -> None:
 @app.command(context_settings=PASSTHROUGH)
 def sandbox(ctx: typer.Context) -> None:
     """A local WaveSpeed-compatible server (see `edit-worker sandbox --help`)."""
-    from .sandbox import main
+    from worker.devtools.sandbox import main
 
     main(list(ctx.args))
 
@@ -175,8 +175,8 @@ def api(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000)) -
 
     import uvicorn
 
-    from . import logs
-    from .api import create_app
+    from worker import logs
+    from worker.api import create_app
 
     logs.install(logging.getLogger("worker"), level=logging.INFO)
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
@@ -184,19 +184,20 @@ def api(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000)) -
 
 # --- jobs ------------------------------------------------------------------------------------
 
+
 @app.command()
 def submit(
-    image: Optional[str] = typer.Option(None, "--image", help="A local PNG/JPEG/WebP file (sent as base64) or an http(s) URL."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="What to change, at most 120 characters."),
-    size: Optional[str] = typer.Option(None, "--size", help="W*H, each side 512..2048 (default 1328*1328)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="-1..2147483647 (default -1: random)."),
-    idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key", help="The same key twice gives the same job."),
-    from_file: Optional[Path] = typer.Option(None, "--from-file", help="JSON Lines, one job per line with the same fields."),
+    image: str | None = typer.Option(None, "--image", help="A local PNG/JPEG/WebP file (sent as base64) or an http(s) URL."),
+    prompt: str | None = typer.Option(None, "--prompt", help="What to change, at most 120 characters."),
+    size: str | None = typer.Option(None, "--size", help="W*H, each side 512..2048 (default 1328*1328)."),
+    seed: int | None = typer.Option(None, "--seed", help="-1..2147483647 (default -1: random)."),
+    idempotency_key: str | None = typer.Option(None, "--idempotency-key", help="The same key twice gives the same job."),
+    from_file: Path | None = typer.Option(None, "--from-file", help="JSON Lines, one job per line with the same fields."),
     wait: bool = typer.Option(False, "--wait", help="Block until the job is finished (exit 0 only on succeeded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the job object(s) as JSON."),
 ) -> None:
     """Create an edit job and print its id."""
-    from . import producer
+    from worker import producer
 
     settings = _settings()
     if from_file is not None:
@@ -242,15 +243,19 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 @app.command()
-def status(job_id: str, as_json: bool = typer.Option(False, "--json"), events: bool = typer.Option(False, "--events", help="Also show every state change.")) -> None:
+def status(
+    job_id: str,
+    as_json: bool = typer.Option(False, "--json"),
+    events: bool = typer.Option(False, "--events", help="Also show every state change."),
+) -> None:
     """Show one job."""
-    from . import producer
-    from .jobs import event_json, job_events
+    from worker import producer
+    from worker.core.jobs import event_json, job_events
 
     job = _guard(lambda: producer.get_job(job_id))
     if as_json and events:
-        from .db import session_factory
-        from .jobs import to_json
+        from worker.adapters.database import session_factory
+        from worker.core.jobs import to_json
 
         data = to_json(job)
         data["events"] = [event_json(e) for e in job_events(session_factory(_settings().database_url), job_id)]
@@ -258,7 +263,7 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json"), events: b
         return
     _print_job(job, as_json)
     if events and not as_json:
-        from .db import session_factory
+        from worker.adapters.database import session_factory
 
         for e in job_events(session_factory(_settings().database_url), job_id):
             out.print(escape(f"  {e.at:%Y-%m-%d %H:%M:%S} {e.from_state or '-'} -> {e.to_state}: {e.reason}"), highlight=False)
@@ -266,13 +271,13 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json"), events: b
 
 @app.command("list")
 def list_(
-    state: Optional[str] = typer.Option(None, "--state", help="queued|submitting|processing|uploading|succeeded|failed|cancelled"),
+    state: str | None = typer.Option(None, "--state", help="queued|submitting|processing|uploading|succeeded|failed|cancelled"),
     limit: int = typer.Option(100, "--limit", min=1, max=10000),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List jobs, newest first."""
-    from .db import session_factory
-    from .jobs import list_jobs, to_json
+    from worker.adapters.database import session_factory
+    from worker.core.jobs import list_jobs, to_json
 
     st = _parse_state(state)
     jobs = list_jobs(session_factory(_settings().database_url), state=st, limit=limit)
@@ -289,7 +294,7 @@ def list_(
 
 
 def _parse_state(state: str | None):
-    from .states import State
+    from worker.core.states import State
 
     if state is None:
         return None
@@ -300,7 +305,7 @@ def _parse_state(state: str | None):
 
 
 @app.command()
-def wait(job_id: str, timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds; exit 124 when it passes.")) -> None:
+def wait(job_id: str, timeout: float | None = typer.Option(None, "--timeout", help="Seconds; exit 124 when it passes.")) -> None:
     """Block until the job is finished: exit 0 on succeeded, 1 on failed/cancelled, 124 on timeout."""
     job = _wait_with_progress(job_id, timeout)
     _print_job(job, False)
@@ -308,13 +313,15 @@ def wait(job_id: str, timeout: Optional[float] = typer.Option(None, "--timeout",
 
 
 def _wait_with_progress(job_id: str, timeout: float | None, quiet: bool = False):
-    from . import producer
+    from worker import producer
 
     _guard(lambda: producer.get_job(job_id))
     console = err if quiet else out
     with console.status(f"job {job_id}: waiting") as spinner:
+
         def changed(job):
             spinner.update(f"job {job_id}: {job.state}")
+
         try:
             return producer.wait_for(job_id, timeout, on_change=changed)
         except producer.WaitTimeout as exc:
@@ -325,8 +332,8 @@ def _wait_with_progress(job_id: str, timeout: float | None, quiet: bool = False)
 @app.command()
 def cancel(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """Cancel a job, and its task at the provider."""
-    from .deps import build_deps
-    from .pipeline import cancel_job
+    from worker.engine.deps import build_deps
+    from worker.engine.operator import cancel_job
 
     job = _guard(lambda: cancel_job(build_deps(), job_id))
     _print_job(job, as_json)
@@ -334,15 +341,15 @@ def cancel(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
 
 @app.command()
 def retry(
-    job_id: Optional[str] = typer.Argument(None, help="A failed job; or use the filters for a bulk replay."),
+    job_id: str | None = typer.Argument(None, help="A failed job; or use the filters for a bulk replay."),
     all_failed: bool = typer.Option(False, "--all", help="Every failed job matching the filters."),
-    error_code: Optional[str] = typer.Option(None, "--error-code", help="Only failed jobs with this error code."),
-    since: Optional[str] = typer.Option(None, "--since", help="Only jobs failed after this: ISO time or a duration like 2h, 30m."),
+    error_code: str | None = typer.Option(None, "--error-code", help="Only failed jobs with this error code."),
+    since: str | None = typer.Option(None, "--since", help="Only jobs failed after this: ISO time or a duration like 2h, 30m."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Replay failed jobs (the dead-letter set) from the furthest step already paid for."""
-    from .deps import build_deps
-    from .pipeline import retry_job
+    from worker.engine.deps import build_deps
+    from worker.engine.operator import retry_job
 
     deps = build_deps()
     if job_id and (all_failed or error_code or since):
@@ -368,7 +375,7 @@ def retry(
     replayed = [_guard(lambda i=i: retry_job(deps, i)) for i in ids]
     _relay(deps)
     if as_json:
-        from .jobs import to_json
+        from worker.core.jobs import to_json
 
         typer.echo(json.dumps([to_json(j) for j in replayed]))
     else:
@@ -376,7 +383,7 @@ def retry(
 
 
 def _relay(deps) -> None:
-    from .reconciler import relay_outbox
+    from worker.engine.reconciler import relay_outbox
 
     try:
         relay_outbox(deps)
@@ -398,12 +405,12 @@ def _parse_since(text: str) -> datetime:
 @app.command()
 def resolve(
     job_id: str,
-    adopt: Optional[str] = typer.Option(None, "--adopt", help="The provider prediction id that belongs to this job."),
+    adopt: str | None = typer.Option(None, "--adopt", help="The provider prediction id that belongs to this job."),
     resubmit: bool = typer.Option(False, "--resubmit", help="The provider holds no task for it: submit again."),
 ) -> None:
     """Settle an ambiguous submit the reconciler left for an operator."""
-    from .deps import build_deps
-    from .reconciler import resolve_by_operator
+    from worker.engine.deps import build_deps
+    from worker.engine.reconciler import resolve_by_operator
 
     outcome = _guard(lambda: resolve_by_operator(build_deps(), job_id, adopt=adopt, resubmit=resubmit))
     out.print(f"{job_id}: {outcome}")
@@ -417,7 +424,7 @@ def demo(
     timeout: float = typer.Option(180.0, "--timeout", help="Give up after this many seconds."),
 ) -> None:
     """Start what is needed locally and run a few edits end to end."""
-    from .demo import run_demo
+    from worker.devtools.demo import run_demo
 
     raise typer.Exit(run_demo(jobs=jobs, latency=latency, workdir=workdir, timeout=timeout, console=out))
 

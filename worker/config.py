@@ -19,7 +19,9 @@ def _env(name: str) -> AliasChoices:
 
 class Settings(BaseSettings):
     # env_ignore_empty: `S3_ENDPOINT_URL=` in a .env means "unset" (AWS), not an empty endpoint.
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True)
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     # --- the contract (DESIGN §4) ---
     wavespeed_api_key: SecretStr | None = Field(default=None, validation_alias=_env("WAVESPEED_API_KEY"))
@@ -139,6 +141,5 @@ def get_settings() -> Settings:
 def settings_from_env(env: dict[str, str]) -> Settings:
     """Settings built from an explicit environment mapping (for a child process's env, in tests,
     benchmarks and the demo), ignoring this process's environment and any .env file."""
-    names = {str(choice).lower() for info in Settings.model_fields.values()
-             for choice in getattr(info.validation_alias, "choices", [])}
+    names = {str(choice).lower() for info in Settings.model_fields.values() for choice in getattr(info.validation_alias, "choices", [])}
     return Settings(_env_file=None, **{k.lower(): v for k, v in env.items() if k.isupper() and k.lower() in names})

@@ -22,6 +22,10 @@ class IllegalTransition(EditWorkerError):
     """A state change the state machine does not allow (or the row was no longer in the expected state)."""
 
 
+class IdempotencyConflict(EditWorkerError):
+    """Concurrent producers kept racing on the same idempotency keys; nothing was created."""
+
+
 class InvalidJobOperation(EditWorkerError):
     """The operation does not apply to the job in its current state (e.g. retry of a succeeded job)."""
 

@@ -5,7 +5,7 @@ and the counters the pipeline can increment (provider requests, transitions, bre
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -13,8 +13,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .jobs import count_by_state
-from .states import State
+from worker.core.jobs import count_by_state
+from worker.core.states import State
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,22 @@ class Metrics:
     def __init__(self, sessions: sessionmaker[Session] | None = None, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.provider_requests = Counter(
-            "edit_worker_provider_requests_total", "Requests to the provider by kind (submit, result, cancel, list, "
+            "edit_worker_provider_requests_total",
+            "Requests to the provider by kind (submit, result, cancel, list, "
             "download) and outcome (ok, transient, permanent, auth, ambiguous).",
-            ["kind", "outcome"], registry=self.registry,
+            ["kind", "outcome"],
+            registry=self.registry,
         )
         self.transitions = Counter(
-            "edit_worker_transitions_total", "Job state transitions.", ["from_state", "to_state"], registry=self.registry,
+            "edit_worker_transitions_total",
+            "Job state transitions.",
+            ["from_state", "to_state"],
+            registry=self.registry,
         )
         self.breaker_open = Gauge(
-            "edit_worker_breaker_open", "1 while the provider circuit breaker is open.", registry=self.registry,
+            "edit_worker_breaker_open",
+            "1 while the provider circuit breaker is open.",
+            registry=self.registry,
         )
         if sessions is not None:
             self.registry.register(JobStateCollector(sessions))

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job
-
-from .config import Settings, get_settings
-from .db import session_factory
-from .errors import EditWorkerError, InvalidInput
-from .jobs import NewJob, create_jobs, get_job as _get_job, mark_sent, pending_outbox, publish_outbox
-from .validation import load_image, validate_prompt, validate_seed, validate_size
+from worker.adapters.database import session_factory
+from worker.config import Settings, get_settings
+from worker.core.jobs import NewJob, create_jobs, mark_sent, pending_outbox, publish_outbox
+from worker.core.jobs import get_job as _get_job
+from worker.core.states import State
+from worker.core.steps import Publisher
+from worker.core.validation import load_image, validate_prompt, validate_seed, validate_size
+from worker.errors import EditWorkerError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +28,10 @@ def _sessions(settings: Settings) -> sessionmaker[Session]:
     return session_factory(settings.database_url)
 
 
-def _publisher():
-    from .tasks import CeleryPublisher
+def _publisher() -> Publisher:
+    from worker.engine.celery_app import celery_publisher  # the Celery app, not the engine
 
-    return CeleryPublisher()
+    return celery_publisher()
 
 
 def validate_request(
@@ -51,8 +54,9 @@ def validate_request(
             raise InvalidInput("idempotency key must be 1..255 characters")
     image_input = load_image(image, max_bytes=settings.max_image_bytes, allow_private_urls=settings.allow_private_urls)
     base64_output = settings.base64_output if enable_base64_output is None else bool(enable_base64_output)
-    return NewJob(image=image_input, prompt=prompt, size=size, seed=seed, idempotency_key=idempotency_key,
-                  enable_base64_output=base64_output)
+    return NewJob(
+        image=image_input, prompt=prompt, size=size, seed=seed, idempotency_key=idempotency_key, enable_base64_output=base64_output
+    )
 
 
 def enqueue(settings: Settings, requests: Iterable[NewJob], *, publisher=None, batch_size: int = 500) -> list[Job]:
@@ -61,7 +65,7 @@ def enqueue(settings: Settings, requests: Iterable[NewJob], *, publisher=None, b
     requests = list(requests)
     jobs: list[Job] = []
     for start in range(0, len(requests), batch_size):
-        pairs = create_jobs(sessions, requests[start:start + batch_size], deadline_seconds=settings.job_deadline_seconds)
+        pairs = create_jobs(sessions, requests[start : start + batch_size], deadline_seconds=settings.job_deadline_seconds)
         jobs.extend(job for job, _ in pairs)
         publish_new(settings, [job.id for job, created in pairs if created], publisher=publisher)
     return jobs
@@ -97,12 +101,21 @@ def submit_edit(
 ) -> Job:
     """Create an edit job; the same idempotency key returns the same job, never a second one."""
     settings = settings or get_settings()
-    request = validate_request(image=image, prompt=prompt, size=size, seed=seed, idempotency_key=idempotency_key,
-                               enable_base64_output=enable_base64_output, settings=settings)
+    request = validate_request(
+        image=image,
+        prompt=prompt,
+        size=size,
+        seed=seed,
+        idempotency_key=idempotency_key,
+        enable_base64_output=enable_base64_output,
+        settings=settings,
+    )
     return enqueue(settings, [request], publisher=publisher)[0]
 
 
-def submit_edit_many(items: Iterable[Mapping[str, Any]], *, settings: Settings | None = None, publisher=None, batch_size: int = 500) -> list[Job]:
+def submit_edit_many(
+    items: Iterable[Mapping[str, Any]], *, settings: Settings | None = None, publisher=None, batch_size: int = 500
+) -> list[Job]:
     """Bulk form: every item is validated first (all or nothing), then inserted and published in batches."""
     settings = settings or get_settings()
     requests = []
@@ -140,7 +153,7 @@ def wait_for(
             last_state = job.state
             if on_change:
                 on_change(job)
-        if job.state in ("succeeded", "failed", "cancelled"):
+        if State(job.state).terminal:
             return job
         if deadline is not None and time.monotonic() >= deadline:
             raise WaitTimeout(f"job {job_id} is still {job.state} after {timeout:g}s", job)

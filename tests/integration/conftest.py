@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
-from botocore.config import Config as BotoConfig
 import httpx
 import pytest
 import redis as redis_lib
+from botocore.config import Config as BotoConfig
 
-from worker import local
 from worker.config import Settings, settings_from_env
+from worker.devtools import local
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,9 @@ class Cluster:
 
     # --- processes ---
     def start_worker(self, name: str | None = None, concurrency: int = 2, **env) -> local.Service:
-        worker = local.celery_worker(self.workdir, {**self.env, **env}, name=name or f"worker{len(self.processes)}", concurrency=concurrency)
+        worker = local.celery_worker(
+            self.workdir, {**self.env, **env}, name=name or f"worker{len(self.processes)}", concurrency=concurrency
+        )
         worker.start()
         self.processes.append(worker)
         return worker
@@ -100,8 +102,8 @@ class Cluster:
 
     # --- producer side ---
     def publisher(self):
-        from worker.celery_app import make_app
-        from worker.tasks import CeleryPublisher
+        from worker.engine.celery_app import make_app
+        from worker.engine.publisher import CeleryPublisher
 
         return CeleryPublisher(make_app(self.settings))
 
@@ -111,12 +113,12 @@ class Cluster:
         return submit_edit(image, prompt, settings=self.settings, publisher=self.publisher(), **kw)
 
     def sessions(self):
-        from worker.db import session_factory
+        from worker.adapters.database import session_factory
 
         return session_factory(self.settings.database_url)
 
     def jobs(self):
-        from worker.jobs import list_jobs
+        from worker.core.jobs import list_jobs
 
         return list_jobs(self.sessions(), limit=100000)
 
@@ -143,12 +145,18 @@ class Cluster:
         return httpx.put(f"{self.stack.sandbox_url}/_sandbox/config", json=changes, timeout=10).json()
 
     def s3_client(self):
-        return boto3.client("s3", endpoint_url=self.s3_url, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1",
-                            config=BotoConfig(s3={"addressing_style": "path"}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_url,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+            config=BotoConfig(s3={"addressing_style": "path"}),
+        )
 
     def assert_outputs_byte_equal(self, job) -> int:
         """Every output of a succeeded job is in S3 and byte-equal to what the provider serves."""
-        from worker.storage import split_uri
+        from worker.adapters.storage import split_uri
 
         assert job.state == "succeeded", (job.id, job.state, job.error_code, job.error_message)
         assert job.outputs, job.id
@@ -269,8 +277,8 @@ def cluster(stack: Stack, tmp_path, request) -> Cluster:
         s3_service = local.s3_persistent(tmp_path / "s3-persistent").start()
         env["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{s3_service.port}"
     settings = settings_from_env(env)
-    from worker.db import migrate
-    from worker.storage import Storage
+    from worker.adapters.database import migrate
+    from worker.adapters.storage import Storage
 
     c = Cluster(stack, name, env, settings, tmp_path, s3_service=s3_service)
     try:
@@ -281,11 +289,18 @@ def cluster(stack: Stack, tmp_path, request) -> Cluster:
         c.stop()
 
 
-DEFAULT_SANDBOX = {"latency": 1.0, "fail_rate": 0.0, "submit_error_rate": 0.0, "result_error_rate": 0.0,
-                   "slow_submit_rate": 0.0, "download_fail_rate": 0.0, "outage": False, "auth_failure": False,
-                   "submit_error_status": 500, "slow_submit_seconds": 30.0}
-
-
+DEFAULT_SANDBOX = {
+    "latency": 1.0,
+    "fail_rate": 0.0,
+    "submit_error_rate": 0.0,
+    "result_error_rate": 0.0,
+    "slow_submit_rate": 0.0,
+    "download_fail_rate": 0.0,
+    "outage": False,
+    "auth_failure": False,
+    "submit_error_status": 500,
+    "slow_submit_seconds": 30.0,
+}
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import update
 
-from worker import pipeline, submitter
-from worker.jobs import JOBS, utcnow
+from worker.core.jobs import JOBS, utcnow
+from worker.engine import poller, submitter
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +63,8 @@ def test_poller_claims_take_at_most_their_limit_and_never_the_same_job_twice(clu
     with deps.sessions() as session:  # as if all 60 were at the provider and due for a poll
         session.execute(update(JOBS).values(state="processing", next_poll_at=past, prediction_id=JOBS.c.id))
         session.commit()
-    assert len(pipeline.claim_due(deps, 7)) == 7
-    results = _four_at_once(lambda: pipeline.claim_due(deps, 10))
+    assert len(poller.claim_due(deps, 7)) == 7
+    results = _four_at_once(lambda: poller.claim_due(deps, 10))
     ids = [target.job_id for batch in results for target, _ in batch]
     assert all(len(batch) <= 10 for batch in results)
     assert len(ids) == len(set(ids)) == 40

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from worker import local
+from worker.adapters.redis_keys import RedisKeys
+from worker.devtools import local
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +24,11 @@ pytestmark = pytest.mark.integration
 # start after a crash; the client timeout, 5 s later, after a slow answer).
 FAST_AMBIGUITY = dict(EDIT_WORKER_AMBIGUOUS_SKEW_SECONDS="2", EDIT_WORKER_AMBIGUOUS_LIST_GRACE_SECONDS="2")
 TERMINAL = ("succeeded", "failed", "cancelled")
-BREAKER_TRIPPED = "edit-worker:breaker:tripped"
+BREAKER_TRIPPED = RedisKeys().breaker_tripped
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
 
 def submit_jobs(cluster, image, n: int, tag: str, start: int = 0):
     return [cluster.submit(str(image), f"{tag} #{i}", size="512*512", seed=i) for i in range(start, start + n)]
@@ -59,8 +61,10 @@ def describe(cluster, only_unfinished: bool = True) -> str:
     for job in cluster.jobs():
         if only_unfinished and job.state in TERMINAL:
             continue
-        lines.append(f"{job.id} {job.prompt!r} {job.state} attempts={job.attempts} prediction={job.prediction_id} "
-                     f"error={job.error_code}: {job.error_message}")
+        lines.append(
+            f"{job.id} {job.prompt!r} {job.state} attempts={job.attempts} prediction={job.prediction_id} "
+            f"error={job.error_code}: {job.error_message}"
+        )
         lines.extend(f"    {src} -> {dst}: {reason}" for src, dst, reason in cluster.events(job.id))
     return "\n".join(lines)
 
@@ -99,8 +103,7 @@ def provider_calls(stats: dict) -> int:
 CRASH_POINTS = ["before_submit", "after_submit", "after_journal", "mid_poll", "mid_download", "mid_upload"]
 # mid_poll in both poll modes: "batch" (the default: a poll_due task claims every due job under a
 # 30 s lease, so its death delays them by the lease) and "task" (one chained message per job).
-CRASH_CASES = [pytest.param(point, None, id=point) for point in CRASH_POINTS] + [
-    pytest.param("mid_poll", "task", id="mid_poll-task_mode")]
+CRASH_CASES = [pytest.param(point, None, id=point) for point in CRASH_POINTS] + [pytest.param("mid_poll", "task", id="mid_poll-task_mode")]
 
 
 @pytest.mark.worker_env(**FAST_AMBIGUITY)
@@ -146,6 +149,7 @@ def test_sigkill_at_crash_point(cluster, sample_image, tmp_path, point, poll_mod
 
 # --- 2. SIGKILL of a whole worker -----------------------------------------------------------------
 
+
 def all_at_provider(cluster, n: int) -> bool:
     jobs = cluster.jobs()
     return len(jobs) == n and all(j.prediction_id for j in jobs) and not all(j.state in TERMINAL for j in jobs)
@@ -176,6 +180,7 @@ def test_whole_worker_sigkilled_mid_flight_then_replaced(cluster, sample_image):
 
 
 # --- 3. Redis killed and restarted empty ----------------------------------------------------------
+
 
 @pytest.mark.worker_env(**FAST_AMBIGUITY)
 def test_redis_killed_and_restarted_empty(cluster, sample_image, stack):
@@ -235,6 +240,7 @@ def test_redis_lost_while_submits_are_in_flight_needs_no_operator(cluster, sampl
 
 # --- 4. PostgreSQL stopped and started -----------------------------------------------------------
 
+
 def test_postgres_stopped_and_started_mid_run(cluster, sample_image, stack):
     if stack.postgres is None:
         pytest.skip("PostgreSQL is external (EDIT_WORKER_TEST_DATABASE_URL); cannot stop it")
@@ -259,6 +265,7 @@ def test_postgres_stopped_and_started_mid_run(cluster, sample_image, stack):
 
 # --- 5. S3 stopped and started -------------------------------------------------------------------
 
+
 @pytest.mark.persistent_s3
 def test_s3_stopped_and_started_while_uploading(cluster, sample_image):
     """The S3 server (rclone over a directory: objects survive) dies while outputs are being copied
@@ -282,6 +289,7 @@ def test_s3_stopped_and_started_while_uploading(cluster, sample_image):
 
 
 # --- 6. Provider outage ---------------------------------------------------------------------------
+
 
 @pytest.mark.worker_env(EDIT_WORKER_OUTAGE_OPEN_SECONDS="5")
 def test_provider_outage_opens_the_breaker_and_every_job_finishes(cluster, sample_image):
@@ -342,11 +350,12 @@ def test_half_open_probe_is_not_orphaned_by_a_concurrent_retrip(cluster, sample_
     orphaned probe key (px=30000) makes every worker wait for a probe that never reports.
 
     Guarded by: run_submit hands the probe back whenever its submit ends without success."""
-    from worker import pipeline
-    from worker.db import session_factory
-    from worker.deps import Deps, RecordingPublisher
-    from worker.limits import RedisLimits
-    from worker.storage import Storage
+    from worker.adapters.database import session_factory
+    from worker.adapters.limits import RedisLimits
+    from worker.adapters.storage import Storage
+    from worker.core.steps import RecordingPublisher
+    from worker.engine import submit
+    from worker.engine.deps import Deps
 
     url = cluster.env["CELERY_BROKER_URL"]
     a, b, c = (RedisLimits.from_url(url, rate_per_minute=1000, max_concurrency=1000) for _ in range(3))
@@ -365,10 +374,15 @@ def test_half_open_probe_is_not_orphaned_by_a_concurrent_retrip(cluster, sample_
         return ttl
 
     b.r.pttl = pttl_then_a_retrips
-    deps = Deps(settings=cluster.settings, sessions=session_factory(cluster.settings.database_url),
-                provider=_FailingProvider(), storage=Storage.from_settings(cluster.settings), limits=b,
-                publisher=RecordingPublisher())
-    pipeline.run_submit(deps, job.id)
+    deps = Deps(
+        settings=cluster.settings,
+        sessions=session_factory(cluster.settings.database_url),
+        provider=_FailingProvider(),
+        storage=Storage.from_settings(cluster.settings),
+        limits=b,
+        publisher=RecordingPublisher(),
+    )
+    submit.run_submit(deps, job.id)
     assert state["retripped"]
     b.r.pttl = real_pttl
 
@@ -410,6 +424,7 @@ def test_injected_transient_faults(cluster, sample_image, fault):
 
 
 # --- 7b. Slow submits (client timeout after the task was created) ---------------------------------
+
 
 @pytest.mark.worker_env(**FAST_AMBIGUITY)
 def test_slow_submits_are_adopted_never_resubmitted(cluster, sample_image):
@@ -479,6 +494,7 @@ def test_concurrent_slow_submits_wait_for_the_operator(cluster, sample_image):
 
 # --- 8. Revoked credentials -----------------------------------------------------------------------
 
+
 def test_auth_failure_keeps_jobs_queued_until_the_key_works(cluster, sample_image):
     cluster.sandbox_config(auth_failure=True)
     start_fleet(cluster)
@@ -505,6 +521,7 @@ def test_auth_failure_keeps_jobs_queued_until_the_key_works(cluster, sample_imag
 
 
 # --- 9. Permanent task failure --------------------------------------------------------------------
+
 
 def test_permanent_failure_is_failed_with_the_providers_message_and_not_resubmitted(cluster, sample_image):
     cluster.sandbox_config(fail_rate=1.0)

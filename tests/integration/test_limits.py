@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from worker.limits import RedisLimits
+from worker.adapters.limits import RedisLimits
 
 pytestmark = pytest.mark.integration
 

@@ -41,13 +41,55 @@ def test_cli_drives_the_whole_flow(cluster, sample_image):
     cluster.cli("migrate")
     cluster.start_worker("w1", concurrency=2)
     cluster.start_beat()
-    first = json.loads(cluster.cli("submit", "--image", str(sample_image), "--prompt", "cli edit", "--size", "640*640",
-                                   "--seed", "7", "--idempotency-key", "order-42", "--json").stdout)
-    again = json.loads(cluster.cli("submit", "--image", str(sample_image), "--prompt", "cli edit", "--size", "640*640",
-                                   "--seed", "7", "--idempotency-key", "order-42", "--json").stdout)
+    first = json.loads(
+        cluster.cli(
+            "submit",
+            "--image",
+            str(sample_image),
+            "--prompt",
+            "cli edit",
+            "--size",
+            "640*640",
+            "--seed",
+            "7",
+            "--idempotency-key",
+            "order-42",
+            "--json",
+        ).stdout
+    )
+    again = json.loads(
+        cluster.cli(
+            "submit",
+            "--image",
+            str(sample_image),
+            "--prompt",
+            "cli edit",
+            "--size",
+            "640*640",
+            "--seed",
+            "7",
+            "--idempotency-key",
+            "order-42",
+            "--json",
+        ).stdout
+    )
     assert again["id"] == first["id"], "the same idempotency key must give the same job"
-    assert set(first) == {"id", "state", "prompt", "size", "seed", "idempotency_key", "prediction_id", "attempts", "outputs",
-                          "has_nsfw_contents", "error", "created_at", "updated_at", "finished_at"}
+    assert set(first) == {
+        "id",
+        "state",
+        "prompt",
+        "size",
+        "seed",
+        "idempotency_key",
+        "prediction_id",
+        "attempts",
+        "outputs",
+        "has_nsfw_contents",
+        "error",
+        "created_at",
+        "updated_at",
+        "finished_at",
+    }
 
     waited = cluster.cli("wait", first["id"], "--timeout", "60", check=False)
     assert waited.returncode == 0, waited.stdout + waited.stderr
@@ -90,7 +132,17 @@ def test_failed_task_is_a_dead_letter_that_retry_replays(cluster, sample_image):
     assert done.attempts == 2
     cluster.assert_outputs_byte_equal(done)
     events = json.loads(cluster.cli("status", job.id, "--json", "--events").stdout)["events"]
-    assert [e["to"] for e in events] == ["queued", "submitting", "processing", "failed", "queued", "submitting", "processing", "uploading", "succeeded"]
+    assert [e["to"] for e in events] == [
+        "queued",
+        "submitting",
+        "processing",
+        "failed",
+        "queued",
+        "submitting",
+        "processing",
+        "uploading",
+        "succeeded",
+    ]
 
 
 def test_bad_input_exits_2_and_writes_nothing(cluster, tmp_path):

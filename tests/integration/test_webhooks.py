@@ -8,20 +8,22 @@ import sys
 
 import pytest
 
-from worker import local
+from worker.devtools import local
 
 pytestmark = pytest.mark.integration
 
 SECRET = "whsec_test-integration-not-a-secret"
 
 
-@pytest.mark.worker_env(WAVESPEED_WEBHOOK_SECRET=SECRET, EDIT_WORKER_AMBIGUOUS_SKEW_SECONDS="2",
-                        EDIT_WORKER_AMBIGUOUS_LIST_GRACE_SECONDS="2")
+@pytest.mark.worker_env(
+    WAVESPEED_WEBHOOK_SECRET=SECRET, EDIT_WORKER_AMBIGUOUS_SKEW_SECONDS="2", EDIT_WORKER_AMBIGUOUS_LIST_GRACE_SECONDS="2"
+)
 def test_concurrent_ambiguous_submits_are_settled_by_the_providers_webhooks(cluster, sample_image):
     port = local.free_port()
     cluster.env["EDIT_WORKER_WEBHOOK_URL"] = f"http://127.0.0.1:{port}/webhooks/wavespeed"
-    api = local.Service("api", [sys.executable, "-m", "worker.cli", "api", "--port", str(port)], port,
-                        cluster.workdir / "api.log", env=cluster.env).start()
+    api = local.Service(
+        "api", [sys.executable, "-m", "worker.cli", "api", "--port", str(port)], port, cluster.workdir / "api.log", env=cluster.env
+    ).start()
     cluster.processes.append(api)
     # Every submit creates its task, then answers after 8 s: past the 5 s client timeout.
     cluster.sandbox_config(webhook_secret=SECRET, slow_submit_rate=1.0, slow_submit_seconds=8.0)

@@ -13,23 +13,26 @@ import random
 import re
 import shutil
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
-from worker import jobs, pipeline
+from worker.adapters.database import get_engine, migrate, session_factory
+from worker.adapters.limits import MemoryLimits
+from worker.adapters.storage import Storage
+from worker.adapters.wavespeed import MODEL, SUBMIT_PATH
 from worker.config import Settings
-from worker.db import get_engine, migrate, session_factory
-from worker.deps import Deps, RecordingPublisher, make_provider
-from worker.jobs import NewJob
-from worker.limits import MemoryLimits
-from worker.storage import Storage
-from worker.validation import ImageInput
-from worker.wavespeed import MODEL, SUBMIT_PATH
+from worker.core import jobs
+from worker.core.jobs import NewJob
+from worker.core.steps import Next, RecordingPublisher, Step
+from worker.core.validation import ImageInput
+from worker.engine import copier, poller, submit
+from worker.engine.deps import Deps, make_provider
 
 API_KEY = "ws-unit-test-key-5d1e8c0b7a94"
 BASE_URL = "https://api.wavespeed.test"
@@ -39,6 +42,7 @@ PREFIX = "edits"
 
 
 # --- time -----------------------------------------------------------------------------------
+
 
 class FakeClock:
     """`now()` is an aware UTC datetime that moves only when a test calls `advance()`;
@@ -65,6 +69,7 @@ def clock() -> FakeClock:
 
 # --- images ---------------------------------------------------------------------------------
 
+
 def image_bytes(fmt: str = "PNG", *, color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (8, 8)) -> bytes:
     buf = io.BytesIO()
     mode = "P" if fmt == "GIF" else "RGB"
@@ -86,6 +91,7 @@ def png_file(tmp_path):
 
 
 # --- settings and database ------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def migrated_template(tmp_path_factory) -> str:
@@ -144,6 +150,7 @@ def sessions(database_url):
 
 
 # --- the provider ---------------------------------------------------------------------------
+
 
 @dataclass
 class After:
@@ -213,12 +220,10 @@ class FakeWaveSpeed:
     def script(self, route: str, *actions: Any) -> None:
         self.scripted[route].extend(actions)
 
-    def create_task(self, body: dict[str, Any] | None = None, *, created_at: datetime | None = None,
-                    via_submit: bool = False) -> FakeTask:
+    def create_task(self, body: dict[str, Any] | None = None, *, created_at: datetime | None = None, via_submit: bool = False) -> FakeTask:
         """A task as if someone submitted it (tests use it for tasks not created through the client)."""
         self._seq += 1
-        task = FakeTask(id=f"pred-{self._seq:04d}", created_at=created_at or self.clock.now(), body=dict(body or {}),
-                        via_submit=via_submit)
+        task = FakeTask(id=f"pred-{self._seq:04d}", created_at=created_at or self.clock.now(), body=dict(body or {}), via_submit=via_submit)
         self.tasks[task.id] = task
         return task
 
@@ -327,14 +332,16 @@ class FakeWaveSpeed:
         after = datetime.fromisoformat(body["created_after"].replace("Z", "+00:00")) if body.get("created_after") else None
         before = datetime.fromisoformat(body["created_before"].replace("Z", "+00:00")) if body.get("created_before") else None
         items = [
-            t for t in self.tasks.values()
-            if (after is None or t.created_at >= after) and (before is None or t.created_at <= before)
+            t
+            for t in self.tasks.values()
+            if (after is None or t.created_at >= after)
+            and (before is None or t.created_at <= before)
             and (not body.get("status") or t.status == body["status"])
             and (not body.get("model") or body["model"] == MODEL)
         ]
         items.sort(key=lambda t: t.created_at, reverse=True)
         page, size = int(body.get("page", 1)), int(body.get("page_size", 20))
-        chunk = items[(page - 1) * size: page * size]
+        chunk = items[(page - 1) * size : page * size]
         return httpx.Response(200, json=envelope({"page": page, "total": len(items), "items": [self._prediction(t) for t in chunk]}))
 
     def _download(self, request: httpx.Request, _id: None) -> httpx.Response:
@@ -362,16 +369,18 @@ def provider(settings, fake_provider):
 
 # --- S3 -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def _s3_client():
     """One real boto3 client, built the way the worker builds it (creating one costs ~0.1 s).
     moto is imported first, so the client carries moto's hook, which is live only inside mock_aws()."""
     import moto  # noqa: F401
 
-    from worker.storage import make_s3_client
+    from worker.adapters.storage import make_s3_client
 
-    return make_s3_client(Settings(_env_file=None, aws_access_key_id="testing", aws_secret_access_key="testing",
-                                   aws_region="us-east-1", s3_endpoint_url=None))
+    return make_s3_client(
+        Settings(_env_file=None, aws_access_key_id="testing", aws_secret_access_key="testing", aws_region="us-east-1", s3_endpoint_url=None)
+    )
 
 
 @pytest.fixture
@@ -399,6 +408,7 @@ def list_keys(s3) -> Callable[[], list[str]]:
 
 
 # --- everything wired -----------------------------------------------------------------------
+
 
 @pytest.fixture
 def limits(clock) -> MemoryLimits:
@@ -431,37 +441,51 @@ IMAGE_URL = "https://images.example.com/cat.png"
 def new_job(sessions, settings, clock) -> Callable[..., str]:
     """Insert one queued job (as a producer would, already validated) and return its id."""
 
-    def make(*, prompt: str = "make the sky purple", image: str = IMAGE_URL, size: str = "1024*1024", seed: int = 42,
-             idempotency_key: str | None = None, enable_base64_output: bool = False,
-             deadline_seconds: float | None = None) -> str:
-        request = NewJob(image=ImageInput(ref=image, payload=image), prompt=prompt, size=size, seed=seed,
-                         idempotency_key=idempotency_key, enable_base64_output=enable_base64_output)
-        [(job, _created)] = jobs.create_jobs(sessions, [request], deadline_seconds=deadline_seconds or settings.job_deadline_seconds,
-                                             clock=clock.now)
+    def make(
+        *,
+        prompt: str = "make the sky purple",
+        image: str = IMAGE_URL,
+        size: str = "1024*1024",
+        seed: int = 42,
+        idempotency_key: str | None = None,
+        enable_base64_output: bool = False,
+        deadline_seconds: float | None = None,
+    ) -> str:
+        request = NewJob(
+            image=ImageInput(ref=image, payload=image),
+            prompt=prompt,
+            size=size,
+            seed=seed,
+            idempotency_key=idempotency_key,
+            enable_base64_output=enable_base64_output,
+        )
+        [(job, _created)] = jobs.create_jobs(
+            sessions, [request], deadline_seconds=deadline_seconds or settings.job_deadline_seconds, clock=clock.now
+        )
         return job.id
 
     return make
 
 
-def run_step(deps: Deps, nxt: pipeline.Next) -> pipeline.Next | None:
+def run_step(deps: Deps, nxt: Next) -> Next | None:
     """What the Celery task for `nxt` does, minus Celery."""
-    if nxt.step == jobs.STEP_SUBMIT:
-        return pipeline.run_submit(deps, nxt.job_id)
-    if nxt.step == jobs.STEP_POLL:
-        return pipeline.run_poll(deps, nxt.job_id, nxt.poll_seq)
-    if nxt.step == jobs.STEP_UPLOAD:
-        return pipeline.run_upload(deps, nxt.job_id)
+    if nxt.step == Step.SUBMIT:
+        return submit.run_submit(deps, nxt.job_id)
+    if nxt.step == Step.POLL:
+        return poller.run_poll(deps, nxt.job_id, nxt.poll_seq)
+    if nxt.step == Step.UPLOAD:
+        return copier.run_upload(deps, nxt.job_id)
     raise AssertionError(f"unknown step {nxt.step}")
 
 
 @pytest.fixture
-def drive(deps, clock) -> Callable[..., list[pipeline.Next]]:
+def drive(deps, clock) -> Callable[..., list[Next]]:
     """Run a job's steps one after another, advancing the fake clock by each countdown, until a step
     schedules nothing (or `max_steps`). Returns the steps that ran."""
 
-    def go(job_id: str, first: str = jobs.STEP_SUBMIT, *, max_steps: int = 50) -> list[pipeline.Next]:
-        nxt: pipeline.Next | None = pipeline.Next(first, job_id)
-        ran: list[pipeline.Next] = []
+    def go(job_id: str, first: str = Step.SUBMIT, *, max_steps: int = 50) -> list[Next]:
+        nxt: Next | None = Next(first, job_id)
+        ran: list[Next] = []
         while nxt is not None and len(ran) < max_steps:
             clock.advance(nxt.countdown)
             ran.append(nxt)

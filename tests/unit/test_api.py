@@ -28,12 +28,27 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from models import Job, Outbox
-from worker import jobs, pipeline
 from worker.api import create_app
 from worker.config import Settings
+from worker.core import jobs
+from worker.engine import poller, submit
 
-JOB_KEYS = {"id", "state", "prompt", "size", "seed", "idempotency_key", "prediction_id", "attempts", "outputs",
-            "has_nsfw_contents", "error", "created_at", "updated_at", "finished_at"}
+JOB_KEYS = {
+    "id",
+    "state",
+    "prompt",
+    "size",
+    "seed",
+    "idempotency_key",
+    "prediction_id",
+    "attempts",
+    "outputs",
+    "has_nsfw_contents",
+    "error",
+    "created_at",
+    "updated_at",
+    "finished_at",
+}
 PUBLIC_URL = "https://images.example.com/cat.png"
 WEBHOOK_SECRET = "whsec_test-unit-not-a-secret"
 
@@ -68,8 +83,12 @@ def with_secret(settings: Settings, monkeypatch, secret: str | None) -> Settings
 @pytest.fixture
 def make_client(settings, deps, publisher, monkeypatch):
     def make(*, secret: str | None = WEBHOOK_SECRET, app_settings: Settings | None = None) -> TestClient:
-        app = create_app(with_secret(app_settings or settings, monkeypatch, secret), deps_factory=lambda: deps,
-                         publisher=publisher, url_resolver=resolver)
+        app = create_app(
+            with_secret(app_settings or settings, monkeypatch, secret),
+            deps_factory=lambda: deps,
+            publisher=publisher,
+            url_resolver=resolver,
+        )
         return TestClient(app)
 
     return make
@@ -103,13 +122,14 @@ def create(client: TestClient, **overrides) -> dict:
 def processing_job(client: TestClient, deps) -> dict:
     """A job the pipeline has submitted to the (fake) provider: processing, with a prediction id."""
     job = create(client)
-    pipeline.run_submit(deps, job["id"])
+    submit.run_submit(deps, job["id"])
     job = client.get(f"/jobs/{job['id']}").json()
     assert job["state"] == "processing" and job["prediction_id"]
     return job
 
 
 # --- POST /jobs ---------------------------------------------------------------------------------
+
 
 def test_create_answers_201_with_exactly_the_contract_job_json_and_publishes_the_submit(client, publisher, sessions):
     response = client.post("/jobs", json=body(size="1024*768", seed=7, idempotency_key="order-1"))
@@ -130,15 +150,18 @@ def test_create_defaults_size_and_seed_like_the_provider(client):
     assert (job["size"], job["seed"]) == ("1328*1328", -1)
 
 
-@pytest.mark.parametrize("image", [
-    b64_image("PNG"),
-    b64_image("JPEG"),
-    b64_image("WEBP"),
-    "data:image/png;base64," + b64_image("PNG"),
-    "data:image/jpeg;base64," + b64_image("JPEG"),
-    # Line-wrapped base64 (what `base64` the tool prints) is still base64.
-    "\n".join(b64_image("PNG")[i:i + 76] for i in range(0, len(b64_image("PNG")), 76)),
-])
+@pytest.mark.parametrize(
+    "image",
+    [
+        b64_image("PNG"),
+        b64_image("JPEG"),
+        b64_image("WEBP"),
+        "data:image/png;base64," + b64_image("PNG"),
+        "data:image/jpeg;base64," + b64_image("JPEG"),
+        # Line-wrapped base64 (what `base64` the tool prints) is still base64.
+        "\n".join(b64_image("PNG")[i : i + 76] for i in range(0, len(b64_image("PNG")), 76)),
+    ],
+)
 def test_base64_images_are_decoded_checked_and_stored_as_a_data_uri(client, sessions, image):
     job = create(client, image=image)
 
@@ -176,34 +199,37 @@ def test_a_local_file_path_is_refused_and_the_file_is_never_read(client, session
     assert publisher.sent == []
 
 
-@pytest.mark.parametrize(("overrides", "field"), [
-    ({"prompt": "x" * 121}, "prompt"),
-    ({"prompt": "   "}, "prompt"),
-    ({"prompt": None}, "prompt"),
-    ({"prompt": 12}, "prompt"),
-    ({"size": "511*1024"}, "size"),
-    ({"size": "1024x1024"}, "size"),
-    ({"seed": -2}, "seed"),
-    ({"seed": 2_147_483_648}, "seed"),
-    ({"seed": "seven"}, "seed"),
-    ({"seed": 1.5}, "seed"),
-    ({"idempotency_key": "k" * 256}, "idempotency key"),
-    ({"image": None}, "image"),
-    ({"image": ""}, "image"),
-    ({"image": "this is not base64 at all!"}, "image"),
-    ({"image": base64.b64encode(b"just some text, not an image").decode()}, "image"),
-    ({"image": b64_image("GIF")}, "GIF"),
-    ({"image": base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()}, "image"),
-    ({"image": "data:text/plain;base64,aGVsbG8="}, "data:image"),
-    ({"image": "data:image/png," + b64_image()}, "data:image"),
-    ({"image": base64.b64encode(b"\0" * (1024 * 1024 + 1)).decode()}, "limit"),
-    ({"image": "http://127.0.0.1/cat.png"}, "non-public"),
-    ({"image": "http://intranet.example.com/cat.png"}, "non-public"),
-    ({"image": "http://metadata.example.com/latest/meta-data"}, "non-public"),
-    ({"image": "ftp://images.example.com/cat.png"}, "http"),
-    ({"image": "https://user:pw@images.example.com/cat.png"}, "credentials"),
-    ({"sead": 5}, "sead"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"prompt": "x" * 121}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": None}, "prompt"),
+        ({"prompt": 12}, "prompt"),
+        ({"size": "511*1024"}, "size"),
+        ({"size": "1024x1024"}, "size"),
+        ({"seed": -2}, "seed"),
+        ({"seed": 2_147_483_648}, "seed"),
+        ({"seed": "seven"}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"idempotency_key": "k" * 256}, "idempotency key"),
+        ({"image": None}, "image"),
+        ({"image": ""}, "image"),
+        ({"image": "this is not base64 at all!"}, "image"),
+        ({"image": base64.b64encode(b"just some text, not an image").decode()}, "image"),
+        ({"image": b64_image("GIF")}, "GIF"),
+        ({"image": base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()}, "image"),
+        ({"image": "data:text/plain;base64,aGVsbG8="}, "data:image"),
+        ({"image": "data:image/png," + b64_image()}, "data:image"),
+        ({"image": base64.b64encode(b"\0" * (1024 * 1024 + 1)).decode()}, "limit"),
+        ({"image": "http://127.0.0.1/cat.png"}, "non-public"),
+        ({"image": "http://intranet.example.com/cat.png"}, "non-public"),
+        ({"image": "http://metadata.example.com/latest/meta-data"}, "non-public"),
+        ({"image": "ftp://images.example.com/cat.png"}, "http"),
+        ({"image": "https://user:pw@images.example.com/cat.png"}, "credentials"),
+        ({"sead": 5}, "sead"),
+    ],
+)
 def test_invalid_requests_answer_422_json_naming_the_field_and_write_nothing(client, sessions, publisher, overrides, field):
     response = client.post("/jobs", json=body(**overrides))
 
@@ -237,6 +263,7 @@ def test_private_urls_are_accepted_when_the_setting_allows_them(make_client, set
 
 # --- reads --------------------------------------------------------------------------------------
 
+
 def test_get_job_and_its_events(client):
     job = create(client)
 
@@ -246,13 +273,16 @@ def test_get_job_and_its_events(client):
     assert events[0]["at"].endswith("Z")
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/jobs/no-such-job"),
-    ("GET", "/jobs/no-such-job/events"),
-    ("POST", "/jobs/no-such-job/cancel"),
-    ("POST", "/jobs/no-such-job/retry"),
-    ("GET", "/no/such/route"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/jobs/no-such-job"),
+        ("GET", "/jobs/no-such-job/events"),
+        ("POST", "/jobs/no-such-job/cancel"),
+        ("POST", "/jobs/no-such-job/retry"),
+        ("GET", "/no/such/route"),
+    ],
+)
 def test_unknown_jobs_and_routes_answer_404_json(client, method, path):
     assert_error(client.request(method, path), 404, "not_found")
 
@@ -274,6 +304,7 @@ def test_bad_list_parameters_answer_422_json(client, query):
 
 
 # --- cancel and retry ---------------------------------------------------------------------------
+
 
 def test_cancel_a_processing_job_cancels_it_at_the_provider_too(client, deps, fake_provider):
     job = processing_job(client, deps)
@@ -322,19 +353,30 @@ def test_retry_of_a_failed_job_requeues_it_and_publishes_the_submit(client, deps
 
 # --- webhooks -----------------------------------------------------------------------------------
 
-def signed(payload: dict | bytes, *, secret: str = WEBHOOK_SECRET, timestamp: int | None = None,
-           webhook_id: str = "evt-1") -> tuple[bytes, dict]:
+
+def signed(
+    payload: dict | bytes, *, secret: str = WEBHOOK_SECRET, timestamp: int | None = None, webhook_id: str = "evt-1"
+) -> tuple[bytes, dict]:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     timestamp = int(time.time()) if timestamp is None else timestamp
     key = secret.removeprefix("whsec_").encode()
     digest = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
-    return raw, {"webhook-id": webhook_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v3,{digest}",
-                 "content-type": "application/json"}
+    return raw, {
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": f"v3,{digest}",
+        "content-type": "application/json",
+    }
 
 
 def prediction(prediction_id: str, status: str = "completed") -> dict:
-    return {"id": prediction_id, "model": "bytedance/dreamina-v3.0/edit", "outputs": [], "status": status,
-            "urls": {"get": f"https://api.wavespeed.test/api/v3/predictions/{prediction_id}/result"}}
+    return {
+        "id": prediction_id,
+        "model": "bytedance/dreamina-v3.0/edit",
+        "outputs": [],
+        "status": status,
+        "urls": {"get": f"https://api.wavespeed.test/api/v3/predictions/{prediction_id}/result"},
+    }
 
 
 def test_a_signed_webhook_bumps_the_poll_and_publishes_it_without_changing_state(client, deps, publisher, sessions):
@@ -351,8 +393,8 @@ def test_a_signed_webhook_bumps_the_poll_and_publishes_it_without_changing_state
     row = jobs.get_job(sessions, job["id"])
     assert (row.state, row.poll_seq) == ("processing", seq + 1)
     # The published poll is the live chain and reads the result; the old chain is now stale.
-    assert pipeline.run_poll(deps, job["id"], seq) is None
-    assert pipeline.run_poll(deps, job["id"], seq + 1).step == "upload"
+    assert poller.run_poll(deps, job["id"], seq) is None
+    assert poller.run_poll(deps, job["id"], seq + 1).step == "upload"
 
 
 def test_a_webhook_wrapped_in_the_api_envelope_is_understood(client, deps, publisher):
@@ -376,8 +418,19 @@ def test_a_webhook_for_an_unknown_or_finished_prediction_answers_200_and_does_no
     assert client.get(f"/jobs/{job['id']}").json()["state"] == "cancelled"
 
 
-@pytest.mark.parametrize("tamper", ["wrong_secret", "body_changed", "signature_missing", "id_missing", "old_version",
-                                    "stale_timestamp", "future_timestamp", "timestamp_not_a_number"])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "wrong_secret",
+        "body_changed",
+        "signature_missing",
+        "id_missing",
+        "old_version",
+        "stale_timestamp",
+        "future_timestamp",
+        "timestamp_not_a_number",
+    ],
+)
 def test_a_webhook_without_a_valid_fresh_signature_answers_401_and_does_nothing(client, deps, publisher, sessions, caplog, tamper):
     caplog.set_level(logging.DEBUG)
     job = processing_job(client, deps)
@@ -435,6 +488,7 @@ def test_a_signed_webhook_that_names_no_prediction_answers_422(client):
 
 
 # --- metrics and health -------------------------------------------------------------------------
+
 
 def test_metrics_expose_job_counts_per_state_and_the_pipeline_counters(client):
     create(client)

@@ -13,8 +13,17 @@ from models import Job, Outbox
 from worker.cli import app
 from worker.config import get_settings
 
-ENV_NAMES = ["WAVESPEED_API_KEY", "WAVESPEED_BASE_URL", "CELERY_BROKER_URL", "S3_ENDPOINT_URL", "S3_BUCKET", "S3_PREFIX",
-             "EDIT_WORKER_ALLOW_PRIVATE_URLS", "EDIT_WORKER_MAX_IMAGE_BYTES", "EDIT_WORKER_CRASHPOINT"]
+ENV_NAMES = [
+    "WAVESPEED_API_KEY",
+    "WAVESPEED_BASE_URL",
+    "CELERY_BROKER_URL",
+    "S3_ENDPOINT_URL",
+    "S3_BUCKET",
+    "S3_PREFIX",
+    "EDIT_WORKER_ALLOW_PRIVATE_URLS",
+    "EDIT_WORKER_MAX_IMAGE_BYTES",
+    "EDIT_WORKER_CRASHPOINT",
+]
 
 
 @pytest.fixture
@@ -50,13 +59,16 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("extra, fragments", [
-    (["--prompt", "x" * 121], ["121 characters"]),
-    (["--prompt", "ok", "--size", "4096*4096"], ["4096"]),
-    (["--prompt", "ok", "--size", "abc"], ["W*H"]),
-    (["--prompt", "ok", "--seed", "-7"], ["seed -7"]),
-    (["--prompt", ""], ["prompt is required"]),
-])
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--prompt", "x" * 121], ["121 characters"]),
+        (["--prompt", "ok", "--size", "4096*4096"], ["4096"]),
+        (["--prompt", "ok", "--size", "abc"], ["W*H"]),
+        (["--prompt", "ok", "--seed", "-7"], ["seed -7"]),
+        (["--prompt", ""], ["prompt is required"]),
+    ],
+)
 def test_submit_with_bad_input_exits_2_with_one_line_and_writes_no_job(cli, sessions, png_file, extra, fragments):
     result = cli("submit", "--image", str(png_file), *extra)
     assert_one_line_error(result, *fragments)
@@ -69,8 +81,9 @@ def test_submit_with_a_missing_file_exits_2(cli, sessions, tmp_path):
     assert job_count(sessions) == (0, 0)
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1/cat.png", "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.png",
-                                 "http://10.0.0.1/cat.png"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1/cat.png", "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.png", "http://10.0.0.1/cat.png"]
+)
 def test_submit_with_a_private_url_exits_2(cli, sessions, url):
     result = cli("submit", "--image", url, "--prompt", "ok")
     assert_one_line_error(result, "non-public address")
@@ -91,7 +104,9 @@ def test_submit_without_an_image_exits_2(cli, sessions):
 
 def test_submit_from_a_file_with_one_bad_line_writes_nothing(cli, sessions, tmp_path, png_file):
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(json.dumps({"image": str(png_file), "prompt": "fine"}) + "\n" + json.dumps({"image": str(png_file), "prompt": "y" * 121}) + "\n")
+    jobs.write_text(
+        json.dumps({"image": str(png_file), "prompt": "fine"}) + "\n" + json.dumps({"image": str(png_file), "prompt": "y" * 121}) + "\n"
+    )
     assert_one_line_error(cli("submit", "--from-file", str(jobs)), "item 2")
     assert job_count(sessions) == (0, 0)
 

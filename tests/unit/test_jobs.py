@@ -8,9 +8,9 @@ from sqlalchemy import func, select
 
 from models import Job, JobEvent, Outbox
 from worker import producer
+from worker.core.jobs import NewJob, create_jobs, get_job, job_events, list_jobs, to_json
+from worker.core.validation import ImageInput
 from worker.errors import InvalidInput, JobNotFound
-from worker.jobs import NewJob, create_jobs, get_job, job_events, list_jobs, to_json
-from worker.validation import ImageInput
 
 URL = "https://images.example.com/cat.png"
 
@@ -48,7 +48,9 @@ def test_create_jobs_answers_in_input_order(sessions, clock):
 def test_the_same_idempotency_key_twice_returns_the_same_job_and_writes_nothing(sessions, clock):
     [(first, created)] = create_jobs(sessions, [request("order-17")], deadline_seconds=60, clock=clock.now)
     assert created
-    [(second, created_again)] = create_jobs(sessions, [request("order-17", prompt="a different prompt")], deadline_seconds=60, clock=clock.now)
+    [(second, created_again)] = create_jobs(
+        sessions, [request("order-17", prompt="a different prompt")], deadline_seconds=60, clock=clock.now
+    )
     assert second.id == first.id and created_again is False
     assert second.prompt == "add a red hat"  # the existing job, not the new request
     assert counts(sessions) == (1, 1, 1)
@@ -80,7 +82,7 @@ def test_list_jobs_filters_by_state_newest_first(sessions, new_job, clock):
     first = new_job(prompt="first")
     clock.advance(1)
     second = new_job(prompt="second")
-    from worker.states import State
+    from worker.core.states import State
 
     assert [j.id for j in list_jobs(sessions)] == [second, first]
     assert [j.id for j in list_jobs(sessions, state=State.QUEUED)] == [second, first]
@@ -90,8 +92,22 @@ def test_list_jobs_filters_by_state_newest_first(sessions, new_job, clock):
 def test_job_json_has_the_contract_shape(sessions, new_job):
     job = get_job(sessions, new_job(idempotency_key="abc"))
     data = to_json(job)
-    assert set(data) == {"id", "state", "prompt", "size", "seed", "idempotency_key", "prediction_id", "attempts",
-                         "outputs", "has_nsfw_contents", "error", "created_at", "updated_at", "finished_at"}
+    assert set(data) == {
+        "id",
+        "state",
+        "prompt",
+        "size",
+        "seed",
+        "idempotency_key",
+        "prediction_id",
+        "attempts",
+        "outputs",
+        "has_nsfw_contents",
+        "error",
+        "created_at",
+        "updated_at",
+        "finished_at",
+    }
     assert data["state"] == "queued" and data["error"] is None and data["outputs"] == []
     assert data["idempotency_key"] == "abc"
     assert data["created_at"].endswith("Z") and data["finished_at"] is None
@@ -105,6 +121,7 @@ def test_job_events_lists_the_creation_event(sessions, new_job):
 
 
 # --- producer.enqueue / submit_edit ------------------------------------------------------------
+
 
 def test_enqueue_inserts_the_job_and_publishes_its_first_step_once(settings, sessions, publisher, png_file):
     req = producer.validate_request(image=str(png_file), prompt="make it night", settings=settings)
@@ -152,15 +169,18 @@ def test_the_base64_output_setting_is_the_default_for_new_jobs(settings, png_fil
     assert producer.validate_request(image=str(png_file), prompt="p", settings=on, enable_base64_output=False).enable_base64_output is False
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"prompt": "x" * 121},
-    {"prompt": "   "},
-    {"size": "511*1024"},
-    {"seed": -2},
-    {"image": "/does/not/exist.png"},
-    {"image": "http://127.0.0.1/cat.png"},
-    {"idempotency_key": "k" * 256},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"prompt": "x" * 121},
+        {"prompt": "   "},
+        {"size": "511*1024"},
+        {"seed": -2},
+        {"image": "/does/not/exist.png"},
+        {"image": "http://127.0.0.1/cat.png"},
+        {"idempotency_key": "k" * 256},
+    ],
+)
 def test_a_validation_error_writes_no_row_and_publishes_nothing(settings, sessions, publisher, png_file, kwargs):
     args = {"image": str(png_file), "prompt": "ok", **kwargs}
     with pytest.raises(InvalidInput):

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from worker.backoff import compute_backoff, jittered
+from worker.adapters.limits import MemoryLimits
 from worker.config import Settings
-from worker.limits import MemoryLimits
+from worker.core.backoff import compute_backoff, jittered
 
 
 class Ticks:
@@ -21,6 +21,7 @@ class Ticks:
 
 
 # --- backoff --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("attempt, ceiling", [(0, 2.0), (1, 4.0), (3, 16.0), (10, 60.0), (500, 60.0)])
 def test_backoff_is_full_jitter_below_an_exponential_capped_ceiling(attempt, ceiling):
@@ -49,6 +50,7 @@ def test_jittered_adds_between_zero_and_the_jitter():
 
 # --- limits ---------------------------------------------------------------------------------
 
+
 def test_the_rate_limit_counts_submissions_in_a_sliding_minute():
     clock = Ticks()
     limits = MemoryLimits(rate_per_minute=2, clock=clock)
@@ -76,8 +78,8 @@ def test_a_tripped_breaker_blocks_then_lets_exactly_one_probe_through():
     assert not gate.open and gate.wait == pytest.approx(60) and "refused the credentials" in gate.reason
     assert limits.breaker_wait() == pytest.approx(60)
     clock.t = 61
-    assert limits.check_breaker().open          # the probe
-    assert not limits.check_breaker().open      # everyone else waits for its outcome
+    assert limits.check_breaker().open  # the probe
+    assert not limits.check_breaker().open  # everyone else waits for its outcome
     limits.reset_breaker()
     assert limits.check_breaker().open and limits.check_breaker().open
     assert limits.breaker_state()["tripped"] is False
@@ -124,6 +126,7 @@ def test_the_submission_journal_remembers_by_job():
 
 
 # --- settings -------------------------------------------------------------------------------
+
 
 def test_settings_never_show_secrets():
     settings = Settings(_env_file=None, wavespeed_api_key="ws-very-secret", aws_secret_access_key="aws-very-secret")

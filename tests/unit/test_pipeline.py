@@ -12,12 +12,16 @@ import pytest
 from sqlalchemy import select
 
 from models import Outbox
+from worker.adapters.limits import MemoryLimits
+from worker.adapters.storage import Storage
+from worker.core.jobs import job_events, transition
+from worker.core.states import State
+from worker.core.steps import Next
+from worker.engine.copier import run_upload
+from worker.engine.operator import cancel_job, retry_job
+from worker.engine.poller import run_poll
+from worker.engine.submit import run_submit
 from worker.errors import InvalidJobOperation, StorageError, TransientProviderError
-from worker.jobs import job_events, transition
-from worker.states import State
-from worker.limits import MemoryLimits
-from worker.pipeline import Next, cancel_job, retry_job, run_poll, run_submit, run_upload
-from worker.storage import Storage
 
 PNG_DATA_URI = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
 
@@ -35,8 +39,10 @@ def submitted(deps, job_id) -> Next:
 
 # --- the happy path -------------------------------------------------------------------------
 
-def test_a_job_goes_from_queued_to_succeeded_with_its_output_byte_equal_in_s3(deps, new_job, drive, load, sessions,
-                                                                               fake_provider, s3, list_keys, clock):
+
+def test_a_job_goes_from_queued_to_succeeded_with_its_output_byte_equal_in_s3(
+    deps, new_job, drive, load, sessions, fake_provider, s3, list_keys, clock
+):
     job_id = new_job(prompt="make the sky purple", size="1024*768", seed=5)
     ran = drive(job_id)
     assert [n.step for n in ran] == ["submit", "poll", "upload"]
@@ -46,8 +52,14 @@ def test_a_job_goes_from_queued_to_succeeded_with_its_output_byte_equal_in_s3(de
     assert states(sessions, job_id) == ["queued", "submitting", "processing", "uploading", "succeeded"]
     [task] = fake_provider.submissions
     assert job.prediction_id == task.id
-    assert task.body == {"prompt": "make the sky purple", "image": "https://images.example.com/cat.png", "size": "1024*768",
-                         "seed": 5, "enable_base64_output": False, "enable_sync_mode": False}
+    assert task.body == {
+        "prompt": "make the sky purple",
+        "image": "https://images.example.com/cat.png",
+        "size": "1024*768",
+        "seed": 5,
+        "enable_base64_output": False,
+        "enable_sync_mode": False,
+    }
     key = f"edits/{job_id}/0.png"
     assert job.outputs == [f"s3://edit-worker-unit/{key}"]
     assert list_keys() == [key]
@@ -82,7 +94,10 @@ def test_every_output_gets_its_own_indexed_key(deps, new_job, drive, load, fake_
     assert list_keys() == [f"edits/{job_id}/{i}.png" for i in range(3)]
     assert job.outputs == [f"s3://edit-worker-unit/edits/{job_id}/{i}.png" for i in range(3)]
     for i in range(3):
-        assert s3.get_object(Bucket="edit-worker-unit", Key=f"edits/{job_id}/{i}.png")["Body"].read() == fake_provider.output_bytes[(task.id, i)]
+        assert (
+            s3.get_object(Bucket="edit-worker-unit", Key=f"edits/{job_id}/{i}.png")["Body"].read()
+            == fake_provider.output_bytes[(task.id, i)]
+        )
 
 
 def test_the_stored_type_and_extension_come_from_the_output_bytes(deps, new_job, load, fake_provider, s3, list_keys, make_image):
@@ -119,6 +134,7 @@ def test_the_prediction_id_is_committed_when_the_job_enters_processing(deps, new
 
 
 # --- polling --------------------------------------------------------------------------------
+
 
 def test_a_poll_before_completion_reschedules_at_least_two_seconds_later_and_bumps_poll_seq(deps, new_job, load, fake_provider, clock):
     fake_provider.polls_to_complete = 3
@@ -203,6 +219,7 @@ def test_a_completed_task_without_outputs_fails_the_job(deps, new_job, load, fak
 
 # --- duplicates -----------------------------------------------------------------------------
 
+
 def test_a_duplicate_submit_message_after_success_is_a_no_op(deps, new_job, drive, load, fake_provider):
     job_id = new_job()
     drive(job_id)
@@ -223,11 +240,15 @@ def test_a_duplicate_submit_message_while_processing_is_a_no_op(deps, new_job, l
 
 # --- submit errors --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("answer, code", [
-    (httpx.Response(500, json={"code": 500, "message": "internal error"}), "500"),
-    (httpx.Response(502, text="<html><body>Bad Gateway</body></html>", headers={"content-type": "text/html"}), "502"),
-    (httpx.ConnectError("connection refused"), "transient"),
-])
+
+@pytest.mark.parametrize(
+    "answer, code",
+    [
+        (httpx.Response(500, json={"code": 500, "message": "internal error"}), "500"),
+        (httpx.Response(502, text="<html><body>Bad Gateway</body></html>", headers={"content-type": "text/html"}), "502"),
+        (httpx.ConnectError("connection refused"), "transient"),
+    ],
+)
 def test_a_transient_submit_error_puts_the_job_back_in_queued_with_a_backoff(deps, new_job, load, fake_provider, clock, answer, code):
     fake_provider.script("submit", answer)
     job_id = new_job()
@@ -274,13 +295,21 @@ def test_a_429_submit_honours_retry_after(deps, new_job, load, fake_provider, cl
     assert fake_provider.calls["submit"] == 1
 
 
-@pytest.mark.parametrize("answer, code, message", [
-    (httpx.Response(400, json={"code": 400, "message": "prompt too long"}), "400", "prompt too long"),
-    (httpx.Response(200, json={"code": 1200, "message": "content moderation refused the image", "data": None}), "1200",
-     "content moderation refused the image"),
-    (httpx.Response(400, json={"code": 1402, "message": "image URL unreachable", "data": None}), "1402", "image URL unreachable"),
-])
-def test_a_permanent_submit_error_fails_the_job_with_the_providers_code_and_message(deps, new_job, load, fake_provider, answer, code, message):
+@pytest.mark.parametrize(
+    "answer, code, message",
+    [
+        (httpx.Response(400, json={"code": 400, "message": "prompt too long"}), "400", "prompt too long"),
+        (
+            httpx.Response(200, json={"code": 1200, "message": "content moderation refused the image", "data": None}),
+            "1200",
+            "content moderation refused the image",
+        ),
+        (httpx.Response(400, json={"code": 1402, "message": "image URL unreachable", "data": None}), "1402", "image URL unreachable"),
+    ],
+)
+def test_a_permanent_submit_error_fails_the_job_with_the_providers_code_and_message(
+    deps, new_job, load, fake_provider, answer, code, message
+):
     fake_provider.script("submit", answer)
     job_id = new_job()
     assert run_submit(deps, job_id) is None
@@ -293,7 +322,8 @@ def test_a_permanent_submit_error_fails_the_job_with_the_providers_code_and_mess
 
 
 def test_a_401_opens_the_breaker_keeps_the_job_queued_and_defers_the_next_submit_without_calling_the_provider(
-        deps, new_job, load, fake_provider, limits, clock):
+    deps, new_job, load, fake_provider, limits, clock
+):
     fake_provider.script("submit", httpx.Response(401, json={"code": 401, "message": "invalid api key"}))
     first_job = new_job()
     nxt = run_submit(deps, first_job)
@@ -356,8 +386,8 @@ def test_a_job_cancelled_while_its_submit_is_in_flight_gets_its_provider_task_ca
     job_id = new_job()
 
     def operator_cancels(_request):
-        from worker.jobs import transition
-        from worker.states import State
+        from worker.core.jobs import transition
+        from worker.core.states import State
 
         with sessions() as s:
             assert transition(s, job_id, State.SUBMITTING, State.CANCELLED, "cancelled by operator", clock=deps.clock)
@@ -373,6 +403,7 @@ def test_a_job_cancelled_while_its_submit_is_in_flight_gets_its_provider_task_ca
 
 
 # --- deadlines ------------------------------------------------------------------------------
+
 
 def test_a_job_whose_deadline_passed_while_queued_fails_without_calling_the_provider(deps, new_job, load, fake_provider, clock):
     job_id = new_job(deadline_seconds=60)
@@ -406,6 +437,7 @@ def test_a_job_whose_deadline_passed_while_uploading_fails_but_keeps_the_provide
 
 
 # --- upload ---------------------------------------------------------------------------------
+
 
 class FlakyStorage(Storage):
     """Real S3 (moto) underneath; the puts numbered in `fail_on` raise StorageError instead."""
@@ -443,7 +475,10 @@ def test_an_upload_retried_after_a_storage_error_leaves_one_object_per_output(de
     assert list_keys() == [f"edits/{job_id}/0.png", f"edits/{job_id}/1.png"]
     [task] = fake_provider.submissions
     for i in range(2):
-        assert s3.get_object(Bucket="edit-worker-unit", Key=f"edits/{job_id}/{i}.png")["Body"].read() == fake_provider.output_bytes[(task.id, i)]
+        assert (
+            s3.get_object(Bucket="edit-worker-unit", Key=f"edits/{job_id}/{i}.png")["Body"].read()
+            == fake_provider.output_bytes[(task.id, i)]
+        )
     assert len(fake_provider.submissions) == 1
 
 
@@ -489,6 +524,7 @@ def test_an_output_that_is_neither_a_url_nor_base64_fails_the_job(deps, new_job,
 
 
 # --- cancel ---------------------------------------------------------------------------------
+
 
 def test_cancelling_a_processing_job_cancels_the_provider_task_and_is_terminal(deps, new_job, load, fake_provider, clock):
     fake_provider.auto_outcome = None
@@ -543,12 +579,15 @@ def test_a_provider_error_on_cancel_still_cancels_the_job(deps, new_job, fake_pr
 
 # --- retry (the dead-letter replay) ---------------------------------------------------------
 
+
 def outbox_steps(sessions, job_id) -> list[str]:
     with sessions() as s:
         return [o.task for o in s.scalars(select(Outbox).where(Outbox.job_id == job_id).order_by(Outbox.id))]
 
 
-def test_retry_of_a_job_that_failed_at_upload_copies_the_outputs_again_without_resubmitting(deps, new_job, load, fake_provider, sessions, list_keys):
+def test_retry_of_a_job_that_failed_at_upload_copies_the_outputs_again_without_resubmitting(
+    deps, new_job, load, fake_provider, sessions, list_keys
+):
     job_id = new_job()
     to_upload(deps, job_id)
     url = load(job_id).provider_outputs[0]
@@ -588,7 +627,9 @@ def test_retry_of_a_job_whose_task_failed_submits_again(deps, new_job, drive, lo
     assert states(sessions, job_id)[-6:] == ["failed", "queued", "submitting", "processing", "uploading", "succeeded"]
 
 
-def test_retry_of_a_job_that_ran_out_of_time_while_processing_polls_the_same_task_again(deps, new_job, load, fake_provider, clock, sessions):
+def test_retry_of_a_job_that_ran_out_of_time_while_processing_polls_the_same_task_again(
+    deps, new_job, load, fake_provider, clock, sessions
+):
     fake_provider.auto_outcome = None
     job_id = new_job(deadline_seconds=60)
     first = submitted(deps, job_id)

@@ -9,7 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from worker import jobs, pipeline
+from worker.core import jobs
+from worker.core.codes import ErrorCode
+from worker.core.steps import Step
+from worker.engine import copier, poller, submit
 
 BUCKET, PREFIX = "edit-worker-unit", "edits"  # as in conftest.py
 
@@ -31,24 +34,24 @@ def _processing(batch_deps, new_job, n: int, **kw) -> list[str]:
     ids = []
     for i in range(n):
         job_id = new_job(prompt=f"batch job {i}", **kw)
-        pipeline.run_submit(batch_deps, job_id)
+        submit.run_submit(batch_deps, job_id)
         ids.append(job_id)
     return ids
 
 
 def test_submit_in_batch_mode_wakes_the_poller_instead_of_chaining_a_poll(batch_deps, new_job, load):
     job_id = new_job()
-    nxt = pipeline.run_submit(batch_deps, job_id)
-    assert nxt is not None and nxt.step == pipeline.STEP_POLL_DUE
+    nxt = submit.run_submit(batch_deps, job_id)
+    assert nxt is not None and nxt.step == Step.POLL_DUE
     assert load(job_id).state == "processing"
     # A second job due in the same half second shares that wake-up.
     other = new_job(prompt="another")
-    assert pipeline.run_submit(batch_deps, other) is None
+    assert submit.run_submit(batch_deps, other) is None
 
 
 def test_nothing_is_polled_before_it_is_due(batch_deps, new_job, fake_provider, executor):
     _processing(batch_deps, new_job, 3)
-    report = pipeline.poll_due(batch_deps, executor=executor)
+    report = poller.poll_due(batch_deps, executor=executor)
     assert report.claimed == 0
     assert fake_provider.calls["result"] == 0
     assert report.next_due_in == pytest.approx(batch_deps.settings.first_poll_delay, abs=0.01)
@@ -57,7 +60,7 @@ def test_nothing_is_polled_before_it_is_due(batch_deps, new_job, fake_provider, 
 def test_due_jobs_are_copied_to_s3_by_the_poller_itself(batch_deps, new_job, fake_provider, clock, load, executor, list_keys, sessions):
     ids = _processing(batch_deps, new_job, 5)
     clock.advance(batch_deps.settings.first_poll_delay)
-    report = pipeline.poll_due(batch_deps, executor=executor)
+    report = poller.poll_due(batch_deps, executor=executor)
     assert report.claimed == 5 and report.finished == 5
     assert report.uploads == []  # no upload message: done inline
     assert {load(i).state for i in ids} == {"succeeded"}
@@ -66,7 +69,9 @@ def test_due_jobs_are_copied_to_s3_by_the_poller_itself(batch_deps, new_job, fak
         job = load(job_id)
         assert job.outputs == [f"s3://{BUCKET}/{PREFIX}/{job_id}/0.png"] and job.provider_outputs is None
         assert [(e.from_state, e.to_state) for e in jobs.job_events(sessions, job_id)][-2:] == [
-            ("processing", "uploading"), ("uploading", "succeeded")]
+            ("processing", "uploading"),
+            ("uploading", "succeeded"),
+        ]
     assert fake_provider.calls["result"] == 5 and fake_provider.calls["download"] == 5
     assert batch_deps.limits.breaker_state()["active"] == 0  # every provider slot handed back
     assert report.next_due_in is None
@@ -76,13 +81,13 @@ def test_a_failed_inline_copy_leaves_the_job_uploading_for_an_upload_task(batch_
     ids = _processing(batch_deps, new_job, 2)
     fake_provider.script("download", httpx.Response(503, text="<html>busy</html>"))
     clock.advance(batch_deps.settings.first_poll_delay)
-    report = pipeline.poll_due(batch_deps, executor=executor)
+    report = poller.poll_due(batch_deps, executor=executor)
     assert report.finished == 2
-    assert len(report.uploads) == 1 and report.uploads[0].step == jobs.STEP_UPLOAD and report.uploads[0].countdown > 0
+    assert len(report.uploads) == 1 and report.uploads[0].step == Step.UPLOAD and report.uploads[0].countdown > 0
     failed = report.uploads[0].job_id
     assert load(failed).state == "uploading" and load(failed).provider_outputs
     assert {load(i).state for i in ids if i != failed} == {"succeeded"}
-    pipeline.run_upload(batch_deps, failed)  # what the upload task does
+    copier.run_upload(batch_deps, failed)  # what the upload task does
     assert load(failed).state == "succeeded"
 
 
@@ -90,25 +95,25 @@ def test_the_first_poll_learns_the_models_typical_inference_time(batch_deps, new
     batch_deps.settings = batch_deps.settings.model_copy(update={"first_poll_delay": 0.5})
     _processing(batch_deps, new_job, 3)
     clock.advance(0.5)
-    pipeline.poll_due(batch_deps, executor=executor)  # the fake provider reports 1234 ms of inference
+    poller.poll_due(batch_deps, executor=executor)  # the fake provider reports 1234 ms of inference
     assert batch_deps.limits.typical_inference() == pytest.approx(1.234)
     later = new_job(prompt="after learning")
-    nxt = pipeline.run_submit(batch_deps, later)
+    nxt = submit.run_submit(batch_deps, later)
     assert (load(later).next_poll_at - clock.now()).total_seconds() == pytest.approx(1.234, abs=0.01)
     assert nxt is None or nxt.countdown >= 1.234
     off = batch_deps.settings.model_copy(update={"adaptive_first_poll": False})
     batch_deps.settings = off
-    assert pipeline.first_poll_delay(batch_deps) == 0.5
+    assert submit.first_poll_delay(batch_deps) == 0.5
 
 
 def test_due_jobs_complete_and_uploads_are_scheduled_when_not_inline(batch_deps, new_job, fake_provider, clock, load, executor):
     batch_deps.settings = batch_deps.settings.model_copy(update={"upload_inline": False})
     ids = _processing(batch_deps, new_job, 5)
     clock.advance(batch_deps.settings.first_poll_delay)
-    report = pipeline.poll_due(batch_deps, executor=executor)
+    report = poller.poll_due(batch_deps, executor=executor)
     assert report.claimed == 5 and report.finished == 5
     assert sorted(n.job_id for n in report.uploads) == sorted(ids)
-    assert all(n.step == jobs.STEP_UPLOAD for n in report.uploads)
+    assert all(n.step == Step.UPLOAD for n in report.uploads)
     assert {load(i).state for i in ids} == {"uploading"}
     assert fake_provider.calls["result"] == 5
     assert report.next_due_in is None  # nothing left processing
@@ -119,7 +124,7 @@ def test_running_jobs_are_rescheduled_at_least_the_poll_interval_later(batch_dep
     ids = _processing(batch_deps, new_job, 4)
     clock.advance(batch_deps.settings.first_poll_delay)
     before = clock.now()
-    report = pipeline.poll_due(batch_deps, executor=executor)
+    report = poller.poll_due(batch_deps, executor=executor)
     assert report.rescheduled == 4
     for job_id in ids:
         row = load(job_id)
@@ -128,7 +133,7 @@ def test_running_jobs_are_rescheduled_at_least_the_poll_interval_later(batch_dep
         s = batch_deps.settings
         assert s.poll_interval <= wait <= s.poll_interval + s.poll_jitter
     # Not due again yet: a second pass right away polls nothing.
-    assert pipeline.poll_due(batch_deps, executor=executor).claimed == 0
+    assert poller.poll_due(batch_deps, executor=executor).claimed == 0
     assert fake_provider.calls["result"] == 4
 
 
@@ -137,7 +142,7 @@ def test_retry_after_is_honoured_when_a_poll_fails(batch_deps, new_job, fake_pro
     fake_provider.script("result", httpx.Response(429, headers={"Retry-After": "17"}, json={"code": 429, "message": "slow down"}))
     clock.advance(batch_deps.settings.first_poll_delay)
     before = clock.now()
-    pipeline.poll_due(batch_deps, executor=executor)
+    poller.poll_due(batch_deps, executor=executor)
     row = load(job_id)
     assert row.state == "processing"
     assert (row.next_poll_at - before).total_seconds() >= 17
@@ -146,29 +151,31 @@ def test_retry_after_is_honoured_when_a_poll_fails(batch_deps, new_job, fake_pro
 def test_a_claimed_job_is_not_claimed_again_until_its_lease_passes(batch_deps, new_job, clock, load):
     ids = _processing(batch_deps, new_job, 3)
     clock.advance(batch_deps.settings.first_poll_delay)
-    first = pipeline.claim_due(batch_deps, 10)
+    first = poller.claim_due(batch_deps, 10)
     assert sorted(t.job_id for t, _ in first) == sorted(ids)
     # The poller "dies" here: nothing is applied. Another poller finds nothing due...
-    assert pipeline.claim_due(batch_deps, 10) == []
+    assert poller.claim_due(batch_deps, 10) == []
     # ...until the lease passes; then the jobs are claimed again with a newer poll_seq.
     clock.advance(batch_deps.settings.poll_lease_seconds)
-    second = pipeline.claim_due(batch_deps, 10)
+    second = poller.claim_due(batch_deps, 10)
     assert sorted(t.job_id for t, _ in second) == sorted(ids)
-    assert all(b.seq == a.seq + 1 for (a, _), (b, _) in zip(sorted(first, key=lambda x: x[0].job_id), sorted(second, key=lambda x: x[0].job_id)))
+    assert all(
+        b.seq == a.seq + 1 for (a, _), (b, _) in zip(sorted(first, key=lambda x: x[0].job_id), sorted(second, key=lambda x: x[0].job_id))
+    )
 
 
 def test_a_stale_pollers_outcome_is_discarded(batch_deps, new_job, clock, load, fake_provider):
     [job_id] = _processing(batch_deps, new_job, 1)
     clock.advance(batch_deps.settings.first_poll_delay)
-    [(stale, _)] = pipeline.claim_due(batch_deps, 10)
+    [(stale, _)] = poller.claim_due(batch_deps, 10)
     clock.advance(batch_deps.settings.poll_lease_seconds)
-    [(fresh, _)] = pipeline.claim_due(batch_deps, 10)
+    [(fresh, _)] = poller.claim_due(batch_deps, 10)
     # The first poller comes back late with "completed": its CAS on poll_seq fails.
-    decision = pipeline.fetch_and_decide(batch_deps, stale.prediction_id)
-    assert isinstance(decision, pipeline.Finish)
-    assert pipeline.apply_decision(batch_deps, stale, decision, chain=False) is None
+    decision = poller.fetch_and_decide(batch_deps, stale.prediction_id)
+    assert isinstance(decision, poller.Finish)
+    assert poller.apply_decision(batch_deps, stale, decision, chain=False) is None
     assert load(job_id).state == "processing"
-    assert pipeline.apply_decision(batch_deps, fresh, decision, chain=False).step == jobs.STEP_UPLOAD
+    assert poller.apply_decision(batch_deps, fresh, decision, chain=False).step == Step.UPLOAD
     assert load(job_id).state == "uploading"
 
 
@@ -178,15 +185,15 @@ def test_concurrent_pollers_claim_disjoint_sets_and_forget_none(batch_deps, new_
     claimed: list[str] = []
     lock = threading.Lock()
 
-    def poller():
+    def one_poller():
         while True:
-            got = pipeline.claim_due(batch_deps, 7)
+            got = poller.claim_due(batch_deps, 7)
             if not got:
                 return
             with lock:
                 claimed.extend(t.job_id for t, _ in got)
 
-    threads = [threading.Thread(target=poller) for _ in range(4)]
+    threads = [threading.Thread(target=one_poller) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -197,10 +204,10 @@ def test_concurrent_pollers_claim_disjoint_sets_and_forget_none(batch_deps, new_
 def test_past_deadline_jobs_fail_in_the_batch(batch_deps, new_job, clock, load, fake_provider, executor):
     [job_id] = _processing(batch_deps, new_job, 1, deadline_seconds=5)
     clock.advance(6)
-    report = pipeline.poll_due(batch_deps, executor=executor)
+    report = poller.poll_due(batch_deps, executor=executor)
     assert report.failed == 1
     row = load(job_id)
-    assert row.state == "failed" and row.error_code == pipeline.ERR_DEADLINE
+    assert row.state == "failed" and row.error_code == ErrorCode.DEADLINE.value
     assert fake_provider.cancelled == [row.prediction_id]
 
 
@@ -208,7 +215,7 @@ def test_an_open_breaker_pauses_polls_without_calling_the_provider(batch_deps, n
     ids = _processing(batch_deps, new_job, 3)
     clock.advance(batch_deps.settings.first_poll_delay)
     batch_deps.limits.trip_breaker(20, "test outage")
-    report = pipeline.poll_due(batch_deps, executor=executor)
+    report = poller.poll_due(batch_deps, executor=executor)
     assert report.rescheduled == 3
     assert fake_provider.calls["result"] == 0
     assert all((load(i).next_poll_at - clock.now()).total_seconds() >= 20 for i in ids)
@@ -223,8 +230,8 @@ def test_an_unused_breaker_probe_is_handed_back_at_once(deps, new_job, clock, lo
     deps.limits.trip_breaker(5, "test")
     clock.advance(6)  # half-open now
     waiting = new_job(prompt="takes the probe but is deferred")
-    nxt = pipeline.run_submit(deps, waiting)
-    assert nxt is not None and nxt.step == jobs.STEP_SUBMIT and load(waiting).state == "queued"
+    nxt = submit.run_submit(deps, waiting)
+    assert nxt is not None and nxt.step == Step.SUBMIT and load(waiting).state == "queued"
     deps.limits.release(busy)
     # The next submission gets the probe straight away instead of waiting ~30 s.
     assert deps.limits.check_breaker().probe

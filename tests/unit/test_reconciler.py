@@ -11,11 +11,14 @@ import pytest
 from sqlalchemy import select
 
 from models import Outbox
+from worker.core.codes import ErrorCode
+from worker.core.jobs import transition
+from worker.core.states import State
+from worker.engine.copier import run_upload
+from worker.engine.poller import run_poll
+from worker.engine.reconciler import relay_outbox, resolve_ambiguous, resolve_by_operator, sweep
+from worker.engine.submit import run_submit
 from worker.errors import InvalidJobOperation
-from worker.jobs import transition
-from worker.pipeline import run_poll, run_submit, run_upload
-from worker.reconciler import ERR_NEEDS_OPERATOR, relay_outbox, resolve_ambiguous, resolve_by_operator, sweep
-from worker.states import State
 
 
 def sent_steps(publisher, job_id=None) -> list[tuple]:
@@ -38,6 +41,7 @@ def ambiguous_job(deps, new_job, fake_provider, *, task_created: bool, prompt: s
 
 
 # --- outbox relay ---------------------------------------------------------------------------
+
 
 def test_relay_publishes_each_unsent_row_once_and_marks_it_sent(deps, new_job, publisher, sessions, clock):
     a, b = new_job(prompt="a"), new_job(prompt="b")
@@ -80,6 +84,7 @@ def test_relay_waits_for_rows_younger_than_older_than(deps, new_job, clock, publ
 
 
 # --- sweep ----------------------------------------------------------------------------------
+
 
 def test_sweep_redrives_a_processing_job_whose_next_poll_is_long_past(deps, new_job, publisher, load, clock, fake_provider):
     job_id = new_job()
@@ -165,7 +170,7 @@ def test_sweep_does_not_redrive_a_queued_job_waiting_out_its_backoff(deps, new_j
     relay_outbox(deps)
     publisher.sent.clear()
     # A breaker deferral far in the future: the job is not stuck, it is waiting.
-    from worker.jobs import update_if
+    from worker.core.jobs import update_if
 
     with deps.sessions() as s:
         update_if(s, job_id, State.QUEUED, clock=deps.clock, next_attempt_at=clock.now() + timedelta(seconds=600))
@@ -176,6 +181,7 @@ def test_sweep_does_not_redrive_a_queued_job_waiting_out_its_backoff(deps, new_j
 
 
 # --- ambiguous submits ----------------------------------------------------------------------
+
 
 def test_ambiguous_submit_is_not_resubmitted_when_provider_has_the_task(deps, new_job, fake_provider, publisher, clock, load, drive):
     job_id = ambiguous_job(deps, new_job, fake_provider, task_created=True)
@@ -197,11 +203,15 @@ def test_ambiguous_submit_is_not_resubmitted_when_provider_has_the_task(deps, ne
     assert len(fake_provider.submissions) == 1
 
 
-def test_a_journaled_prediction_is_adopted_without_asking_the_provider(deps, new_job, fake_provider, limits, load, publisher, sessions, clock):
+def test_a_journaled_prediction_is_adopted_without_asking_the_provider(
+    deps, new_job, fake_provider, limits, load, publisher, sessions, clock
+):
     # The worker died right after the provider answered and the id was journaled (before the commit).
     job_id = new_job()
     with sessions() as s:
-        assert transition(s, job_id, State.QUEUED, State.SUBMITTING, "submit attempt 1", clock=clock.now, attempts=1, submitted_at=clock.now())
+        assert transition(
+            s, job_id, State.QUEUED, State.SUBMITTING, "submit attempt 1", clock=clock.now, attempts=1, submitted_at=clock.now()
+        )
         s.commit()
     task = fake_provider.create_task({"prompt": "make the sky purple"}, via_submit=True)
     limits.remember_submission(job_id, task.id)
@@ -259,7 +269,7 @@ def test_two_unclaimed_candidates_leave_the_job_for_an_operator(deps, new_job, f
     assert report.ambiguous == {"needs_operator": 1}
     job = load(job_id)
     assert job.state == "submitting"
-    assert job.error_code == ERR_NEEDS_OPERATOR
+    assert job.error_code == ErrorCode.NEEDS_OPERATOR.value
     assert "edit-worker resolve" in job.error_message
     assert job.prediction_id is None
     assert len(fake_provider.submissions) == 1
@@ -289,6 +299,7 @@ def test_one_task_but_two_unresolved_submits_in_the_window_needs_an_operator(dep
 
 
 # --- operator resolution --------------------------------------------------------------------
+
 
 def test_the_operator_can_adopt_a_named_prediction(deps, new_job, fake_provider, clock, load, publisher, drive):
     job_id = ambiguous_job(deps, new_job, fake_provider, task_created=True)

@@ -23,7 +23,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from worker.sandbox import (
+from worker.devtools.sandbox import (
     INJECTED_TASK_FAILURE,
     MODEL_ID,
     SandboxConfig,
@@ -91,6 +91,7 @@ def tiny_png_base64() -> str:
 
 # --- submit validation -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -152,6 +153,7 @@ def test_size_and_seed_accept_their_boundaries(client):
 
 # --- auth --------------------------------------------------------------------------------------------
 
+
 def test_missing_authorization_header_is_401(client):
     response = client.post(SUBMIT, json={"prompt": "p", "image": IMAGE_URL})
     assert response.status_code == 401
@@ -186,6 +188,7 @@ def test_auth_failure_mode_answers_401_on_provider_endpoints_but_not_admin(clock
 
 
 # --- lifecycle -----------------------------------------------------------------------------------------
+
 
 def test_task_goes_created_processing_completed_with_exactly_one_output_url(client, clock):
     submitted = submit(client, size="1024*768", seed=42)
@@ -229,6 +232,7 @@ def test_latency_change_does_not_move_tasks_already_submitted(client, clock):
 
 
 # --- outputs -------------------------------------------------------------------------------------------
+
 
 def test_download_is_a_png_of_the_requested_size_and_identical_on_every_get(client, clock):
     prediction_id = submit(client, size="640*1024", seed=7).json()["data"]["id"]
@@ -290,6 +294,7 @@ def test_download_fail_rate_answers_503(clock):
 
 
 # --- injected faults ---------------------------------------------------------------------------------------
+
 
 def test_fail_rate_one_makes_tasks_end_failed_with_error_text_and_no_output(clock):
     client = make_client(clock, fail_rate=1.0)
@@ -387,6 +392,7 @@ def test_same_seed_gives_the_same_fault_sequence():
 
 # --- list ---------------------------------------------------------------------------------------------------
 
+
 def test_list_filters_by_creation_window_newest_first_without_inputs(client, clock):
     early = submit(client, prompt="early").json()["data"]
     clock.advance(100)
@@ -421,9 +427,7 @@ def test_list_filters_by_creation_window_newest_first_without_inputs(client, clo
     assert paged["total"] == 3 and [i["id"] for i in paged["items"]] == [early["id"]]
 
 
-@pytest.mark.parametrize(
-    "query", [{"page_size": 101}, {"page_size": 0}, {"page": 0}, {"created_after": "yesterday"}]
-)
+@pytest.mark.parametrize("query", [{"page_size": 101}, {"page_size": 0}, {"page": 0}, {"created_after": "yesterday"}])
 def test_list_rejects_bad_queries_with_400(client, query):
     response = client.post("/api/v3/predictions", json=query, headers=AUTH)
     assert response.status_code == 400
@@ -435,6 +439,7 @@ def test_list_accepts_page_size_100(client):
 
 
 # --- cancel -----------------------------------------------------------------------------------------------
+
 
 def test_cancel_stops_a_running_task_and_it_stays_cancelled(client, clock):
     prediction_id = submit(client).json()["data"]["id"]
@@ -458,6 +463,7 @@ def test_cancel_of_unknown_or_finished_task_is_refused(client, clock):
 
 
 # --- admin ------------------------------------------------------------------------------------------------
+
 
 def test_put_config_turns_faults_on_and_off_at_runtime(client):
     updated = client.put("/_sandbox/config", json={"submit_error_rate": 1.0, "submit_error_status": 503})
@@ -510,6 +516,7 @@ def test_stats_count_requests_and_list_tasks_and_reset_clears_them(client, clock
 
 # --- command line ---------------------------------------------------------------------------------------------
 
+
 def test_flags_win_over_environment_which_wins_over_defaults():
     environ = {"SANDBOX_LATENCY": "0.5", "SANDBOX_FAIL_RATE": "0.25", "SANDBOX_PORT": "9001", "SANDBOX_OUTAGE": "1"}
     host, port, config = parse_args(["--latency", "3", "--seed", "5"], environ)
@@ -533,6 +540,7 @@ def test_invalid_flag_values_are_refused():
 
 # --- the real server ------------------------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -544,7 +552,7 @@ def test_real_server_serves_submit_poll_and_download_over_http():
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker.sandbox", "--port", str(port), "--latency", "0.3", "--api-key", "k-123"],
+        [sys.executable, "-m", "worker.devtools.sandbox", "--port", str(port), "--latency", "0.3", "--api-key", "k-123"],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -7,9 +7,9 @@ import pytest
 from sqlalchemy import func, select
 
 from models import Job, JobEvent
+from worker.core.jobs import transition
+from worker.core.states import ACTIVE, TERMINAL, TRANSITIONS, State, can_transition
 from worker.errors import IllegalTransition
-from worker.jobs import transition
-from worker.states import ACTIVE, TERMINAL, TRANSITIONS, State, can_transition
 
 NON_TERMINAL = [State.QUEUED, State.SUBMITTING, State.PROCESSING, State.UPLOADING]
 
@@ -52,8 +52,8 @@ def test_no_state_transitions_to_itself():
 
 def test_every_state_has_a_row_and_terminal_and_active_partition_the_states():
     assert set(TRANSITIONS) == set(State)
-    assert TERMINAL == {State.SUCCEEDED, State.FAILED, State.CANCELLED}
-    assert ACTIVE | TERMINAL == set(State) and not ACTIVE & TERMINAL
+    assert {State.SUCCEEDED, State.FAILED, State.CANCELLED} == TERMINAL
+    assert set(State) == ACTIVE | TERMINAL and not ACTIVE & TERMINAL
     assert all(s.terminal for s in TERMINAL) and not any(s.terminal for s in ACTIVE)
 
 
@@ -63,6 +63,7 @@ def test_state_renders_as_its_value():
 
 
 # --- jobs.transition -------------------------------------------------------------------------
+
 
 def _events(sessions, job_id):
     with sessions() as s:
@@ -135,8 +136,9 @@ def test_a_terminal_transition_sets_finished_at_and_clears_the_schedule(sessions
     job_id = new_job()
     with sessions() as s:
         assert transition(s, job_id, State.QUEUED, State.SUBMITTING, "submit", clock=clock.now)
-        assert transition(s, job_id, State.SUBMITTING, State.PROCESSING, "accepted", clock=clock.now,
-                          prediction_id="pred-x", next_poll_at=clock.now())
+        assert transition(
+            s, job_id, State.SUBMITTING, State.PROCESSING, "accepted", clock=clock.now, prediction_id="pred-x", next_poll_at=clock.now()
+        )
         s.commit()
     clock.advance(30)
     with sessions() as s:
@@ -167,8 +169,6 @@ def test_events_record_the_whole_history_in_order(sessions, new_job, clock):
             assert transition(s, job_id, src, dst, f"to {dst}", clock=clock.now)
             s.commit()
     events = _events(sessions, job_id)
-    assert [(e.from_state, e.to_state) for e in events] == [(None, "queued")] + [
-        (a.value, b.value) for a, b in zip(path, path[1:])
-    ]
+    assert [(e.from_state, e.to_state) for e in events] == [(None, "queued")] + [(a.value, b.value) for a, b in zip(path, path[1:])]
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id)) == 5

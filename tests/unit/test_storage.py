@@ -9,8 +9,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from worker.adapters.storage import Storage, extension_for, sniff_content_type, split_uri
 from worker.errors import StorageError
-from worker.storage import Storage, extension_for, sniff_content_type, split_uri
 
 JOB = "7d9f1c2e-0000-4000-8000-000000000001"
 
@@ -102,10 +102,12 @@ def test_ensure_bucket_creates_a_missing_bucket_and_is_idempotent(s3):
 def unreachable() -> Storage:
     # Port 9 (discard) refuses connections; one attempt keeps the test fast.
     client = boto3.session.Session().client(
-        "s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1", aws_access_key_id="AKIAUNITTEST",
+        "s3",
+        endpoint_url="http://127.0.0.1:9",
+        region_name="us-east-1",
+        aws_access_key_id="AKIAUNITTEST",
         aws_secret_access_key="super-secret-s3-key",
-        config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=1,
-                      s3={"addressing_style": "path"}),
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=1, s3={"addressing_style": "path"}),
     )
     return Storage(client, "bucket", "edits")
 

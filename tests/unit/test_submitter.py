@@ -9,15 +9,24 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from worker import jobs, pipeline, submitter
-from worker.limits import MemoryLimits
+from worker.adapters.limits import MemoryLimits
+from worker.core import jobs
+from worker.core.steps import Step
+from worker.engine import poller, submitter, wakeups
 from worker.producer import publish_new
 
 
 @pytest.fixture
 def sub_deps(deps):
-    deps.settings = deps.settings.model_copy(update={"poll_mode": "batch", "submit_mode": "batch", "submit_batch_size": 50,
-                                                     "submit_threads": 4, "submit_backpressure_seconds": 0.0})
+    deps.settings = deps.settings.model_copy(
+        update={
+            "poll_mode": "batch",
+            "submit_mode": "batch",
+            "submit_batch_size": 50,
+            "submit_threads": 4,
+            "submit_backpressure_seconds": 0.0,
+        }
+    )
     return deps
 
 
@@ -47,8 +56,9 @@ def test_a_pass_submits_every_due_job_exactly_once_and_wakes_the_poller_once(sub
         assert _path(sessions, job_id) == [(None, "queued"), ("queued", "submitting"), ("submitting", "processing")]
         assert sub_deps.limits.recall_submission(job_id) == job.prediction_id  # journaled
     # The poller was woken for the batch at once, in time for the first job's first poll.
-    assert [(step, countdown) for step, _, countdown, _ in sub_deps.publisher.sent if step == pipeline.STEP_POLL_DUE] == [
-        (pipeline.STEP_POLL_DUE, pytest.approx(sub_deps.settings.first_poll_delay, abs=0.5))]
+    assert [(step, countdown) for step, _, countdown, _ in sub_deps.publisher.sent if step == Step.POLL_DUE] == [
+        (Step.POLL_DUE, pytest.approx(sub_deps.settings.first_poll_delay, abs=0.5))
+    ]
     assert report.schedule == []
     assert report.next_due_in is None  # nothing left queued
     # A second pass finds nothing: no job is sent twice.
@@ -70,7 +80,9 @@ def test_jobs_beyond_the_rate_limit_wait_in_queued_without_spending_an_attempt(s
     assert len(fake_provider.submissions) == 5
 
 
-def test_an_open_breaker_leases_nothing_and_a_half_open_one_lets_exactly_one_probe_through(sub_deps, new_job, fake_provider, load, clock, executor):
+def test_an_open_breaker_leases_nothing_and_a_half_open_one_lets_exactly_one_probe_through(
+    sub_deps, new_job, fake_provider, load, clock, executor
+):
     ids = _queued(new_job, 4)
     sub_deps.limits.trip_breaker(30, "provider unavailable")
     report = submitter.submit_due(sub_deps, executor=executor)
@@ -84,7 +96,9 @@ def test_an_open_breaker_leases_nothing_and_a_half_open_one_lets_exactly_one_pro
     assert rest.started == 3 and {load(i).state for i in ids} == {"processing"}
 
 
-def test_a_submitter_that_died_after_leasing_leaves_its_jobs_queued_until_the_lease_runs_out(sub_deps, new_job, fake_provider, load, clock, executor):
+def test_a_submitter_that_died_after_leasing_leaves_its_jobs_queued_until_the_lease_runs_out(
+    sub_deps, new_job, fake_provider, load, clock, executor
+):
     ids = _queued(new_job, 3)
     leases = submitter.lease_queued(sub_deps, 10)  # ... and then the process is SIGKILLed
     assert len(leases) == 3 and {load(i).state for i in ids} == {"queued"}
@@ -141,15 +155,15 @@ def test_two_submitters_at_once_never_send_a_job_twice(sub_deps, new_job, fake_p
 def test_producers_publish_one_wakeup_per_batch_not_one_message_per_job(sub_deps, new_job, sessions, publisher):
     ids = _queued(new_job, 25)
     publish_new(sub_deps.settings, ids, publisher=publisher)
-    assert publisher.sent == [(jobs.STEP_SUBMIT_DUE, "", 0.0, None)]
+    assert publisher.sent == [(Step.SUBMIT_DUE, None, 0.0, None)]
     assert jobs.pending_outbox(sessions) == []  # every submit row counts as published
 
 
 def test_wakeups_in_the_same_half_second_are_shared(sub_deps):
-    first = submitter.submitter_wakeup(sub_deps, 1.0)
-    assert first is not None and first.step == jobs.STEP_SUBMIT_DUE and 1.0 <= first.countdown < 1.5
-    assert submitter.submitter_wakeup(sub_deps, 1.0) is None
-    assert submitter.submitter_wakeup(sub_deps, 1.0, dedupe=False) is not None
+    first = wakeups.submitter_wakeup(sub_deps, 1.0)
+    assert first is not None and first.step == Step.SUBMIT_DUE and 1.0 <= first.countdown < 1.5
+    assert wakeups.submitter_wakeup(sub_deps, 1.0) is None
+    assert wakeups.submitter_wakeup(sub_deps, 1.0, dedupe=False) is not None
 
 
 def test_the_submitter_holds_back_while_the_pollers_are_behind(sub_deps, new_job, fake_provider, clock, load, executor):
@@ -163,7 +177,7 @@ def test_the_submitter_holds_back_while_the_pollers_are_behind(sub_deps, new_job
     assert held.backpressure and held.started == 0 and fake_provider.calls["submit"] == 2
     assert held.next_due_in == pytest.approx(submitter.BACKPRESSURE_RECHECK)
     assert {load(i).state for i in later} == {"queued"}
-    pipeline.poll_due(sub_deps, executor=executor)  # the pollers catch up ...
+    poller.poll_due(sub_deps, executor=executor)  # the pollers catch up ...
     assert {load(i).state for i in first} == {"succeeded"}
     resumed = submitter.submit_due(sub_deps, executor=executor)  # ... and submitting resumes
     assert not resumed.backpressure and resumed.accepted == 3

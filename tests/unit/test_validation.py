@@ -7,8 +7,7 @@ import base64
 
 import pytest
 
-from worker.errors import InvalidInput
-from worker.validation import (
+from worker.core.validation import (
     DEFAULT_SIZE,
     check_url,
     load_image,
@@ -17,6 +16,7 @@ from worker.validation import (
     validate_seed,
     validate_size,
 )
+from worker.errors import InvalidInput
 
 
 def public(_host: str) -> list[str]:
@@ -26,10 +26,12 @@ def public(_host: str) -> list[str]:
 def resolver_for(mapping: dict[str, list[str]]):
     def resolve(host: str) -> list[str]:
         return mapping[host]
+
     return resolve
 
 
 # --- prompt ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("prompt", ["", "   ", "\n\t", None])
 def test_an_empty_prompt_is_refused(prompt):
@@ -60,19 +62,23 @@ def test_surrounding_whitespace_is_trimmed_before_counting():
 
 # --- size -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", [None, ""])
 def test_a_missing_size_defaults_to_1328_square(size):
     assert validate_size(size) == DEFAULT_SIZE == "1328*1328"
 
 
-@pytest.mark.parametrize("size, expected", [("512*512", "512*512"), ("2048*2048", "2048*2048"), ("512*2048", "512*2048"),
-                                            (" 1024 * 768 ", "1024*768")])
+@pytest.mark.parametrize(
+    "size, expected", [("512*512", "512*512"), ("2048*2048", "2048*2048"), ("512*2048", "512*2048"), (" 1024 * 768 ", "1024*768")]
+)
 def test_sizes_within_512_to_2048_are_accepted_and_normalised(size, expected):
     assert validate_size(size) == expected
 
 
-@pytest.mark.parametrize("size, fragment", [("511*1024", "width 511"), ("1024*511", "height 511"), ("2049*1024", "width 2049"),
-                                            ("1024*2049", "height 2049"), ("0*0", "width 0")])
+@pytest.mark.parametrize(
+    "size, fragment",
+    [("511*1024", "width 511"), ("1024*511", "height 511"), ("2049*1024", "width 2049"), ("1024*2049", "height 2049"), ("0*0", "width 0")],
+)
 def test_sizes_outside_the_range_are_refused_naming_the_side(size, fragment):
     with pytest.raises(InvalidInput, match=fragment):
         validate_size(size)
@@ -85,6 +91,7 @@ def test_malformed_sizes_are_refused(size):
 
 
 # --- seed -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed, expected", [(None, -1), ("", -1), (-1, -1), (0, 0), (2_147_483_647, 2_147_483_647), ("42", 42), (7.0, 7)])
 def test_seeds_in_range_are_accepted(seed, expected):
@@ -104,6 +111,7 @@ def test_non_integer_seeds_are_refused(seed):
 
 
 # --- image files ----------------------------------------------------------------------------
+
 
 def test_a_missing_image_file_is_refused(tmp_path):
     with pytest.raises(InvalidInput, match="does not exist"):
@@ -165,7 +173,7 @@ def test_png_jpeg_and_webp_files_become_data_uris(tmp_path, make_image, fmt, mim
     assert image.ref == f"file:{path.name}"
     prefix = f"data:{mime};base64,"
     assert image.payload.startswith(prefix)
-    assert base64.b64decode(image.payload[len(prefix):]) == data
+    assert base64.b64decode(image.payload[len(prefix) :]) == data
 
 
 def test_the_type_comes_from_the_content_not_the_file_name(tmp_path, make_image):
@@ -185,23 +193,27 @@ def test_an_image_over_max_bytes_is_refused_with_the_limit(tmp_path, make_image)
 
 # --- URLs (SSRF guard) ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("url", ["ftp://example.com/cat.png", "file:///etc/passwd", "gopher://example.com/", "data:image/png;base64,AAAA"])
 def test_only_http_and_https_urls_are_accepted(url):
     with pytest.raises(InvalidInput):
         check_url(url, resolver=public)
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/cat.png",
-    "http://10.0.0.1/cat.png",
-    "http://169.254.169.254/latest/meta-data/",
-    "http://[::1]/cat.png",
-    "http://192.168.1.20:8080/cat.png",
-    "http://172.16.0.5/cat.png",
-    "http://0.0.0.0/cat.png",
-    "http://[fe80::1]/cat.png",
-    "http://[fd00::1]/cat.png",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/cat.png",
+        "http://10.0.0.1/cat.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/cat.png",
+        "http://192.168.1.20:8080/cat.png",
+        "http://172.16.0.5/cat.png",
+        "http://0.0.0.0/cat.png",
+        "http://[fe80::1]/cat.png",
+        "http://[fd00::1]/cat.png",
+    ],
+)
 def test_private_loopback_and_link_local_addresses_are_refused(url):
     with pytest.raises(InvalidInput, match="non-public address"):
         check_url(url)  # IP literals resolve to themselves without DNS
@@ -214,7 +226,7 @@ def test_private_addresses_are_accepted_when_allowed(url):
 
 def test_a_hostname_resolving_to_a_private_address_is_refused():
     resolve = resolver_for({"images.internal.example": ["10.20.30.40"]})
-    with pytest.raises(InvalidInput, match="images.internal.example.*10.20.30.40"):
+    with pytest.raises(InvalidInput, match=r"images.internal.example.*10.20.30.40"):
         check_url("https://images.internal.example/cat.png", resolver=resolve)
 
 

@@ -10,14 +10,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from worker.errors import (
-    AmbiguousSubmitError,
-    PermanentProviderError,
-    ProviderAuthError,
-    ProviderError,
-    TransientProviderError,
-)
-from worker.wavespeed import (
+from worker.adapters.wavespeed import (
     MODEL,
     SUBMIT_PATH,
     EditRequest,
@@ -26,6 +19,13 @@ from worker.wavespeed import (
     WaveSpeedClient,
     parse_retry_after,
     prediction_error,
+)
+from worker.errors import (
+    AmbiguousSubmitError,
+    PermanentProviderError,
+    ProviderAuthError,
+    ProviderError,
+    TransientProviderError,
 )
 
 KEY = "ws-secret-0123456789abcdef"
@@ -47,8 +47,14 @@ FULL = {
     },
 }
 
-REQUEST = EditRequest(prompt="make the sky purple", image="https://images.example.com/cat.png", size="1024*768", seed=99,
-                      enable_base64_output=True, enable_sync_mode=False)
+REQUEST = EditRequest(
+    prompt="make the sky purple",
+    image="https://images.example.com/cat.png",
+    size="1024*768",
+    seed=99,
+    enable_base64_output=True,
+    enable_sync_mode=False,
+)
 
 
 class Wire:
@@ -81,6 +87,7 @@ def error(status: int, message: str = "boom", code: int | None = None, **kw) -> 
 
 # --- parsing --------------------------------------------------------------------------------
 
+
 def test_a_full_envelope_is_parsed_into_a_prediction():
     client, _ = client_for(ok())
     p = client.result("a1b2c3")
@@ -101,8 +108,19 @@ def test_a_failed_task_carries_its_error():
     assert p.status is PredictionStatus.FAILED and p.error == "image rejected by moderation"
 
 
-@pytest.mark.parametrize("status, terminal", [("created", False), ("processing", False), ("completed", True), ("failed", True),
-                                              ("cancelled", True), ("timeout", True), ("deleted", True), ("COMPLETED", True)])
+@pytest.mark.parametrize(
+    "status, terminal",
+    [
+        ("created", False),
+        ("processing", False),
+        ("completed", True),
+        ("failed", True),
+        ("cancelled", True),
+        ("timeout", True),
+        ("deleted", True),
+        ("COMPLETED", True),
+    ],
+)
 def test_statuses_are_parsed_and_classified(status, terminal):
     client, _ = client_for(ok({"id": "x", "status": status}))
     assert client.result("x").status.terminal is terminal
@@ -131,6 +149,7 @@ def test_prediction_repr_does_not_dump_outputs():
 
 
 # --- the requests ---------------------------------------------------------------------------
+
 
 def test_submit_posts_all_six_parameters_with_the_bearer_header():
     client, wire = client_for(ok({"id": "new-1", "status": "created"}))
@@ -194,6 +213,7 @@ def test_list_predictions_of_an_empty_account():
 
 # --- error taxonomy -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_401_and_403_are_auth_errors(status):
     client, _ = client_for(error(status, "insufficient credit"))
@@ -238,7 +258,9 @@ def test_an_html_page_is_transient_even_with_200(status):
 
 
 def test_an_html_body_without_an_html_content_type_is_still_transient():
-    client, _ = client_for(httpx.Response(200, content=b"  <html><body>maintenance</body></html>", headers={"content-type": "application/json"}))
+    client, _ = client_for(
+        httpx.Response(200, content=b"  <html><body>maintenance</body></html>", headers={"content-type": "application/json"})
+    )
     with pytest.raises(TransientProviderError):
         client.submit(REQUEST)
 
@@ -295,6 +317,7 @@ def test_a_timed_out_task_without_a_message_still_says_what_happened():
 
 # --- transport failures ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("exc", [httpx.ConnectError("refused"), httpx.ConnectTimeout("slow dns")])
 def test_a_connect_failure_on_submit_is_transient_but_not_ambiguous(exc):
     client, _ = client_for(exc)
@@ -326,6 +349,7 @@ def test_a_read_timeout_on_list_is_transient_not_ambiguous():
 
 # --- downloads ------------------------------------------------------------------------------
 
+
 def test_a_download_streams_the_bytes_and_sends_no_authorization_header():
     body = b"\x89PNG\r\n\x1a\n" + b"x" * 1000
     client, wire = client_for(httpx.Response(200, content=body, headers={"content-type": "image/png; charset=binary"}))
@@ -347,7 +371,9 @@ def test_a_download_404_is_permanent():
 def test_a_forbidden_or_expired_output_url_is_permanent_not_an_auth_error(status):
     # No credentials go to the CDN, so a 401/403 there is about the URL (expired), not the API key:
     # it must not trip the breaker, and retrying the same URL cannot help.
-    client, _ = client_for(httpx.Response(status, text="<Error><Code>AccessDenied</Code></Error>", headers={"content-type": "application/xml"}))
+    client, _ = client_for(
+        httpx.Response(status, text="<Error><Code>AccessDenied</Code></Error>", headers={"content-type": "application/xml"})
+    )
     with pytest.raises(PermanentProviderError):
         client.download("https://cdn.example.com/out/0.png", io.BytesIO())
 
@@ -385,6 +411,7 @@ def test_a_broken_download_is_transient():
 
 
 # --- secrets --------------------------------------------------------------------------------
+
 
 def test_the_api_key_is_not_in_the_clients_repr():
     client, _ = client_for(ok())

@@ -55,7 +55,7 @@ def dispose_all() -> None:
 def alembic_config(database_url: str):
     from alembic.config import Config
 
-    root = Path(__file__).resolve().parent.parent / "migrations"
+    root = Path(__file__).resolve().parents[2] / "migrations"
     cfg = Config()
     cfg.set_main_option("script_location", str(root))
     cfg.attributes["database_url"] = database_url

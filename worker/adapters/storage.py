@@ -12,8 +12,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .config import Settings
-from .errors import StorageError
+from worker.config import Settings
+from worker.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Storage:
         self.prefix = prefix.strip("/")
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: Any | None = None) -> "Storage":
+    def from_settings(cls, settings: Settings, client: Any | None = None) -> Storage:
         return cls(client or make_s3_client(settings), settings.s3_bucket, settings.s3_prefix)
 
     def key_for(self, job_id: str, index: int, ext: str) -> str:

@@ -17,7 +17,7 @@ from typing import IO, Any
 import httpx
 from pydantic import SecretStr
 
-from .errors import (
+from worker.errors import (
     AmbiguousSubmitError,
     PermanentProviderError,
     ProviderAuthError,
@@ -47,7 +47,7 @@ class PredictionStatus(str, Enum):
     DELETED = "deleted"
 
     @classmethod
-    def parse(cls, value: Any) -> "PredictionStatus":
+    def parse(cls, value: Any) -> PredictionStatus:
         try:
             return cls(str(value).lower())
         except ValueError:
@@ -96,7 +96,7 @@ class Prediction:
     inference_ms: int | None = None
 
     @classmethod
-    def from_data(cls, data: Any) -> "Prediction":
+    def from_data(cls, data: Any) -> Prediction:
         if not isinstance(data, dict) or not data.get("id"):
             raise TransientProviderError("provider answered a prediction without an id")
         timings = data.get("timings") or {}
@@ -183,7 +183,7 @@ class WaveSpeedClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "WaveSpeedClient":
+    def __enter__(self) -> WaveSpeedClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -282,7 +282,9 @@ class WaveSpeedClient:
                 text, code=code or status, status_code=status, retry_after=parse_retry_after(response.headers.get("retry-after"))
             )
         if status >= 500 or status == 408:
-            raise TransientProviderError(text, code=code or status, status_code=status, retry_after=parse_retry_after(response.headers.get("retry-after")))
+            raise TransientProviderError(
+                text, code=code or status, status_code=status, retry_after=parse_retry_after(response.headers.get("retry-after"))
+            )
         raise PermanentProviderError(text, code=code or status, status_code=status)
 
     def _envelope_error(self, response: httpx.Response) -> tuple[int | None, str]:

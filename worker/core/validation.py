@@ -10,12 +10,12 @@ import io
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
-from .errors import InvalidInput
+from worker.errors import InvalidInput
 
 MAX_PROMPT_CHARS = 120
 MIN_SIDE, MAX_SIDE = 512, 2048
@@ -67,8 +67,8 @@ def validate_seed(seed: int | str | None) -> int:
 
 @dataclass(frozen=True)
 class ImageInput:
-    ref: str       # what to show and audit: the URL, or "file:<name>"
-    payload: str   # what the provider receives: the URL, or a data: URI with base64
+    ref: str  # what to show and audit: the URL, or "file:<name>"
+    payload: str  # what the provider receives: the URL, or a data: URI with base64
 
 
 def sniff_image(data: bytes, *, what: str = "image") -> str:

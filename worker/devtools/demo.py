@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from . import local
+from worker.core.states import State
+from worker.devtools import local
 
 DEMO_PROMPTS = [
     "turn the sky into a warm sunset",
@@ -79,12 +80,12 @@ def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, consol
 
             # This process reads the same settings as its children.
             os.environ.update(env)
-            from .config import get_settings
+            from worker.config import get_settings
 
             get_settings.cache_clear()
             settings = get_settings()
-            from .db import migrate
-            from .storage import Storage
+            from worker.adapters.database import migrate
+            from worker.adapters.storage import Storage
 
             migrate(settings.database_url)
             storage = Storage.from_settings(settings)
@@ -96,10 +97,13 @@ def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, consol
 
         provider = "WaveSpeed (real API key)" if real_provider else f"sandbox provider at {settings.wavespeed_base_url}"
         console.print(f"[bold]edit-worker demo[/]: {jobs} edit(s) via {provider}")
-        console.print(f"  database {settings.database_url}\n  broker   {settings.celery_broker_url}\n"
-                      f"  S3       {settings.s3_endpoint_url} bucket {settings.s3_bucket}", highlight=False)
+        console.print(
+            f"  database {settings.database_url}\n  broker   {settings.celery_broker_url}\n"
+            f"  S3       {settings.s3_endpoint_url} bucket {settings.s3_bucket}",
+            highlight=False,
+        )
 
-        from . import producer
+        from worker import producer
 
         inputs = workdir / "inputs"
         inputs.mkdir(exist_ok=True)
@@ -109,23 +113,31 @@ def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, consol
             job = producer.submit_edit(str(image), DEMO_PROMPTS[i % len(DEMO_PROMPTS)], size="1024*1024", seed=1000 + i, settings=settings)
             submitted.append(job.id)
 
-        from .jobs import get_job
-        from .db import session_factory
+        from worker.adapters.database import session_factory
+        from worker.core.jobs import get_job
 
         sessions = session_factory(settings.database_url)
         final = {}
         deadline = time.monotonic() + timeout
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console) as progress:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
             bar = progress.add_task("editing", total=len(submitted))
             while len(final) < len(submitted) and time.monotonic() < deadline:
                 states: dict[str, int] = {}
                 for job_id in submitted:
                     job = get_job(sessions, job_id)
                     states[job.state] = states.get(job.state, 0) + 1
-                    if job.state in ("succeeded", "failed", "cancelled"):
+                    if State(job.state).terminal:
                         final[job_id] = job
-                progress.update(bar, completed=len(final), description="editing: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+                progress.update(
+                    bar, completed=len(final), description="editing: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+                )
                 time.sleep(0.3)
 
         lines: list[str] = []
@@ -146,9 +158,14 @@ def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, consol
         for line in lines:
             console.print(line, highlight=False, soft_wrap=True)
         if ok:
-            console.print(f"[bold green]all {len(submitted)} job(s) succeeded.[/] Outputs are in s3://{settings.s3_bucket}/{settings.s3_prefix}/ "
-                          f"on {settings.s3_endpoint_url or 'AWS'}; local copies in {results}", highlight=False)
-            console.print(f"Inspect a job: DATABASE_URL={settings.database_url} edit-worker status {submitted[0]} --events", highlight=False)
+            console.print(
+                f"[bold green]all {len(submitted)} job(s) succeeded.[/] Outputs are in s3://{settings.s3_bucket}/{settings.s3_prefix}/ "
+                f"on {settings.s3_endpoint_url or 'AWS'}; local copies in {results}",
+                highlight=False,
+            )
+            console.print(
+                f"Inspect a job: DATABASE_URL={settings.database_url} edit-worker status {submitted[0]} --events", highlight=False
+            )
         else:
             console.print(f"[bold red]some jobs did not succeed[/]; logs in {logs}", highlight=False)
         return 0 if ok else 1

@@ -20,9 +20,10 @@ import sys
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
@@ -55,18 +56,18 @@ Sleep = Callable[[float], Awaitable[Any]]
 
 @dataclass
 class SandboxConfig:
-    latency: float = 2.0            # seconds from submit until a task is "completed"
-    api_key: str | None = None      # if set, Bearer token must equal it; if None any non-empty Bearer
-    fail_rate: float = 0.0          # fraction of tasks that end "failed"
+    latency: float = 2.0  # seconds from submit until a task is "completed"
+    api_key: str | None = None  # if set, Bearer token must equal it; if None any non-empty Bearer
+    fail_rate: float = 0.0  # fraction of tasks that end "failed"
     submit_error_rate: float = 0.0  # fraction of submits answered submit_error_status, no task created
     submit_error_status: int = 500  # 429 adds Retry-After: 1; 502/503/504 answer an HTML body
     result_error_rate: float = 0.0  # fraction of GET result calls answered 500
-    slow_submit_rate: float = 0.0   # fraction of submits that create the task, then answer late
+    slow_submit_rate: float = 0.0  # fraction of submits that create the task, then answer late
     slow_submit_seconds: float = 30.0
     download_fail_rate: float = 0.0  # fraction of output downloads answered 503
-    outage: bool = False            # every non-admin endpoint answers 503 with an HTML body
-    auth_failure: bool = False      # every provider endpoint answers 401 (as with a revoked key)
-    seed: int | None = None         # RNG seed for the injected-fault draws
+    outage: bool = False  # every non-admin endpoint answers 503 with an HTML body
+    auth_failure: bool = False  # every provider endpoint answers 401 (as with a revoked key)
+    seed: int | None = None  # RNG seed for the injected-fault draws
     webhook_secret: str | None = None  # signs webhook calls (`?webhook=URL` on submit); None: none sent
 
 
@@ -126,10 +127,10 @@ class _Task:
     width: int
     height: int
     base64_output: bool
-    submitted_at: float      # clock() reading at submit
-    created_at: datetime     # wall time, truncated to milliseconds like the real API
-    latency: float           # latency in force at submit; later config changes don't move it
-    will_fail: bool          # decided at submit so a task's fate never flips between polls
+    submitted_at: float  # clock() reading at submit
+    created_at: datetime  # wall time, truncated to milliseconds like the real API
+    latency: float  # latency in force at submit; later config changes don't move it
+    will_fail: bool  # decided at submit so a task's fate never flips between polls
     cancelled: bool = False
 
     @property
@@ -271,9 +272,7 @@ class SandboxState:
         return task
 
     def _forget_old(self, now: float) -> None:
-        while self._order and (
-            len(self._order) > MAX_TASKS or now - self._order[0].submitted_at > RETENTION_SECONDS
-        ):
+        while self._order and (len(self._order) > MAX_TASKS or now - self._order[0].submitted_at > RETENTION_SECONDS):
             old = self._order.popleft()
             self.tasks.pop(old.id, None)
 
@@ -291,12 +290,16 @@ class SandboxState:
         if wait > 0:
             await self.sleep(wait)
         body = json.dumps(await self.prediction(task, base_url)).encode()
-        key = (secret[len("whsec_"):] if secret.startswith("whsec_") else secret).encode()
+        key = (secret[len("whsec_") :] if secret.startswith("whsec_") else secret).encode()
         for attempt in range(3):
             webhook_id, timestamp = uuid.uuid4().hex, str(int(time.time()))
             signature = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-            headers = {"content-type": "application/json", "webhook-id": webhook_id, "webhook-timestamp": timestamp,
-                       "webhook-signature": f"v3,{signature}"}
+            headers = {
+                "content-type": "application/json",
+                "webhook-id": webhook_id,
+                "webhook-timestamp": timestamp,
+                "webhook-signature": f"v3,{signature}",
+            }
             try:
                 async with httpx.AsyncClient(timeout=5.0) as client:
                     response = await client.post(url, content=body, headers=headers)
@@ -351,6 +354,7 @@ class _Invalid(Exception):
 
 # --- responses -----------------------------------------------------------------------------------
 
+
 def _envelope(code: int, message: str, data: Any = None, *, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"code": code, "message": message, "data": data}, status_code=code, headers=headers)
 
@@ -360,12 +364,10 @@ def _ok(data: Any) -> JSONResponse:
 
 
 _HTML_PAGES = {
-    502: "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
-         "</body></html>",
+    502: "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center></body></html>",
     503: "<html><head><title>503 Service Temporarily Unavailable</title></head><body><center>"
-         "<h1>503 Service Temporarily Unavailable</h1></center></body></html>",
-    504: "<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway Time-out</h1>"
-         "</center></body></html>",
+    "<h1>503 Service Temporarily Unavailable</h1></center></body></html>",
+    504: "<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway Time-out</h1></center></body></html>",
 }
 
 
@@ -481,7 +483,7 @@ def _validate_image(image: str) -> None:
         match = _DATA_URI_RE.match(image)
         if not match:
             raise _Invalid("image data URI must look like data:image/<type>;base64,<payload>")
-        payload = image[match.end():]
+        payload = image[match.end() :]
     else:
         payload = image
     if not payload:
@@ -503,6 +505,7 @@ async def _json_body(request: Request) -> Any:
 
 
 # --- the app ----------------------------------------------------------------------------------------
+
 
 def create_app(
     config: SandboxConfig | None = None,
@@ -554,9 +557,7 @@ def create_app(
             return _envelope(400, str(invalid))
 
         slow = state.draw(cfg.slow_submit_rate)
-        task = state.create_task(
-            prompt=edit.prompt, seed=edit.seed, width=edit.width, height=edit.height, base64_output=edit.base64_output
-        )
+        task = state.create_task(prompt=edit.prompt, seed=edit.seed, width=edit.width, height=edit.height, base64_output=edit.base64_output)
         base_url = _base_url(request)
         if edit.sync_mode:
             remaining = task.submitted_at + task.latency - state.clock()
@@ -626,7 +627,7 @@ def create_app(
             matches.append((task, status))
         matches.sort(key=lambda pair: (pair[0].created_at, pair[0].seq), reverse=True)
         page, page_size = query["page"], query["page_size"]
-        window = matches[(page - 1) * page_size: page * page_size]
+        window = matches[(page - 1) * page_size : page * page_size]
         base_url = _base_url(request)
         items = [await state.prediction(task, base_url, status=status) for task, status in window]
         return _ok({"page": page, "total": len(matches), "items": items})
@@ -653,26 +654,28 @@ def create_app(
     async def stats() -> Response:
         now = state.clock()
         counters = state.counters
-        return JSONResponse({
-            "submissions": counters.submissions,
-            "submit_requests": counters.submit_requests,
-            "result_requests": counters.result_requests,
-            "downloads": counters.downloads,
-            "cancels": counters.cancels,
-            "list_requests": counters.list_requests,
-            "webhooks": counters.webhooks,
-            "tasks": [
-                {
-                    "id": task.id,
-                    "prompt": task.prompt,
-                    "seed": task.seed,
-                    "size": task.size,
-                    "status": task.status(now),
-                    "created_at": _iso(task.created_at),
-                }
-                for task in state.tasks.values()
-            ],
-        })
+        return JSONResponse(
+            {
+                "submissions": counters.submissions,
+                "submit_requests": counters.submit_requests,
+                "result_requests": counters.result_requests,
+                "downloads": counters.downloads,
+                "cancels": counters.cancels,
+                "list_requests": counters.list_requests,
+                "webhooks": counters.webhooks,
+                "tasks": [
+                    {
+                        "id": task.id,
+                        "prompt": task.prompt,
+                        "seed": task.seed,
+                        "size": task.size,
+                        "status": task.status(now),
+                        "created_at": _iso(task.created_at),
+                    }
+                    for task in state.tasks.values()
+                ],
+            }
+        )
 
     @app.get("/_sandbox/config")
     async def get_config() -> Response:
@@ -724,14 +727,13 @@ def _validate_list(body: Any) -> dict[str, Any]:
 
 # --- running it -------------------------------------------------------------------------------------
 
+
 def serve(host: str = "127.0.0.1", port: int = 8900, config: SandboxConfig | None = None) -> None:
     """Run the sandbox until interrupted (blocking)."""
     import uvicorn
 
     # Slow submits and sync-mode waits hold requests open; don't let them stall a shutdown.
-    uvicorn.run(
-        create_app(config), host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=2
-    )
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
 
 
 _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
@@ -768,10 +770,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     for flag, field, kind, help_text in _FLAGS:
         env_name = "SANDBOX_" + field.upper()
         parser.add_argument(flag, dest=field, type=kind, default=None, help=f"{help_text} (env {env_name})")
-    parser.add_argument("--outage", action="store_true", default=None,
-                        help="answer 503 everywhere (env SANDBOX_OUTAGE)")
-    parser.add_argument("--auth-failure", action="store_true", default=None,
-                        help="answer 401 on every provider endpoint (env SANDBOX_AUTH_FAILURE)")
+    parser.add_argument("--outage", action="store_true", default=None, help="answer 503 everywhere (env SANDBOX_OUTAGE)")
+    parser.add_argument(
+        "--auth-failure", action="store_true", default=None, help="answer 401 on every provider endpoint (env SANDBOX_AUTH_FAILURE)"
+    )
     args = parser.parse_args(argv)
 
     def resolve(field: str, kind: Callable[[str], Any]) -> Any:
@@ -808,10 +810,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m worker.sandbox`: every flag can also come from SANDBOX_<FLAG> (the flag wins)."""
+    """`python -m worker.devtools.sandbox`: every flag can also come from SANDBOX_<FLAG> (the flag wins)."""
     host, port, config = parse_args(argv)
-    print(f"WaveSpeed sandbox listening on http://{host}:{port} (latency {config.latency}s)",
-          file=sys.stderr, flush=True)
+    print(f"WaveSpeed sandbox listening on http://{host}:{port} (latency {config.latency}s)", file=sys.stderr, flush=True)
     serve(host=host, port=port, config=config)
 
 

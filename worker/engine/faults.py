@@ -10,12 +10,12 @@ import os
 import signal
 
 POINTS = (
-    "before_submit",   # queued -> submitting committed, provider not called yet
-    "after_submit",    # the provider answered (task created, billed), nothing recorded yet
-    "after_journal",   # prediction id journaled in Redis, database commit not done
-    "mid_poll",        # the result was read, the row not updated
-    "mid_download",    # an output downloaded, not stored
-    "mid_upload",      # outputs stored in S3, the final commit not done
+    "before_submit",  # queued -> submitting committed, provider not called yet
+    "after_submit",  # the provider answered (task created, billed), nothing recorded yet
+    "after_journal",  # prediction id journaled in Redis, database commit not done
+    "mid_poll",  # the result was read, the row not updated
+    "mid_download",  # an output downloaded, not stored
+    "mid_upload",  # outputs stored in S3, the final commit not done
 )
 
 

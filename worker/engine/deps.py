@@ -1,44 +1,32 @@
-"""What the pipeline touches in the world, bundled for injection: settings, database sessions,
-the provider client, S3, the shared limits, a publisher for next steps, the clock and the RNG.
-
-`build_deps()` wires the production versions once per process; tests build their own Deps.
+"""What the engine touches in the world, bundled for injection (`Deps`), and the production
+wiring of it (`build_deps`, once per process); tests build their own Deps.
 """
 
 from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Protocol
 
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
-from .config import Settings, get_settings
-from .db import session_factory
-from .jobs import utcnow
-from .limits import Limits, RedisLimits
-from .storage import Storage
-from .wavespeed import WaveSpeedClient
-
-
-class Publisher(Protocol):
-    def publish(self, step: str, job_id: str, *, countdown: float = 0.0, poll_seq: int | None = None) -> None: ...
-
-
-@dataclass
-class RecordingPublisher:
-    """Collects what would have been sent (tests, dry runs)."""
-
-    sent: list[tuple[str, str, float, int | None]] = field(default_factory=list)
-
-    def publish(self, step: str, job_id: str, *, countdown: float = 0.0, poll_seq: int | None = None) -> None:
-        self.sent.append((step, job_id, countdown, poll_seq))
+from worker.adapters.database import session_factory
+from worker.adapters.limits import Limits, RedisLimits
+from worker.adapters.storage import Storage
+from worker.adapters.wavespeed import WaveSpeedClient
+from worker.config import Settings, get_settings
+from worker.core.jobs import utcnow
+from worker.core.steps import Publisher
 
 
 @dataclass
 class Deps:
+    """Everything a step needs from outside: settings, database sessions, the provider client, S3,
+    the shared limits (Redis), a publisher for next steps, the clock and the RNG."""
+
     settings: Settings
     sessions: sessionmaker[Session]
     provider: WaveSpeedClient
@@ -70,9 +58,9 @@ def build_deps(settings: Settings | None = None, publisher: Publisher | None = N
         if _deps is None:
             settings = settings or get_settings()
             if publisher is None:
-                from .tasks import CeleryPublisher
+                from worker.engine.celery_app import celery_publisher
 
-                publisher = CeleryPublisher()
+                publisher = celery_publisher()
             _deps = Deps(
                 settings=settings,
                 sessions=session_factory(settings.database_url),

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import redis
+
+from worker.adapters.redis_keys import DEFAULT_NAMESPACE, RedisKeys
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ redis.call('SET', KEYS[1], tostring(v), 'EX', 86400)
 return tostring(v)
 """
 
+
 def pace_burst(rate: float) -> float:
     # Half a second's worth (at least one), the submitter's wake-up granularity: each pass takes
     # what accrued since the last one, so a burst of work goes out at the paced rate.
@@ -182,7 +186,7 @@ class RedisLimits:
         rate_per_minute: int,
         max_concurrency: int,
         slot_ttl: float = 3600.0,
-        namespace: str = "edit-worker",
+        namespace: str = DEFAULT_NAMESPACE,
         pace_per_second: float = 0.0,
     ):
         self.r = client
@@ -190,15 +194,10 @@ class RedisLimits:
         self.max_concurrency = max_concurrency
         self.slot_ttl = slot_ttl
         self.namespace = namespace
-        self.k_rate = f"{namespace}:rate"
-        self.k_active = f"{namespace}:active"
-        self.k_breaker = f"{namespace}:breaker"
-        self.k_tripped = f"{namespace}:breaker:tripped"
-        self.k_probe = f"{namespace}:breaker:probe"
-        self.k_journal = f"{namespace}:submitted:"
-        self.k_failures = f"{namespace}:failures"
-        self.k_inference = f"{namespace}:typical-inference"
-        self.k_pace = f"{namespace}:pace"
+        self.keys = keys = RedisKeys(namespace)
+        self.k_rate, self.k_active, self.k_pace = keys.rate, keys.active, keys.pace
+        self.k_breaker, self.k_tripped, self.k_probe = keys.breaker, keys.breaker_tripped, keys.breaker_probe
+        self.k_failures, self.k_inference = keys.failures, keys.typical_inference
         self.pace_per_second = pace_per_second
         self._pace = self.r.register_script(_PACE)
         self._acquire = self.r.register_script(_ACQUIRE)
@@ -208,7 +207,7 @@ class RedisLimits:
         self._typical: tuple[float, float | None] = (0.0, None)  # (read at, value): one GET per 5 s
 
     @classmethod
-    def from_url(cls, url: str, **kw) -> "RedisLimits":
+    def from_url(cls, url: str, **kw) -> RedisLimits:
         return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True), **kw)
 
     def check_breaker(self) -> Gate:
@@ -261,10 +260,10 @@ class RedisLimits:
 
     def remember_submission(self, job_id: str, prediction_id: str) -> None:
         # Seven days: as long as the provider keeps tasks listable.
-        self.r.set(self.k_journal + job_id, prediction_id, ex=7 * 24 * 3600)
+        self.r.set(self.keys.journal(job_id), prediction_id, ex=7 * 24 * 3600)
 
     def recall_submission(self, job_id: str) -> str | None:
-        return self.r.get(self.k_journal + job_id)
+        return self.r.get(self.keys.journal(job_id))
 
     def breaker_wait(self) -> float:
         """Seconds the breaker stays open (0 when closed or half-open); consumes no probe."""
@@ -288,14 +287,13 @@ class RedisLimits:
         self.r.delete(self.k_failures)
 
     def once(self, key: str, ttl: float) -> bool:
-        return bool(self.r.set(f"{self.namespace}:once:{key}", "1", nx=True, px=max(1, int(ttl * 1000))))
+        return bool(self.r.set(self.keys.once(key), "1", nx=True, px=max(1, int(ttl * 1000))))
 
     def forget(self, key: str) -> None:
-        self.r.delete(f"{self.namespace}:once:{key}")
+        self.r.delete(self.keys.once(key))
 
     def capacity(self) -> Gate | int:
-        room, status, wait_ms = self._capacity(keys=[self.k_rate, self.k_active],
-                                               args=[60_000, self.rate_per_minute, self.max_concurrency])
+        room, status, wait_ms = self._capacity(keys=[self.k_rate, self.k_active], args=[60_000, self.rate_per_minute, self.max_concurrency])
         return int(room) if int(status) == 0 else Gate(int(wait_ms) / 1000.0, LIMIT_REASONS[int(status)])
 
     def acquire_many(self, tokens: list[str]) -> tuple[int, Gate]:
@@ -333,8 +331,14 @@ class RedisLimits:
 class MemoryLimits:
     """The same behaviour in one process, on an injectable clock (unit tests, single-process tools)."""
 
-    def __init__(self, *, rate_per_minute: int = 10_000, max_concurrency: int = 10_000, clock: Callable[[], float] = time.monotonic,
-                 pace_per_second: float = 0.0):
+    def __init__(
+        self,
+        *,
+        rate_per_minute: int = 10_000,
+        max_concurrency: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        pace_per_second: float = 0.0,
+    ):
         self.pace_per_second = pace_per_second
         self._tokens: tuple[float, float] | None = None  # (tokens, at)
         self.rate_per_minute = rate_per_minute
@@ -403,7 +407,13 @@ class MemoryLimits:
     def breaker_state(self) -> dict:
         with self._lock:
             left = max(0.0, self._breaker_until - self.clock())
-            return {"open": left > 0, "seconds_left": left, "reason": self._breaker_reason or None, "tripped": self._tripped, "active": len(self._active)}
+            return {
+                "open": left > 0,
+                "seconds_left": left,
+                "reason": self._breaker_reason or None,
+                "tripped": self._tripped,
+                "active": len(self._active),
+            }
 
     def remember_submission(self, job_id: str, prediction_id: str) -> None:
         self._journal[job_id] = prediction_id

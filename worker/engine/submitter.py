@@ -5,7 +5,7 @@ Leasing keeps a job `queued` (it bumps the row's poll_seq, our claim version whi
 pushes next_attempt_at out by the lease), so a submitter that dies before sending a job leaves it
 queued and due again after the lease — not ambiguous. Each job moves queued -> submitting (CAS on
 that version) in its own thread right before its provider call, and from there on it is exactly
-`pipeline.send_submit`, the same code as task mode: the same journal, the same answers to every
+`submit.send_submit`, the same code as task mode: the same journal, the same answers to every
 error. At most `submit_threads` submits are in the air at once per process (default one), which
 is also how many submits a SIGKILL of the process can leave ambiguous.
 """
@@ -13,25 +13,26 @@ is also how many submits a SIGKILL of the process can leave ambiguous.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, func, or_, select, update
 
-from .deps import Deps
-from .jobs import JOBS, STEP_POLL, STEP_SUBMIT, STEP_SUBMIT_DUE, transition_now
-from .limits import Gate
-from .pipeline import STEP_POLL_DUE, Next, Ticket, poller_wakeup, schedule, send_submit, settle_breaker
-from .states import State
-from .wavespeed import EditRequest
+from worker.adapters.limits import Gate
+from worker.adapters.wavespeed import EditRequest
+from worker.core.jobs import JOBS, as_utc, transition_now
+from worker.core.states import State
+from worker.core.steps import Next, Step
+from worker.engine.bookkeeping import release_slots
+from worker.engine.deps import Deps
+from worker.engine.pools import shared_pool
+from worker.engine.submit import Ticket, send_submit, settle_breaker
+from worker.engine.wakeups import wake_poller
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,12 @@ class Lease:
 @dataclass
 class SubmitBatchReport:
     leased: int = 0
-    started: int = 0        # moved to submitting and sent (whatever the provider answered)
-    accepted: int = 0       # the provider created a task
-    deferred: int = 0       # leased, but the limiter had no slot: back to queued for `wait`
-    lost: int = 0           # someone else moved the job between lease and submit
+    started: int = 0  # moved to submitting and sent (whatever the provider answered)
+    accepted: int = 0  # the provider created a task
+    deferred: int = 0  # leased, but the limiter had no slot: back to queued for `wait`
+    lost: int = 0  # someone else moved the job between lease and submit
     backpressure: bool = False  # stopped because the pollers are behind
-    next_due_in: float | None = None   # when queued work is due next (None: nothing queued)
+    next_due_in: float | None = None  # when queued work is due next (None: nothing queued)
     schedule: list[Next] = field(default_factory=list)  # follow-up messages to publish
 
 
@@ -66,18 +67,34 @@ def lease_queued(deps: Deps, limit: int) -> list[Lease]:
     c = JOBS.c
     # A materialized CTE: PostgreSQL may re-run an `IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`
     # subquery during the UPDATE, each run skipping what the last one locked — more than n rows.
-    due = (select(c.id).where(*_due_filter(now)).order_by(c.created_at).limit(limit).with_for_update(skip_locked=True)
-           .cte("due").prefix_with("MATERIALIZED", dialect="postgresql"))
-    stmt = (update(JOBS)
-            .where(c.id.in_(select(due.c.id)), *_due_filter(now))
-            .values(poll_seq=c.poll_seq + 1, next_attempt_at=now + timedelta(seconds=deps.settings.submit_lease_seconds), updated_at=now)
-            .returning(c.id, c.poll_seq, c.attempts, c.prompt, c.image_payload, c.size, c.seed, c.enable_base64_output, c.created_at))
+    due = (
+        select(c.id)
+        .where(*_due_filter(now))
+        .order_by(c.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("due")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    stmt = (
+        update(JOBS)
+        .where(c.id.in_(select(due.c.id)), *_due_filter(now))
+        .values(poll_seq=c.poll_seq + 1, next_attempt_at=now + timedelta(seconds=deps.settings.submit_lease_seconds), updated_at=now)
+        .returning(c.id, c.poll_seq, c.attempts, c.prompt, c.image_payload, c.size, c.seed, c.enable_base64_output, c.created_at)
+    )
     with deps.sessions() as session:
         rows = session.execute(stmt).all()
         session.commit()
     rows.sort(key=lambda r: r.created_at)
-    return [Lease(r.id, r.poll_seq, r.attempts, EditRequest(prompt=r.prompt, image=r.image_payload, size=r.size, seed=r.seed,
-                                                            enable_base64_output=r.enable_base64_output)) for r in rows]
+    return [
+        Lease(
+            r.id,
+            r.poll_seq,
+            r.attempts,
+            EditRequest(prompt=r.prompt, image=r.image_payload, size=r.size, seed=r.seed, enable_base64_output=r.enable_base64_output),
+        )
+        for r in rows
+    ]
 
 
 def _unlease(deps: Deps, leases: list[Lease], wait: float) -> None:
@@ -86,8 +103,11 @@ def _unlease(deps: Deps, leases: list[Lease], wait: float) -> None:
         return
     c = JOBS.c
     due = deps.clock() + timedelta(seconds=wait)
-    stmt = (update(JOBS).where(c.id == bindparam("b_id"), c.state == State.QUEUED.value, c.poll_seq == bindparam("b_seq"))
-            .values(next_attempt_at=due, updated_at=deps.clock()))
+    stmt = (
+        update(JOBS)
+        .where(c.id == bindparam("b_id"), c.state == State.QUEUED.value, c.poll_seq == bindparam("b_seq"))
+        .values(next_attempt_at=due, updated_at=deps.clock())
+    )
     with deps.sessions() as session:
         session.connection().execute(stmt, [{"b_id": lease.job_id, "b_seq": lease.seq} for lease in leases])
         session.commit()
@@ -116,7 +136,7 @@ def _start(deps: Deps, lease: Lease, probe: bool, batch: _Batch | None = None) -
     batch = batch or _Batch()
     try:
         status, nxt = _start_one(deps, lease, probe, batch)
-        if nxt is not None and nxt.step == STEP_SUBMIT:
+        if nxt is not None and nxt.step == Step.SUBMIT:
             batch.trouble.set()  # a transient error or refused credentials: the breaker may be open
         return status, nxt
     finally:
@@ -129,9 +149,18 @@ def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[st
         return "held", None  # an earlier submit of this batch opened the breaker
     attempt = lease.attempts + 1
     try:
-        moved = transition_now(deps.sessions, lease.job_id, State.QUEUED, State.SUBMITTING, f"submit attempt {attempt}",
-                               clock=deps.clock, where={"poll_seq": lease.seq}, attempts=attempt,
-                               submitted_at=deps.clock(), next_attempt_at=None)
+        moved = transition_now(
+            deps.sessions,
+            lease.job_id,
+            State.QUEUED,
+            State.SUBMITTING,
+            f"submit attempt {attempt}",
+            clock=deps.clock,
+            where={"poll_seq": lease.seq},
+            attempts=attempt,
+            submitted_at=deps.clock(),
+            next_attempt_at=None,
+        )
     except Exception as exc:  # database down: the job is still queued and its lease runs out
         log.warning("could not start a leased submit: %s", type(exc).__name__, extra={"job_id": lease.job_id})
         deps.limits.release(lease.job_id)
@@ -146,7 +175,7 @@ def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[st
         # journal, then the provider's task list) — never a blind resubmit.
         log.warning("submit ended with %s; the reconciler settles it", type(exc).__name__, extra={"job_id": lease.job_id})
         return "started", None
-    accepted = nxt is not None and nxt.step in (STEP_POLL_DUE, STEP_POLL)
+    accepted = nxt is not None and nxt.step in (Step.POLL_DUE, Step.POLL)
     return ("accepted" if accepted else "started"), nxt
 
 
@@ -155,7 +184,7 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
     limit or the breaker says wait, or `max_seconds` pass. Never sleeps."""
     s = deps.settings
     report = SubmitBatchReport()
-    pool = executor or _submit_executor(s.submit_threads)
+    pool = executor or shared_pool("submit", s.submit_threads, initializer=_lower_priority)
     started = time.monotonic()
     limit = max_seconds if max_seconds is not None else s.batch_pass_seconds
     waits: list[float] = []
@@ -206,7 +235,7 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             # The breaker opened mid-batch (a 401, or an outage): the rest wait in `queued`, no
             # attempt spent, and are due when the breaker lets submissions through again.
             wait = max(_breaker_opened(deps), BACKPRESSURE_RECHECK)
-            _release_slots(deps, [lease.job_id for lease in held])
+            release_slots(deps, [lease.job_id for lease in held])
             _unlease(deps, held, wait)
             report.deferred += len(held)
             waits.append(wait)
@@ -218,16 +247,16 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             report.accepted += status == "accepted"
             if nxt is None:
                 continue
-            if nxt.step == STEP_POLL_DUE:
+            if nxt.step == Step.POLL_DUE:
                 polls.append(nxt.countdown)
-            elif nxt.step == STEP_SUBMIT:
+            elif nxt.step == Step.SUBMIT:
                 continue  # a retry later: the row's next_attempt_at says when; a pass takes it then
             else:
                 report.schedule.append(nxt)  # task poll mode: each job's own poll chain
         if polls:
             # Wake the poller for this batch now (de-duplicated per half second), not at the end
             # of the pass: the first jobs of a long pass would otherwise be polled late.
-            _wake_poller(deps, min(polls))
+            wake_poller(deps, min(polls))
             polls.clear()
         if report.accepted:
             settle_breaker(deps)
@@ -235,10 +264,16 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             break
     report.next_due_in = _next_due_in(deps, blocked=min(waits) if waits else 0.0)
     if report.leased:
-        log.info("submitter pass: %d leased, %d accepted, %d deferred, %d lost in %.2fs%s; next due in %s", report.leased,
-                 report.accepted, report.deferred, report.lost, time.monotonic() - started,
-                 " (held back: pollers behind)" if report.backpressure else "",
-                 "-" if report.next_due_in is None else f"{report.next_due_in:.1f}s")
+        log.info(
+            "submitter pass: %d leased, %d accepted, %d deferred, %d lost in %.2fs%s; next due in %s",
+            report.leased,
+            report.accepted,
+            report.deferred,
+            report.lost,
+            time.monotonic() - started,
+            " (held back: pollers behind)" if report.backpressure else "",
+            "-" if report.next_due_in is None else f"{report.next_due_in:.1f}s",
+        )
     return report
 
 
@@ -249,20 +284,6 @@ def _breaker_opened(deps: Deps) -> float:
         return deps.limits.breaker_wait()
     except Exception:
         return 0.0
-
-
-def _release_slots(deps: Deps, job_ids: list[str]) -> None:
-    try:
-        deps.limits.release_many(job_ids)
-    except Exception as exc:  # the slots expire on their own
-        log.warning("could not release %d limiter slot(s): %s", len(job_ids), type(exc).__name__)
-
-
-def _wake_poller(deps: Deps, delay: float) -> None:
-    try:
-        schedule(deps, poller_wakeup(deps, delay))
-    except Exception as exc:  # broker down: beat's poll tick wakes a poller within seconds
-        log.warning("could not wake the poller: %s", type(exc).__name__)
 
 
 # How soon a submitter held back by busy pollers looks again.
@@ -287,39 +308,19 @@ def _next_due_in(deps: Deps, *, blocked: float) -> float | None:
     now = deps.clock()
     c = JOBS.c
     with deps.sessions() as session:
-        row = session.execute(select(func.count(), func.min(c.next_attempt_at),
-                                     func.count().filter(c.next_attempt_at.is_(None)))
-                              .where(c.state == State.QUEUED.value, c.deadline_at > now)).one()
+        row = session.execute(
+            select(func.count(), func.min(c.next_attempt_at), func.count().filter(c.next_attempt_at.is_(None))).where(
+                c.state == State.QUEUED.value, c.deadline_at > now
+            )
+        ).one()
     queued, soonest, undated = row
     if not queued:
         return None
     if undated:
         due = 0.0
     else:
-        if soonest.tzinfo is None:  # SQLite's min() bypasses the column type
-            soonest = datetime.fromisoformat(str(soonest)).replace(tzinfo=timezone.utc)
-        due = max(0.0, (soonest - now).total_seconds())
+        due = max(0.0, (as_utc(soonest) - now).total_seconds())
     return max(due, blocked)
-
-
-# Wake-ups are bucketed like the poller's: many producers in the same half second share one.
-WAKEUP_BUCKET = 0.5
-
-
-def submitter_wakeup(deps: Deps, delay: float, *, dedupe: bool = True) -> Next | None:
-    now = deps.clock().timestamp()
-    bucket = math.ceil((now + max(0.0, delay)) / WAKEUP_BUCKET)
-    if dedupe:
-        try:
-            if not deps.limits.once(f"submit-due:{bucket}", ttl=max(delay, 0.0) + 60):
-                return None
-        except Exception:  # Redis down: publish anyway (a duplicate pass finds nothing to do)
-            pass
-    return Next(STEP_SUBMIT_DUE, "", countdown=max(0.0, bucket * WAKEUP_BUCKET - now))
-
-
-_executor_lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
 
 
 # Reap before sowing, on the CPU too: submit threads run at a lower scheduling priority (Linux
@@ -333,11 +334,3 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SUBMIT_THREAD_NICE)
     except (AttributeError, OSError):  # not Linux, or not allowed: plain priority
         pass
-
-
-def _submit_executor(threads: int) -> ThreadPoolExecutor:
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="submit", initializer=_lower_priority)
-        return _executor

@@ -1,5 +1,6 @@
-"""The WaveSpeed webhook receiver: signature and freshness checks, and the nudge it gives a job —
-an immediate poll. The webhook never changes a job's state; the poll reads the result itself.
+"""WaveSpeed webhooks on the wire: signing and verifying (signature, freshness), the per-job
+webhook URL and its token, and reading the prediction id out of a body. What a webhook then does
+to a job is the engine's business (engine/webhooks.py).
 """
 
 from __future__ import annotations
@@ -9,19 +10,13 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 from pydantic import SecretStr
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
-from models import Job
-
-from .errors import EditWorkerError, InvalidInput
-from .jobs import STEP_POLL, Clock, update_if, utcnow
-from .states import State
+from worker.errors import EditWorkerError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +41,13 @@ def _hmac_key(secret: SecretStr) -> bytes:
     # The provider's rule: drop the `whsec_` prefix and use the rest as is (no base64 decoding).
     raw = secret.get_secret_value()
     if raw.startswith(SECRET_PREFIX):
-        raw = raw[len(SECRET_PREFIX):]
+        raw = raw[len(SECRET_PREFIX) :]
     return raw.encode("utf-8")
 
 
 def sign(secret: SecretStr, webhook_id: str, timestamp: str, body: bytes) -> str:
     """The `webhook-signature` header value the provider sends for this request."""
-    message = f"{webhook_id}.{timestamp}.".encode("utf-8") + body
+    message = f"{webhook_id}.{timestamp}.".encode() + body
     return f"{SIGNATURE_VERSION},{hmac.new(_hmac_key(secret), message, hashlib.sha256).hexdigest()}"
 
 
@@ -100,49 +95,6 @@ def prediction_id_of(body: bytes) -> str:
     if not isinstance(payload, dict) or not payload.get("id") or not isinstance(payload["id"], (str, int)):
         raise InvalidInput("webhook body names no prediction id")
     return str(payload["id"])
-
-
-@dataclass(frozen=True)
-class Nudge:
-    """What a webhook did: `polled` (a poll was published), or why not."""
-
-    outcome: str  # "polled" | "unknown_prediction" | "not_processing" | "raced" | "publish_failed"
-    job_id: str | None = None
-    poll_seq: int | None = None
-
-
-def nudge_poll(
-    sessions: sessionmaker[Session],
-    publisher_factory: Callable[[], Any],
-    prediction_id: str,
-    *,
-    clock: Clock = utcnow,
-) -> Nudge:
-    """Take over the job's poll chain with a new poll_seq (CAS) and publish a poll right away.
-
-    The old chain becomes stale and dies at its next message. If publishing fails the row still
-    says `next_poll_at=now`, so the reconciler's sweep re-drives the poll."""
-    with sessions() as session:
-        job = session.scalar(select(Job).where(Job.prediction_id == prediction_id))
-        if job is None:
-            return Nudge("unknown_prediction")
-        if job.state != State.PROCESSING.value:
-            return Nudge("not_processing", job.id)
-        seq = job.poll_seq + 1
-        moved = update_if(session, job.id, State.PROCESSING, clock=clock, where={"poll_seq": job.poll_seq},
-                          poll_seq=seq, next_poll_at=clock())
-        session.commit()
-        job_id = job.id
-    if not moved:
-        return Nudge("raced", job_id)  # another poller took the job over meanwhile: a chain is alive
-    try:
-        publisher_factory().publish(STEP_POLL, job_id, poll_seq=seq)
-    except Exception as exc:  # broker down: the sweep picks the job up from next_poll_at
-        log.warning("webhook poll not published (%s); left for the sweep", type(exc).__name__,
-                    extra={"job_id": job_id, "prediction_id": prediction_id})
-        return Nudge("publish_failed", job_id, seq)
-    log.info("webhook: poll published", extra={"job_id": job_id, "prediction_id": prediction_id})
-    return Nudge("polled", job_id, seq)
 
 
 def job_token(secret: SecretStr, job_id: str) -> str:

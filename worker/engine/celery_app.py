@@ -1,4 +1,4 @@
-"""The Celery app and its settings; nothing else.
+"""The Celery app and its settings; nothing else (the tasks and worker hooks are in tasks.py).
 
 Celery is transport, SQL is the truth: results are ignored and every message is safe to lose or
 to receive twice (the reconciler re-drives from the rows; the steps are compare-and-set).
@@ -9,19 +9,21 @@ from __future__ import annotations
 from datetime import timedelta
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init, worker_ready
 
-from .config import Settings, get_settings
+from worker.config import Settings, get_settings
+from worker.core.steps import Step
+from worker.engine.publisher import MAX_COUNTDOWN, QUEUE, RECONCILE_TASK, TASK_NAMES, CeleryPublisher
 
-QUEUE = "edit-worker"
+__all__ = ["MAX_COUNTDOWN", "QUEUE", "VISIBILITY_TIMEOUT", "app", "celery_publisher", "make_app"]
+
 # Redis redelivers an unacked message after this long. Every countdown we schedule stays far
-# below it (publisher caps at MAX_COUNTDOWN), or ETA messages would be delivered twice.
+# below it (the publisher caps countdowns at MAX_COUNTDOWN), or ETA messages would be delivered twice.
 VISIBILITY_TIMEOUT = 1800
-MAX_COUNTDOWN = 300.0
+
 
 def make_app(settings: Settings) -> Celery:
     """A Celery app configured for `settings` (the module-level `app` uses the environment's)."""
-    celery = Celery("edit_worker", broker=settings.celery_broker_url, include=["worker.tasks"])
+    celery = Celery("edit_worker", broker=settings.celery_broker_url, include=["worker.engine.tasks"])
     celery.conf.update(
         task_ignore_result=True,
         result_backend=None,
@@ -46,7 +48,7 @@ def make_app(settings: Settings) -> Celery:
         task_soft_time_limit=VISIBILITY_TIMEOUT // 2 - 60,
         beat_schedule={
             "reconcile": {
-                "task": "edit_worker.reconcile",
+                "task": RECONCILE_TASK,
                 "schedule": timedelta(seconds=settings.sweep_interval),
                 "options": {"expires": settings.sweep_interval * 2},
             },
@@ -55,12 +57,16 @@ def make_app(settings: Settings) -> Celery:
     if settings.poll_mode == "batch":
         # A safety net: pollers wake themselves when work is due; this tick covers a lost wake-up.
         celery.conf.beat_schedule["poll-due"] = {
-            "task": "edit_worker.poll_due", "schedule": timedelta(seconds=2), "options": {"expires": 4},
+            "task": TASK_NAMES[Step.POLL_DUE],
+            "schedule": timedelta(seconds=2),
+            "options": {"expires": 4},
         }
     if settings.submit_mode == "batch":
         # The same for the submitter: producers and the submitter itself wake it; this covers a lost one.
         celery.conf.beat_schedule["submit-due"] = {
-            "task": "edit_worker.submit_due", "schedule": timedelta(seconds=2), "options": {"expires": 4},
+            "task": TASK_NAMES[Step.SUBMIT_DUE],
+            "schedule": timedelta(seconds=2),
+            "options": {"expires": 4},
         }
     return celery
 
@@ -68,41 +74,6 @@ def make_app(settings: Settings) -> Celery:
 app = make_app(get_settings())
 
 
-@worker_ready.connect
-def _clear_node_locks(sender=None, **_kw) -> None:
-    # A worker restarted after a SIGKILL must not wait for its dead predecessor's pass locks
-    # (same node name) to lapse.
-    try:
-        from .deps import build_deps
-
-        limits = build_deps().limits
-        settings = build_deps().settings
-        for loop, slots in (("poller", settings.poll_passes_per_node), ("submitter", settings.submit_passes_per_node)):
-            for slot in range(slots):
-                limits.forget(f"{loop}:{sender.hostname}:{slot}")
-    except Exception:  # Redis not up yet: the locks lapse on their own
-        pass
-    finally:
-        from .db import dispose_all
-        from .deps import reset_deps
-
-        dispose_all()
-        reset_deps()
-
-
-@worker_process_init.connect
-def _fresh_connections_after_fork(**_kw) -> None:
-    # A forked pool child must not share the parent's sockets (DB pool, httpx, Redis).
-    from .db import dispose_all
-    from .deps import reset_deps
-
-    dispose_all()
-    reset_deps()
-
-
-@after_setup_logger.connect
-@after_setup_task_logger.connect
-def _context_logging(logger, **_kw) -> None:
-    from . import logs
-
-    logs.install(logger)
+def celery_publisher() -> CeleryPublisher:
+    """A publisher on this process's app: what producers, the API and `build_deps` use."""
+    return CeleryPublisher(app)

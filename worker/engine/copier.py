@@ -1,0 +1,140 @@
+"""Copying a finished prediction's outputs into S3: download each (or decode its base64), store it
+at its deterministic key, then `uploading -> succeeded`. The batch poller copies inline
+(`finish_inline`); an upload task (`run_upload`) retries a copy that failed transiently.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import tempfile
+
+from sqlalchemy import select
+
+from models import Job
+from worker.adapters.storage import extension_for, sniff_content_type
+from worker.adapters.wavespeed import Prediction
+from worker.core.backoff import compute_backoff
+from worker.core.codes import ErrorCode, code_of
+from worker.core.jobs import transition_now
+from worker.core.states import State
+from worker.core.steps import Next, Step
+from worker.engine.bookkeeping import fail_deadline, fail_job
+from worker.engine.deps import Deps
+from worker.engine.faults import crashpoint
+from worker.errors import PermanentProviderError
+
+log = logging.getLogger(__name__)
+
+
+SPOOL_BYTES = 8 * 1024 * 1024
+
+
+def _decode_base64_output(value: str) -> bytes:
+    # The provider sends bare base64; accept a data: URI as well.
+    if value.startswith("data:"):
+        value = value.split(",", 1)[1] if "," in value else ""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise PermanentProviderError("an output is neither a URL nor valid base64", code=ErrorCode.BAD_OUTPUT.value) from None
+
+
+def copy_outputs(deps: Deps, job_id: str, outputs: list[str]) -> list[str]:
+    """Download each output (or decode its base64) and put it at its deterministic S3 key.
+    PermanentProviderError: an output is unusable. TransientProviderError (download) and
+    StorageError propagate for a retry: the keys are deterministic, so a retry overwrites what a
+    crashed attempt left half-done."""
+    uris: list[str] = []
+    for index, output in enumerate(outputs):
+        # Spooled: small outputs stay in memory, large ones go to disk; the bytes are held once.
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as buf:
+            if output.startswith(("http://", "https://")):
+                declared = deps.provider.download(output, buf)
+            else:
+                buf.write(_decode_base64_output(output))
+                declared = None
+            crashpoint("mid_download")
+            buf.seek(0)
+            content_type = sniff_content_type(buf.read(16), declared)
+            key = deps.storage.key_for(job_id, index, extension_for(content_type))
+            uris.append(deps.storage.put(key, buf, content_type))
+    crashpoint("mid_upload")
+    return uris
+
+
+def _succeed(deps: Deps, job_id: str, uris: list[str]) -> bool:
+    moved = transition_now(
+        deps.sessions,
+        job_id,
+        State.UPLOADING,
+        State.SUCCEEDED,
+        f"{len(uris)} output(s) stored in S3",
+        clock=deps.clock,
+        outputs=uris,
+        provider_outputs=None,
+        error_code=None,
+        error_message=None,
+    )
+    if moved is not None:
+        log.info("job succeeded", extra={"job_id": job_id, "outputs": len(uris)})
+    return moved is not None
+
+
+def start_upload(deps: Deps, job_id: str, claim_seq: int, prediction: Prediction) -> bool:
+    """processing -> uploading for a completed prediction, its outputs recorded on the row first
+    (a CAS on the poller's claim version); False if another poller or a cancel took the job."""
+    moved = transition_now(
+        deps.sessions,
+        job_id,
+        State.PROCESSING,
+        State.UPLOADING,
+        f"prediction completed with {len(prediction.outputs)} output(s)",
+        clock=deps.clock,
+        where={"poll_seq": claim_seq},
+        provider_outputs=prediction.outputs,
+        has_nsfw_contents=prediction.has_nsfw_contents,
+        next_poll_at=None,
+    )
+    return moved is not None
+
+
+def run_upload(deps: Deps, job_id: str) -> Next | None:
+    with deps.sessions() as session:
+        row = session.execute(select(Job.state, Job.provider_outputs, Job.deadline_at).where(Job.id == job_id)).first()
+        if row is None or row.state != State.UPLOADING.value:
+            return None
+        expired = deps.clock() >= row.deadline_at
+        outputs = list(row.provider_outputs or [])
+    if expired:
+        fail_deadline(deps, job_id, State.UPLOADING)  # keeps provider_outputs for `retry`
+        return None
+    try:
+        uris = copy_outputs(deps, job_id, outputs)
+    except PermanentProviderError as exc:
+        fail_job(deps, job_id, State.UPLOADING, f"output unusable: {exc}", code_of(exc.code, ErrorCode.DOWNLOAD_FAILED), exc.message)
+        return None
+    _succeed(deps, job_id, uris)
+    return None
+
+
+def finish_inline(deps: Deps, job_id: str, claim_seq: int, prediction: Prediction) -> Next | None:
+    """Batch mode: the poller that saw a prediction complete copies its outputs at once (in its
+    thread pool): processing -> uploading (outputs recorded first), copy, -> succeeded. If the copy
+    fails transiently the job stays in `uploading` and an upload task retries it with backoff."""
+    if not start_upload(deps, job_id, claim_seq, prediction):
+        return None  # another poller (or a cancel) took the job
+    try:
+        _succeed(deps, job_id, copy_outputs(deps, job_id, list(prediction.outputs)))
+    except PermanentProviderError as exc:
+        fail_job(deps, job_id, State.UPLOADING, f"output unusable: {exc}", code_of(exc.code, ErrorCode.DOWNLOAD_FAILED), exc.message)
+        return None
+    except Exception as exc:  # download, S3 or database trouble: the upload task retries with backoff
+        log.warning("copying outputs failed, an upload task retries: %s", type(exc).__name__, extra={"job_id": job_id})
+        return Next(
+            Step.UPLOAD,
+            job_id,
+            countdown=compute_backoff(0, base=deps.settings.backoff_base, maximum=deps.settings.backoff_max, rng=deps.rng),
+        )
+    return None
