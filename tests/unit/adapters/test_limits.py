@@ -1,15 +1,11 @@
-"""Specification of the small pure pieces: backoff with full jitter honouring Retry-After, the
-in-memory limits (rate, concurrency, circuit breaker, submission journal) and secret-safe settings."""
+"""The in-memory limits (rate, concurrency, circuit breaker, submission journal): the same behaviour
+as the Redis ones, which tests/integration/test_limits.py checks on a real Redis."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 
 from worker.adapters.limits import MemoryLimits
-from worker.config import Settings
-from worker.core.backoff import compute_backoff, jittered
 
 
 class Ticks:
@@ -21,31 +17,6 @@ class Ticks:
 
 
 # --- backoff --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("attempt, ceiling", [(0, 2.0), (1, 4.0), (3, 16.0), (10, 60.0), (500, 60.0)])
-def test_backoff_is_full_jitter_below_an_exponential_capped_ceiling(attempt, ceiling):
-    rng = random.Random(0)
-    delays = [compute_backoff(attempt, base=2.0, maximum=60.0, rng=rng) for _ in range(500)]
-    assert all(0 <= d <= ceiling for d in delays)
-    assert max(delays) > ceiling * 0.9  # spread over the whole range, not clumped
-
-
-def test_retry_after_is_a_floor_never_shortened_by_jitter():
-    rng = random.Random(0)
-    assert all(compute_backoff(0, retry_after=30, rng=rng) >= 30 for _ in range(100))
-    # ...even beyond the normal cap.
-    assert compute_backoff(0, maximum=5, retry_after=120, rng=rng) == 120
-
-
-def test_backoff_is_reproducible_with_a_seeded_rng():
-    assert compute_backoff(4, rng=random.Random(7)) == compute_backoff(4, rng=random.Random(7))
-
-
-def test_jittered_adds_between_zero_and_the_jitter():
-    rng = random.Random(0)
-    values = [jittered(2.0, 0.5, rng) for _ in range(200)]
-    assert all(2.0 <= v <= 2.5 for v in values) and len(set(values)) > 100
 
 
 # --- limits ---------------------------------------------------------------------------------
@@ -126,23 +97,3 @@ def test_the_submission_journal_remembers_by_job():
 
 
 # --- settings -------------------------------------------------------------------------------
-
-
-def test_settings_never_show_secrets():
-    settings = Settings(_env_file=None, wavespeed_api_key="ws-very-secret", aws_secret_access_key="aws-very-secret")
-    for text in (repr(settings), str(settings), str(settings.model_dump())):
-        assert "ws-very-secret" not in text and "aws-very-secret" not in text
-    assert settings.wavespeed_api_key.get_secret_value() == "ws-very-secret"
-
-
-def test_settings_read_the_contract_names_from_the_environment(monkeypatch):
-    monkeypatch.setenv("DATABASE_URL", "sqlite:///elsewhere.db")
-    monkeypatch.setenv("S3_BUCKET", "from-env")
-    monkeypatch.setenv("EDIT_WORKER_POLL_INTERVAL", "5")
-    settings = Settings(_env_file=None)
-    assert (settings.database_url, settings.s3_bucket, settings.poll_interval) == ("sqlite:///elsewhere.db", "from-env", 5.0)
-
-
-def test_polling_faster_than_every_two_seconds_is_refused():
-    with pytest.raises(ValueError):
-        Settings(_env_file=None, poll_interval=1.0)
