@@ -499,3 +499,36 @@ def drive(deps, clock) -> Callable[..., list[Next]]:
 def load(sessions) -> Callable[[str], Any]:
     """The job row as the database has it now (payload columns included)."""
     return lambda job_id: jobs.get_job(sessions, job_id, with_payloads=True)
+
+
+# --- one step at a time (the engine's step tests share these) --------------------------------
+
+
+def _submitted(deps: Deps, job_id: str) -> Next:
+    nxt = submit.run_submit(deps, job_id)
+    assert nxt is not None and nxt.step == "poll", nxt
+    return nxt
+
+
+def _to_upload(deps: Deps, job_id: str) -> None:
+    first = _submitted(deps, job_id)
+    assert poller.run_poll(deps, job_id, first.poll_seq) == Next("upload", job_id)
+
+
+@pytest.fixture
+def submitted() -> Callable[[Deps, str], Next]:
+    """`submitted(deps, job_id)`: run the submit step, check it went through to processing, and
+    return its Next (the first poll)."""
+    return _submitted
+
+
+@pytest.fixture
+def to_upload() -> Callable[[Deps, str], None]:
+    """`to_upload(deps, job_id)`: submit and poll a job until it is uploading (outputs not copied yet)."""
+    return _to_upload
+
+
+@pytest.fixture
+def states() -> Callable[[Any, str], list[str]]:
+    """`states(sessions, job_id)`: the states a job's event rows went through, in order."""
+    return lambda sessions, job_id: [e.to_state for e in jobs.job_events(sessions, job_id)]

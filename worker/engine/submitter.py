@@ -130,7 +130,12 @@ class _Batch:
         self.trouble = threading.Event()
 
 
-def _start(deps: Deps, lease: Lease, probe: bool, batch: _Batch | None = None) -> tuple[str, Next | None]:
+def start_leased(deps: Deps, lease: Lease, probe: bool = False, batch: _Batch | None = None) -> tuple[str, Next | None]:
+    """Submit one leased job: queued -> submitting (a CAS on the lease's version), then the provider
+    call. Returns (outcome, what to schedule next); outcome is "accepted" (the provider created a
+    task), "started" (sent, whatever the answer), "held" (an earlier submit of `batch` opened the
+    breaker) or "lost" (the lease is stale: someone else moved or re-leased the job, nothing sent).
+    `probe`: this submit is the half-open breaker's one probe. `submit_due` runs it in pool threads."""
     global _submit_seconds
     began = time.monotonic()
     batch = batch or _Batch()
@@ -229,7 +234,7 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
         if probe and not go:
             deps.limits.release_probe()
         batch = _Batch()
-        outcomes = list(pool.map(lambda lease: _start(deps, lease, probe, batch), go))
+        outcomes = list(pool.map(lambda lease: start_leased(deps, lease, probe, batch), go))
         held = [lease for lease, (status, _) in zip(go, outcomes) if status == "held"]
         if held:
             # The breaker opened mid-batch (a 401, or an outage): the rest wait in `queued`, no

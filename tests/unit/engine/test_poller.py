@@ -1,10 +1,13 @@
-"""The batch poller (poll_mode=batch): claims due jobs by next_poll_at, never two pollers on one
-job, none forgotten after a poller dies, backoff honoured, uploads scheduled on completion."""
+"""Specification of the poller (worker/engine/poller.py): one poll of a job in task mode (reschedule,
+finish, fail, a stale poll_seq is a no-op), and the batch poller (poll_mode=batch): claims due jobs
+by next_poll_at, never two pollers on one job, none forgotten after a poller dies, backoff
+honoured, uploads scheduled on completion."""
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -13,6 +16,8 @@ from worker.core import jobs
 from worker.core.codes import ErrorCode
 from worker.core.steps import Step
 from worker.engine import copier, poller, submit
+from worker.engine.copier import run_upload
+from worker.engine.poller import run_poll
 
 BUCKET, PREFIX = "edit-worker-unit", "edits"  # as in conftest.py
 
@@ -39,14 +44,93 @@ def _processing(batch_deps, new_job, n: int, **kw) -> list[str]:
     return ids
 
 
-def test_submit_in_batch_mode_wakes_the_poller_instead_of_chaining_a_poll(batch_deps, new_job, load):
+# --- one poll (task mode) ------------------------------------------------------------------
+
+
+def test_a_poll_before_completion_reschedules_at_least_two_seconds_later_and_bumps_poll_seq(
+    deps, new_job, load, fake_provider, clock, submitted
+):
+    fake_provider.polls_to_complete = 3
     job_id = new_job()
-    nxt = submit.run_submit(batch_deps, job_id)
-    assert nxt is not None and nxt.step == Step.POLL_DUE
+    first = submitted(deps, job_id)
+    clock.advance(first.countdown)
+    nxt = run_poll(deps, job_id, first.poll_seq)
+    assert nxt.step == "poll"
+    assert nxt.countdown >= 2.0
+    assert nxt.poll_seq == first.poll_seq + 1
+    job = load(job_id)
+    assert job.state == "processing" and job.poll_seq == nxt.poll_seq
+    assert job.next_poll_at == clock.now() + timedelta(seconds=nxt.countdown)
+
+
+def test_a_poll_with_a_stale_poll_seq_is_a_no_op(deps, new_job, load, fake_provider, clock, submitted):
+    fake_provider.polls_to_complete = 5
+    job_id = new_job()
+    first = submitted(deps, job_id)
+    second = run_poll(deps, job_id, first.poll_seq)
+    calls = fake_provider.calls["result"]
+    assert run_poll(deps, job_id, first.poll_seq) is None  # the old chain dies
+    assert fake_provider.calls["result"] == calls  # without asking the provider
+    assert load(job_id).poll_seq == second.poll_seq
+
+
+def test_a_poll_of_a_job_that_is_not_processing_is_a_no_op(deps, new_job, fake_provider):
+    job_id = new_job()
+    assert run_poll(deps, job_id, 0) is None
+    assert run_upload(deps, job_id) is None
+    assert fake_provider.calls["result"] == 0
+
+
+def test_a_transient_poll_error_reschedules_without_failing(deps, new_job, load, fake_provider, clock, submitted):
+    job_id = new_job()
+    first = submitted(deps, job_id)
+    fake_provider.script("result", httpx.Response(503, json={"code": 503, "message": "busy"}))
+    nxt = run_poll(deps, job_id, first.poll_seq)
+    assert nxt.step == "poll" and nxt.countdown >= 2.0 and nxt.poll_seq == first.poll_seq + 1
     assert load(job_id).state == "processing"
-    # A second job due in the same half second shares that wake-up.
-    other = new_job(prompt="another")
-    assert submit.run_submit(batch_deps, other) is None
+
+
+def test_a_poll_auth_error_trips_the_breaker_and_keeps_polling_later(deps, new_job, load, fake_provider, limits, submitted):
+    job_id = new_job()
+    first = submitted(deps, job_id)
+    fake_provider.script("result", httpx.Response(401, json={"code": 401, "message": "bad key"}))
+    nxt = run_poll(deps, job_id, first.poll_seq)
+    assert limits.breaker_state()["open"]
+    assert nxt.step == "poll" and nxt.countdown >= deps.settings.breaker_open_seconds
+    assert load(job_id).state == "processing"
+    # While the breaker is open, polls of other jobs wait too, without calling the provider.
+    other = new_job(prompt="other")
+    limits.reset_breaker()
+    other_first = submitted(deps, other)
+    limits.trip_breaker(60, "test")
+    calls = fake_provider.calls["result"]
+    assert run_poll(deps, other, other_first.poll_seq).countdown >= 60
+    assert fake_provider.calls["result"] == calls
+
+
+def test_a_task_that_failed_at_the_provider_fails_the_job_with_its_error(deps, new_job, drive, load, fake_provider):
+    fake_provider.auto_outcome = "failed"
+    fake_provider.auto_error = "input image violates the content policy"
+    job_id = new_job()
+    ran = drive(job_id)
+    assert [n.step for n in ran] == ["submit", "poll"]
+    job = load(job_id)
+    assert job.state == "failed"
+    assert job.error_code == "task_failed"
+    assert job.error_message == "input image violates the content policy"
+    assert job.finished_at is not None
+
+
+def test_a_completed_task_without_outputs_fails_the_job(deps, new_job, load, fake_provider, submitted):
+    fake_provider.outputs_per_task = 0
+    job_id = new_job()
+    first = submitted(deps, job_id)
+    assert run_poll(deps, job_id, first.poll_seq) is None
+    job = load(job_id)
+    assert (job.state, job.error_code) == ("failed", "no_outputs")
+
+
+# --- the batch poller ----------------------------------------------------------------------
 
 
 def test_nothing_is_polled_before_it_is_due(batch_deps, new_job, fake_provider, executor):
@@ -219,19 +303,3 @@ def test_an_open_breaker_pauses_polls_without_calling_the_provider(batch_deps, n
     assert report.rescheduled == 3
     assert fake_provider.calls["result"] == 0
     assert all((load(i).next_poll_at - clock.now()).total_seconds() >= 20 for i in ids)
-
-
-def test_an_unused_breaker_probe_is_handed_back_at_once(deps, new_job, clock, load):
-    """A half-open breaker grants one probe; if that job is deferred (here: the concurrency limit),
-    the probe must be released, or every submission would wait for it."""
-    deps.limits.max_concurrency = 1
-    busy = new_job(prompt="holds the only slot")
-    assert deps.limits.acquire(busy).open
-    deps.limits.trip_breaker(5, "test")
-    clock.advance(6)  # half-open now
-    waiting = new_job(prompt="takes the probe but is deferred")
-    nxt = submit.run_submit(deps, waiting)
-    assert nxt is not None and nxt.step == Step.SUBMIT and load(waiting).state == "queued"
-    deps.limits.release(busy)
-    # The next submission gets the probe straight away instead of waiting ~30 s.
-    assert deps.limits.check_breaker().probe

@@ -12,8 +12,7 @@ import pytest
 from worker.adapters.limits import MemoryLimits
 from worker.core import jobs
 from worker.core.steps import Step
-from worker.engine import poller, submitter, wakeups
-from worker.producer import publish_new
+from worker.engine import poller, submitter
 
 
 @pytest.fixture
@@ -107,7 +106,7 @@ def test_a_submitter_that_died_after_leasing_leaves_its_jobs_queued_until_the_le
     report = submitter.submit_due(sub_deps, executor=executor)
     assert report.started == 3 and len(fake_provider.submissions) == 3
     # The dead submitter's leases are stale: starting one now loses the compare-and-set.
-    assert submitter._start(sub_deps, leases[0], probe=False) == ("lost", None)
+    assert submitter.start_leased(sub_deps, leases[0], probe=False) == ("lost", None)
     assert len(fake_provider.submissions) == 3
 
 
@@ -117,9 +116,9 @@ def test_a_slow_submitter_whose_lease_was_taken_over_does_not_send_the_job(sub_d
     clock.advance(sub_deps.settings.submit_lease_seconds + 0.1)
     [new] = submitter.lease_queued(sub_deps, 1)  # ... and another leases the same, still queued, job
     assert new.job_id == old.job_id == job_id and new.seq != old.seq
-    assert submitter._start(sub_deps, old, probe=False) == ("lost", None)  # the stale one wakes up: no send
+    assert submitter.start_leased(sub_deps, old, probe=False) == ("lost", None)  # the stale one wakes up: no send
     assert fake_provider.calls["submit"] == 0 and load(job_id).state == "queued"
-    assert submitter._start(sub_deps, new, probe=False)[0] == "accepted"
+    assert submitter.start_leased(sub_deps, new, probe=False)[0] == "accepted"
     assert len(fake_provider.submissions) == 1
 
 
@@ -150,20 +149,6 @@ def test_two_submitters_at_once_never_send_a_job_twice(sub_deps, new_job, fake_p
     assert sum(r.accepted for r in reports) == 40
     prompts = [t.body["prompt"] for t in fake_provider.submissions]
     assert len(prompts) == 40 and len(set(prompts)) == 40
-
-
-def test_producers_publish_one_wakeup_per_batch_not_one_message_per_job(sub_deps, new_job, sessions, publisher):
-    ids = _queued(new_job, 25)
-    publish_new(sub_deps.settings, ids, publisher=publisher)
-    assert publisher.sent == [(Step.SUBMIT_DUE, None, 0.0, None)]
-    assert jobs.pending_outbox(sessions) == []  # every submit row counts as published
-
-
-def test_wakeups_in_the_same_half_second_are_shared(sub_deps):
-    first = wakeups.submitter_wakeup(sub_deps, 1.0)
-    assert first is not None and first.step == Step.SUBMIT_DUE and 1.0 <= first.countdown < 1.5
-    assert wakeups.submitter_wakeup(sub_deps, 1.0) is None
-    assert wakeups.submitter_wakeup(sub_deps, 1.0, dedupe=False) is not None
 
 
 def test_the_submitter_holds_back_while_the_pollers_are_behind(sub_deps, new_job, fake_provider, clock, load, executor):
