@@ -48,29 +48,53 @@ INFRA_ERRORS = (
 )
 
 
+# --- where the tasks get their Deps -----------------------------------------------------------
+
+_deps_factory: Callable[[], Deps] = build_deps
+
+
+def use_deps(factory: Callable[[], Deps] | None) -> None:
+    """Have the tasks and the worker hooks take their Deps from `factory` instead of the process's
+    production wiring (`build_deps`); None restores that. For tests and embedded workers that
+    bring their own Deps."""
+    global _deps_factory
+    _deps_factory = factory or build_deps
+
+
+def task_deps() -> Deps:
+    """The Deps a task runs with: `build_deps()` unless `use_deps` said otherwise."""
+    return _deps_factory()
+
+
+# --- the tasks --------------------------------------------------------------------------------
+
+
 def _run(task, step: Callable[[Deps], Next | None]) -> None:
-    deps = build_deps()
+    deps = task_deps()
     try:
         schedule(deps.publisher, step(deps))
     except INFRA_ERRORS as exc:
-        wait = compute_backoff(task.request.retries, base=2.0, maximum=60.0)
+        wait = compute_backoff(task.request.retries, base=2.0, maximum=60.0, rng=deps.rng)
         log.warning("%s: %s; retry in %.1fs", task.name, type(exc).__name__, wait)
         # If this retry cannot be published either (broker down), the row is unchanged and the
         # reconciler's sweep re-drives the job once things are back.
-        raise task.retry(exc=exc, countdown=wait, max_retries=None)
+        raise task.retry(exc=exc, countdown=wait)
 
 
-@app.task(name=TASK_NAMES[Step.SUBMIT], bind=True)
+# max_retries=None on the task: retry for as long as the outage lasts. (Passing max_retries=None
+# to task.retry() would mean "the task's default", which is 3: the fourth outage in a row would fail
+# the task and leave the job to the next sweep.)
+@app.task(name=TASK_NAMES[Step.SUBMIT], bind=True, max_retries=None)
 def submit(self, job_id: str) -> None:
     _run(self, lambda deps: submit_step.run_submit(deps, job_id))
 
 
-@app.task(name=TASK_NAMES[Step.POLL], bind=True)
+@app.task(name=TASK_NAMES[Step.POLL], bind=True, max_retries=None)
 def poll(self, job_id: str, poll_seq: int | None = None) -> None:
     _run(self, lambda deps: poller.run_poll(deps, job_id, poll_seq))
 
 
-@app.task(name=TASK_NAMES[Step.UPLOAD], bind=True)
+@app.task(name=TASK_NAMES[Step.UPLOAD], bind=True, max_retries=None)
 def upload(self, job_id: str) -> None:
     _run(self, lambda deps: copier.run_upload(deps, job_id))
 
@@ -90,7 +114,7 @@ def poll_due(self) -> None:
     """Batch mode's poller: claim due jobs, poll them concurrently, wake again when the next is due.
     At most poll_passes_per_node passes per worker node at once, so the poller never takes every
     slot of a node."""
-    deps = build_deps()
+    deps = task_deps()
     report = _loop_pass(
         deps,
         "poller",
@@ -114,7 +138,7 @@ def poll_due(self) -> None:
 def submit_due(self) -> None:
     """Batch mode's submitter: lease due queued jobs and submit them (submitter.py). At most
     submit_passes_per_node passes per worker node at once; it wakes itself while queued work remains."""
-    deps = build_deps()
+    deps = task_deps()
     report = _loop_pass(
         deps,
         "submitter",
@@ -191,7 +215,7 @@ def _unlock(deps: Deps, lock: str) -> None:
 
 @app.task(name=RECONCILE_TASK, bind=True)
 def reconcile(self) -> None:
-    deps = build_deps()
+    deps = task_deps()
     # One sweep at a time across the fleet, even if two beats run by mistake.
     lock = redis.Redis.from_url(deps.settings.limiter_redis_url).lock(RedisKeys().sweep_lock, timeout=120, blocking=False)
     if not lock.acquire():
@@ -215,7 +239,7 @@ def _clear_node_locks(sender=None, **_kw) -> None:
     # A worker restarted after a SIGKILL must not wait for its dead predecessor's pass locks
     # (same node name) to lapse.
     try:
-        deps = build_deps()
+        deps = task_deps()
         for loop, slots in (("poller", deps.settings.poll_passes_per_node), ("submitter", deps.settings.submit_passes_per_node)):
             for slot in range(slots):
                 deps.limits.forget(pass_lock_name(loop, sender.hostname, slot))
