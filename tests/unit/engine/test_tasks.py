@@ -20,6 +20,7 @@ import pytest
 import redis
 from celery.exceptions import Retry
 from celery.signals import after_setup_logger, worker_process_init, worker_ready
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError
 
 from worker.adapters.database import get_engine
@@ -187,6 +188,21 @@ def test_a_redis_outage_during_a_submit_is_retried_without_calling_the_provider(
     assert isinstance(retry.value.exc, redis.ConnectionError)
     assert load(job_id).state == "queued" and load(job_id).attempts == 0
     assert fake_provider.calls["submit"] == 0
+
+
+def test_a_broker_outage_after_the_step_ran_is_retried_and_the_retry_does_not_pay_twice(deps, new_job, load, fake_provider):
+    class BrokerDown:
+        def publish(self, *args, **kwargs):
+            raise BrokerError("broker unreachable")
+
+    job_id = new_job()
+    deps.publisher = BrokerDown()
+    with pytest.raises(Retry) as retry:
+        as_worker(tasks.submit, job_id)
+    assert isinstance(retry.value.exc, BrokerError)
+    assert load(job_id).state == "processing"  # the step itself went through
+    as_worker(tasks.submit, job_id)  # the retry: the row has moved on, so it is a no-op
+    assert fake_provider.calls["submit"] == 1
 
 
 def test_a_bug_is_not_retried(deps, new_job, load, to_upload):
