@@ -121,3 +121,24 @@ def test_the_env_example_parser_sees_set_and_commented_lines_but_not_prose(tmp_p
     names = env_example_lines(fake)
     assert names == {"WAVESPEED_API_KEY": "", "EDIT_WORKER_POLL_INTERVAL": "2", "EDIT_WORKER_NO_SUCH": "1"}
     assert "DATABASE_URL" in set(settings_env_names()) - set(names)
+
+
+# --- README.md and CONTRIBUTING.md ------------------------------------------------------------------
+
+_ENV_NAME = re.compile(r"\b(?:EDIT_WORKER|WAVESPEED|S3|AWS|DATABASE|CELERY)_[A-Z0-9_]*[A-Z0-9]\b")
+
+
+def test_the_guides_name_only_settings_that_exist():
+    """A renamed or removed setting must not live on in README.md or CONTRIBUTING.md. Names the
+    code reads outside Settings (EDIT_WORKER_SUPERVISE, the tests' own) count as existing."""
+    read_by_code = {
+        name
+        for folder in ("worker", "tests/integration")
+        for path in (ROOT / folder).rglob("*.py")
+        for name in _ENV_NAME.findall(path.read_text())
+    }
+    known = set(settings_env_names()) | read_by_code
+    for guide in ("README.md", "CONTRIBUTING.md"):
+        named = set(_ENV_NAME.findall((ROOT / guide).read_text(encoding="utf-8")))
+        assert named, guide
+        assert not named - known, f"{guide} names settings that do not exist: {sorted(named - known)}"
