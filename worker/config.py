@@ -24,57 +24,165 @@ class Settings(BaseSettings):
     )
 
     # --- the contract (DESIGN §4) ---
-    wavespeed_api_key: SecretStr | None = Field(default=None, validation_alias=_env("WAVESPEED_API_KEY"))
-    wavespeed_base_url: str = Field(default="https://api.wavespeed.ai", validation_alias=_env("WAVESPEED_BASE_URL"))
-    database_url: str = Field(default="sqlite:///edit-worker.db", validation_alias=_env("DATABASE_URL"))
-    celery_broker_url: str = Field(default="redis://localhost:6379/0", validation_alias=_env("CELERY_BROKER_URL"))
-    s3_endpoint_url: str | None = Field(default=None, validation_alias=_env("S3_ENDPOINT_URL"))
-    s3_bucket: str = Field(default="edit-worker", validation_alias=_env("S3_BUCKET"))
-    s3_prefix: str = Field(default="edits", validation_alias=_env("S3_PREFIX"))
-    aws_access_key_id: str | None = Field(default=None, validation_alias=_env("AWS_ACCESS_KEY_ID"))
-    aws_secret_access_key: SecretStr | None = Field(default=None, validation_alias=_env("AWS_SECRET_ACCESS_KEY"))
-    aws_region: str = Field(default="us-east-1", validation_alias=_env("AWS_REGION"))
+    wavespeed_api_key: SecretStr | None = Field(
+        default=None,
+        description="WaveSpeed API key, sent as `Authorization: Bearer …`. A secret: never logged, stored or echoed. Unset: no key (the demo then uses the local sandbox).",
+        validation_alias=_env("WAVESPEED_API_KEY"),
+    )
+    wavespeed_base_url: str = Field(
+        default="https://api.wavespeed.ai",
+        description="The provider's base URL; point it at `edit-worker sandbox` for local work.",
+        validation_alias=_env("WAVESPEED_BASE_URL"),
+    )
+    database_url: str = Field(
+        default="sqlite:///edit-worker.db",
+        description="SQLAlchemy URL of the job database, the source of truth. PostgreSQL in production: `postgresql+psycopg://USER:PASSWORD@HOST:5432/DB`.",
+        validation_alias=_env("DATABASE_URL"),
+    )
+    celery_broker_url: str = Field(
+        default="redis://localhost:6379/0",
+        description="Celery broker (Redis). Also holds the shared limiter, breaker and journal unless `EDIT_WORKER_REDIS_URL` is set.",
+        validation_alias=_env("CELERY_BROKER_URL"),
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible server (MinIO, SeaweedFS, moto, rclone …). Unset: AWS S3.",
+        validation_alias=_env("S3_ENDPOINT_URL"),
+    )
+    s3_bucket: str = Field(default="edit-worker", description="Bucket the outputs are copied to.", validation_alias=_env("S3_BUCKET"))
+    s3_prefix: str = Field(
+        default="edits",
+        description="Key prefix: outputs land at `s3://$S3_BUCKET/$S3_PREFIX/{job_id}/{index}.{ext}`.",
+        validation_alias=_env("S3_PREFIX"),
+    )
+    aws_access_key_id: str | None = Field(
+        default=None,
+        description="S3 access key id. Unset: boto3's usual credential chain (instance role, ~/.aws, …).",
+        validation_alias=_env("AWS_ACCESS_KEY_ID"),
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        default=None,
+        description="S3 secret access key (a secret). Unset: boto3's usual credential chain.",
+        validation_alias=_env("AWS_SECRET_ACCESS_KEY"),
+    )
+    aws_region: str = Field(default="us-east-1", description="S3 region.", validation_alias=_env("AWS_REGION"))
 
     # Webhooks: the secret that signs WaveSpeed's calls to `POST /webhooks/wavespeed` (edit-worker
     # api), and the public URL of that endpoint to pass on submit. Polling stays on either way.
-    webhook_secret: SecretStr | None = Field(default=None, validation_alias=_env("WAVESPEED_WEBHOOK_SECRET"))
-    webhook_url: str | None = Field(default=None, validation_alias=_env("EDIT_WORKER_WEBHOOK_URL"))
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Secret (`whsec_…`) that verifies the provider's webhook calls to `POST /webhooks/wavespeed` of `edit-worker api`. Unset: the webhook endpoint is off.",
+        validation_alias=_env("WAVESPEED_WEBHOOK_SECRET"),
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        description="Public URL of `edit-worker api`'s `POST /webhooks/wavespeed`. With `WAVESPEED_WEBHOOK_SECRET` set, every submit carries its job's signed webhook URL: completions arrive at once and ambiguous submits are settled with certainty. Polling stays on either way.",
+        validation_alias=_env("EDIT_WORKER_WEBHOOK_URL"),
+    )
 
     # --- tuning (EDIT_WORKER_*) ---
     # Redis for the shared limiter and circuit breaker; defaults to the broker's Redis.
-    redis_url: str | None = Field(default=None, validation_alias=_env("EDIT_WORKER_REDIS_URL"))
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for the shared limiter, circuit breaker and submit journal. Unset: the broker's Redis (`CELERY_BROKER_URL`).",
+        validation_alias=_env("EDIT_WORKER_REDIS_URL"),
+    )
     # Provider account tier: submissions per minute and tasks running at once (lowest tier: 2 and 2).
-    rate_limit_per_minute: int = Field(default=120, ge=1, validation_alias=_env("EDIT_WORKER_RATE_LIMIT_PER_MINUTE"))
-    max_concurrency: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_MAX_CONCURRENCY"))
+    rate_limit_per_minute: int = Field(
+        default=120,
+        ge=1,
+        description="Provider submissions per minute, fleet-wide (your account tier; the lowest is 2).",
+        validation_alias=_env("EDIT_WORKER_RATE_LIMIT_PER_MINUTE"),
+    )
+    max_concurrency: int = Field(
+        default=100,
+        ge=1,
+        description="Provider tasks in flight at once, fleet-wide (your account tier; the lowest is 2).",
+        validation_alias=_env("EDIT_WORKER_MAX_CONCURRENCY"),
+    )
     # Pacing: at most this many submissions per second fleet-wide, smoothly (a token bucket; the
     # per-minute rate above allows a whole minute's quota at once). Set it to what the fleet can
     # copy out per second to keep a large burst's lag behind the provider low. 0 = off.
-    submit_pace_per_second: float = Field(default=0.0, ge=0, validation_alias=_env("EDIT_WORKER_SUBMIT_PACE_PER_SECOND"))
+    submit_pace_per_second: float = Field(
+        default=0.0,
+        ge=0,
+        description="At most this many submissions per second fleet-wide, evenly (a token bucket). Set it to what the fleet can copy out per second to keep a large burst's lag low. 0: off.",
+        validation_alias=_env("EDIT_WORKER_SUBMIT_PACE_PER_SECOND"),
+    )
     # How long a job may take in total before it is failed as hopeless.
-    job_deadline_seconds: float = Field(default=3600.0, gt=0, validation_alias=_env("EDIT_WORKER_JOB_DEADLINE_SECONDS"))
+    job_deadline_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds a job may take in total (counted from its creation, or from its last retry) before it fails as hopeless (`deadline_exceeded`).",
+        validation_alias=_env("EDIT_WORKER_JOB_DEADLINE_SECONDS"),
+    )
     # First poll after submit (near the model's typical inference time; with adaptive_first_poll
     # only until that is learned), then every poll_interval (+ jitter).
-    first_poll_delay: float = Field(default=3.0, ge=0, validation_alias=_env("EDIT_WORKER_FIRST_POLL_DELAY"))
-    poll_interval: float = Field(default=2.0, ge=2.0, validation_alias=_env("EDIT_WORKER_POLL_INTERVAL"))
-    poll_jitter: float = Field(default=0.5, ge=0, validation_alias=_env("EDIT_WORKER_POLL_JITTER"))
+    first_poll_delay: float = Field(
+        default=3.0,
+        ge=0,
+        description="Seconds from submit to the first poll: a guess of the model's inference time, used until the worker has learned it (`EDIT_WORKER_ADAPTIVE_FIRST_POLL`).",
+        validation_alias=_env("EDIT_WORKER_FIRST_POLL_DELAY"),
+    )
+    poll_interval: float = Field(
+        default=2.0,
+        ge=2.0,
+        description="Seconds between polls after the first (at least 2, the provider's guidance for images).",
+        validation_alias=_env("EDIT_WORKER_POLL_INTERVAL"),
+    )
+    poll_jitter: float = Field(
+        default=0.5,
+        ge=0,
+        description="Up to this many random seconds added to each poll interval, so the polls of many jobs stay apart.",
+        validation_alias=_env("EDIT_WORKER_POLL_JITTER"),
+    )
     # How jobs in `processing` are polled. "batch": a poller task claims due jobs by next_poll_at
     # (FOR UPDATE SKIP LOCKED) and polls them concurrently over the process's one HTTP client —
     # no message per poll, thousands in flight per worker. "task": each job chains its own poll
     # message with a countdown. Both are non-blocking; bench/RESULTS.md compares them.
-    poll_mode: Literal["batch", "task"] = Field(default="batch", validation_alias=_env("EDIT_WORKER_POLL_MODE"))
-    poll_batch_size: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_POLL_BATCH_SIZE"))
-    poll_threads: int = Field(default=32, ge=1, validation_alias=_env("EDIT_WORKER_POLL_THREADS"))
+    poll_mode: Literal["batch", "task"] = Field(
+        default="batch",
+        description="`batch`: a poller pass claims due jobs and polls them concurrently (no message per poll). `task`: every job chains its own poll message.",
+        validation_alias=_env("EDIT_WORKER_POLL_MODE"),
+    )
+    poll_batch_size: int = Field(
+        default=100, ge=1, description="Jobs one poller pass claims at a time.", validation_alias=_env("EDIT_WORKER_POLL_BATCH_SIZE")
+    )
+    poll_threads: int = Field(
+        default=32,
+        ge=1,
+        description="Threads a poller process polls (and copies outputs) with.",
+        validation_alias=_env("EDIT_WORKER_POLL_THREADS"),
+    )
     # A claimed job's next_poll_at moves this far ahead: if its poller dies mid-batch the job is due
     # again after the lease and another poller takes it (none forgotten, none polled twice at once).
-    poll_lease_seconds: float = Field(default=30.0, gt=0, validation_alias=_env("EDIT_WORKER_POLL_LEASE_SECONDS"))
+    poll_lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A poller's claim on a job lasts this long: if the poller dies, another polls the job after it.",
+        validation_alias=_env("EDIT_WORKER_POLL_LEASE_SECONDS"),
+    )
     # Learn the model's typical inference time (what the provider reports, shared through Redis)
     # and poll a new prediction first at it (capped here); first_poll_delay is the guess used
     # until something has been learned.
-    adaptive_first_poll: bool = Field(default=True, validation_alias=_env("EDIT_WORKER_ADAPTIVE_FIRST_POLL"))
-    first_poll_max: float = Field(default=120.0, ge=0, validation_alias=_env("EDIT_WORKER_FIRST_POLL_MAX"))
+    adaptive_first_poll: bool = Field(
+        default=True,
+        description="Learn the model's typical inference time from the provider's reports (fleet-wide, in Redis) and poll a new prediction first at it.",
+        validation_alias=_env("EDIT_WORKER_ADAPTIVE_FIRST_POLL"),
+    )
+    first_poll_max: float = Field(
+        default=120.0,
+        ge=0,
+        description="With adaptive first polls: never poll first later than this many seconds after the submit.",
+        validation_alias=_env("EDIT_WORKER_FIRST_POLL_MAX"),
+    )
     # Batch mode's poller copies a finished job's outputs to S3 itself (same threads, no upload
     # message); off: an upload task per finished job, as in task mode.
-    upload_inline: bool = Field(default=True, validation_alias=_env("EDIT_WORKER_UPLOAD_INLINE"))
+    upload_inline: bool = Field(
+        default=True,
+        description="In batch poll mode the poller copies a finished job's outputs to S3 itself. Off: an upload message per finished job.",
+        validation_alias=_env("EDIT_WORKER_UPLOAD_INLINE"),
+    )
     # How queued jobs are submitted. "batch": a submitter task per worker node leases due queued
     # jobs (FOR UPDATE SKIP LOCKED), takes their limiter slots in one Redis call and submits them
     # over the process's one HTTP client; producers publish one wake-up per batch, not one message
@@ -83,49 +191,152 @@ class Settings(BaseSettings):
     # the task; its task list cannot say whose it is). One submit thread per pass keeps that to
     # one job per killed process, which the reconciler settles by itself; more threads submit
     # faster against a slow provider but can leave several for an operator (README, Reliability).
-    submit_mode: Literal["batch", "task"] = Field(default="batch", validation_alias=_env("EDIT_WORKER_SUBMIT_MODE"))
-    submit_batch_size: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_BATCH_SIZE"))
-    submit_threads: int = Field(default=1, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_THREADS"))
+    submit_mode: Literal["batch", "task"] = Field(
+        default="batch",
+        description="`batch`: a submitter pass leases due queued jobs and submits them (one wake-up per batch, no message per job). `task`: one submit message per job.",
+        validation_alias=_env("EDIT_WORKER_SUBMIT_MODE"),
+    )
+    submit_batch_size: int = Field(
+        default=100,
+        ge=1,
+        description="Jobs a submitter pass leases at a time (fewer if they would not all go out within one pass).",
+        validation_alias=_env("EDIT_WORKER_SUBMIT_BATCH_SIZE"),
+    )
+    submit_threads: int = Field(
+        default=1,
+        ge=1,
+        description="Submits a submitter pass has in the air at once. 1 keeps a SIGKILLed submitter to one ambiguous submit, which the reconciler settles by itself; more can leave several for an operator.",
+        validation_alias=_env("EDIT_WORKER_SUBMIT_THREADS"),
+    )
     # Submitter passes that may run at once on one worker node (each its own process and slot).
-    submit_passes_per_node: int = Field(default=1, ge=1, validation_alias=_env("EDIT_WORKER_SUBMIT_PASSES_PER_NODE"))
+    submit_passes_per_node: int = Field(
+        default=1,
+        ge=1,
+        description="Submitter passes that may run at once on one worker node (each in its own Celery slot).",
+        validation_alias=_env("EDIT_WORKER_SUBMIT_PASSES_PER_NODE"),
+    )
     # Reap before sowing: while jobs due for polling wait longer than this (the pollers are behind,
     # e.g. the host's CPU is saturated), the submitter starts no new predictions, so finished
     # ones are copied out first and their lag stays bounded. 0 turns it off.
-    submit_backpressure_seconds: float = Field(default=1.0, ge=0, validation_alias=_env("EDIT_WORKER_SUBMIT_BACKPRESSURE_SECONDS"))
+    submit_backpressure_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="While polls are overdue by more than this many seconds (the pollers are behind), no new submissions start: finished predictions are copied out first. 0: off.",
+        validation_alias=_env("EDIT_WORKER_SUBMIT_BACKPRESSURE_SECONDS"),
+    )
     # A leased queued job is due again after this long if its submitter died before sending it.
-    submit_lease_seconds: float = Field(default=30.0, gt=0, validation_alias=_env("EDIT_WORKER_SUBMIT_LEASE_SECONDS"))
+    submit_lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A leased queued job is due again after this long if its submitter died before sending it.",
+        validation_alias=_env("EDIT_WORKER_SUBMIT_LEASE_SECONDS"),
+    )
     # Poller passes that may run at once on one worker node (each in its own Celery slot and
     # process, so polling and copying outputs can use more than one core); the submitter runs one.
-    poll_passes_per_node: int = Field(default=2, ge=1, validation_alias=_env("EDIT_WORKER_POLL_PASSES_PER_NODE"))
+    poll_passes_per_node: int = Field(
+        default=2,
+        ge=1,
+        description="Poller passes that may run at once on one worker node (each in its own Celery slot and process).",
+        validation_alias=_env("EDIT_WORKER_POLL_PASSES_PER_NODE"),
+    )
     # How long one submitter or poller pass runs before it hands its worker slot back (and wakes
     # itself again if work remains).
-    batch_pass_seconds: float = Field(default=3.0, gt=0, validation_alias=_env("EDIT_WORKER_BATCH_PASS_SECONDS"))
+    batch_pass_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        description="Seconds one submitter or poller pass runs before it hands its worker slot back (and wakes itself again if work remains).",
+        validation_alias=_env("EDIT_WORKER_BATCH_PASS_SECONDS"),
+    )
     # Transient-error backoff (full jitter): base * 2**attempt capped at max.
-    backoff_base: float = Field(default=2.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_BASE"))
-    backoff_max: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_BACKOFF_MAX"))
+    backoff_base: float = Field(
+        default=2.0,
+        gt=0,
+        description="Transient-error backoff with full jitter: `base * 2**attempt` seconds …",
+        validation_alias=_env("EDIT_WORKER_BACKOFF_BASE"),
+    )
+    backoff_max: float = Field(
+        default=60.0, gt=0, description="… capped at this many seconds.", validation_alias=_env("EDIT_WORKER_BACKOFF_MAX")
+    )
     # A 401/403 opens the shared breaker for this long before one probe submission is let through.
-    breaker_open_seconds: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_BREAKER_OPEN_SECONDS"))
+    breaker_open_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a 401/403 keeps the shared circuit breaker open before one probe submission tests the key.",
+        validation_alias=_env("EDIT_WORKER_BREAKER_OPEN_SECONDS"),
+    )
     # An outage opens the same breaker: this many transient provider failures (5xx, HTML pages,
     # connect errors, 429s) within the window, with no success between, pause the fleet's calls.
-    outage_failure_threshold: int = Field(default=10, ge=1, validation_alias=_env("EDIT_WORKER_OUTAGE_FAILURE_THRESHOLD"))
-    outage_failure_window: float = Field(default=30.0, gt=0, validation_alias=_env("EDIT_WORKER_OUTAGE_FAILURE_WINDOW"))
-    outage_open_seconds: float = Field(default=10.0, gt=0, validation_alias=_env("EDIT_WORKER_OUTAGE_OPEN_SECONDS"))
+    outage_failure_threshold: int = Field(
+        default=10,
+        ge=1,
+        description="Transient provider failures (5xx, HTML pages, connect errors, 429s) within the window, with no success between, that open the breaker.",
+        validation_alias=_env("EDIT_WORKER_OUTAGE_FAILURE_THRESHOLD"),
+    )
+    outage_failure_window: float = Field(
+        default=30.0,
+        gt=0,
+        description="Window (seconds) over which those outage failures are counted.",
+        validation_alias=_env("EDIT_WORKER_OUTAGE_FAILURE_WINDOW"),
+    )
+    outage_open_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds an outage keeps the breaker open.",
+        validation_alias=_env("EDIT_WORKER_OUTAGE_OPEN_SECONDS"),
+    )
     # Ambiguous-submit matching: allowed clock skew around the submit's time window, and how long
     # the provider's task list may lag a submit before "no task listed" counts as "none created".
-    ambiguous_skew_seconds: float = Field(default=30.0, ge=0, validation_alias=_env("EDIT_WORKER_AMBIGUOUS_SKEW_SECONDS"))
-    ambiguous_list_grace_seconds: float = Field(default=15.0, ge=0, validation_alias=_env("EDIT_WORKER_AMBIGUOUS_LIST_GRACE_SECONDS"))
+    ambiguous_skew_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Clock skew (seconds) allowed around an ambiguous submit's time window when matching it to a provider task.",
+        validation_alias=_env("EDIT_WORKER_AMBIGUOUS_SKEW_SECONDS"),
+    )
+    ambiguous_list_grace_seconds: float = Field(
+        default=15.0,
+        ge=0,
+        description='Seconds the provider\'s task list may lag a submit before "not listed" counts as "not created".',
+        validation_alias=_env("EDIT_WORKER_AMBIGUOUS_LIST_GRACE_SECONDS"),
+    )
     # HTTP timeouts towards the provider (seconds).
-    http_connect_timeout: float = Field(default=10.0, gt=0, validation_alias=_env("EDIT_WORKER_HTTP_CONNECT_TIMEOUT"))
-    http_timeout: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_HTTP_TIMEOUT"))
+    http_connect_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds to connect to the provider.", validation_alias=_env("EDIT_WORKER_HTTP_CONNECT_TIMEOUT")
+    )
+    http_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds for a whole provider request.", validation_alias=_env("EDIT_WORKER_HTTP_TIMEOUT")
+    )
     # A job whose row has not moved for this long (past its own schedule) is re-driven by the reconciler.
-    stuck_after_seconds: float = Field(default=60.0, gt=0, validation_alias=_env("EDIT_WORKER_STUCK_AFTER_SECONDS"))
+    stuck_after_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a job's row may sit past its own schedule before the reconciler re-drives it.",
+        validation_alias=_env("EDIT_WORKER_STUCK_AFTER_SECONDS"),
+    )
     # How often beat runs the reconciler (outbox relay + stuck-job sweep + ambiguous submits).
-    sweep_interval: float = Field(default=5.0, gt=0, validation_alias=_env("EDIT_WORKER_SWEEP_INTERVAL"))
+    sweep_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between reconciler runs in beat (outbox relay, stuck-job sweep, ambiguous submits).",
+        validation_alias=_env("EDIT_WORKER_SWEEP_INTERVAL"),
+    )
     # Input checks.
-    max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0, validation_alias=_env("EDIT_WORKER_MAX_IMAGE_BYTES"))
-    allow_private_urls: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_ALLOW_PRIVATE_URLS"))
+    max_image_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        gt=0,
+        description="Largest input image accepted, in bytes.",
+        validation_alias=_env("EDIT_WORKER_MAX_IMAGE_BYTES"),
+    )
+    allow_private_urls: bool = Field(
+        default=False,
+        description="Allow input image URLs that resolve to private, loopback or link-local addresses (turns the SSRF guard off).",
+        validation_alias=_env("EDIT_WORKER_ALLOW_PRIVATE_URLS"),
+    )
     # Ask the provider for base64 outputs instead of URLs.
-    base64_output: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_BASE64_OUTPUT"))
+    base64_output: bool = Field(
+        default=False,
+        description="Ask the provider for base64 outputs instead of URLs.",
+        validation_alias=_env("EDIT_WORKER_BASE64_OUTPUT"),
+    )
 
     @property
     def limiter_redis_url(self) -> str:
