@@ -48,6 +48,12 @@ JOB_KEYS = {
     "created_at",
     "updated_at",
     "finished_at",
+    "tenant",
+    "priority",
+    "callback_url",
+    "output_urls",
+    "paid_submissions",
+    "cost",
 }
 PUBLIC_URL = "https://images.example.com/cat.png"
 WEBHOOK_SECRET = "whsec_test-unit-not-a-secret"
