@@ -55,8 +55,14 @@ class NewJob:
         """What makes two requests "the same request" for an idempotency key: every field that
         changes the work (the image by its content digest, not its name)."""
         image = hashlib.sha256(self.image.payload.encode("utf-8", "surrogatepass")).hexdigest()
-        fields = {"image": image, "prompt": self.prompt, "size": self.size, "seed": self.seed, "priority": self.priority,
-                  "base64": self.enable_base64_output}
+        fields = {
+            "image": image,
+            "prompt": self.prompt,
+            "size": self.size,
+            "seed": self.seed,
+            "priority": self.priority,
+            "base64": self.enable_base64_output,
+        }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -154,10 +160,20 @@ def create_jobs(
                 if scoped:
                     fingerprint = req.fingerprint()
                     # An expired key of this tenant is replaced; a live one is the unique conflict below.
-                    session.execute(delete(IdempotencyKey).where(IdempotencyKey.tenant == req.tenant, IdempotencyKey.key == key,
-                                                                 IdempotencyKey.expires_at <= now))
-                    session.add(IdempotencyKey(tenant=req.tenant, key=key, job_id=job.id, fingerprint=fingerprint,
-                                               expires_at=now + timedelta(seconds=idempotency_ttl)))
+                    session.execute(
+                        delete(IdempotencyKey).where(
+                            IdempotencyKey.tenant == req.tenant, IdempotencyKey.key == key, IdempotencyKey.expires_at <= now
+                        )
+                    )
+                    session.add(
+                        IdempotencyKey(
+                            tenant=req.tenant,
+                            key=key,
+                            job_id=job.id,
+                            fingerprint=fingerprint,
+                            expires_at=now + timedelta(seconds=idempotency_ttl),
+                        )
+                    )
                     session.flush()
                     batch_keys[scoped] = (job, fingerprint)
                 results.append((job, True))

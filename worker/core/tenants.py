@@ -130,7 +130,9 @@ def authenticate(sessions: sessionmaker[Session], token: str | None) -> Caller |
     if not token or not token.startswith(KEY_PREFIX) or len(token) > 200:
         return None
     with sessions() as session:
-        row = session.execute(select(ApiKey.id, ApiKey.tenant, ApiKey.admin, ApiKey.revoked_at).where(ApiKey.key_hash == _hash(token))).first()
+        row = session.execute(
+            select(ApiKey.id, ApiKey.tenant, ApiKey.admin, ApiKey.revoked_at).where(ApiKey.key_hash == _hash(token))
+        ).first()
     if row is None or row.revoked_at is not None:
         return None
     return Caller(tenant=row.tenant, admin=bool(row.admin), key_id=row.id)
@@ -165,7 +167,12 @@ def set_tenant(
             raise InvalidInput(f"{label} must be {'>= 1' if label == 'weight' else '>= 0'}")
     with sessions() as session:
         tenant = ensure_tenant(session, name, clock=clock)
-        for field, value in (("weight", weight), ("rate_per_minute", rate_per_minute), ("max_in_flight", max_in_flight), ("daily_budget", daily_budget)):
+        for field, value in (
+            ("weight", weight),
+            ("rate_per_minute", rate_per_minute),
+            ("max_in_flight", max_in_flight),
+            ("daily_budget", daily_budget),
+        ):
             if value is not None:
                 setattr(tenant, field, value)
         session.commit()
@@ -219,7 +226,10 @@ def check_admission(sessions: sessionmaker[Session], tenant: str, count: int, se
             window = now - timedelta(seconds=60)
             recent = list(
                 session.scalars(
-                    select(Job.created_at).where(Job.tenant == tenant, Job.created_at > window).order_by(Job.created_at).limit(quotas.rate_per_minute)
+                    select(Job.created_at)
+                    .where(Job.tenant == tenant, Job.created_at > window)
+                    .order_by(Job.created_at)
+                    .limit(quotas.rate_per_minute)
                 )
             )
             if len(recent) + count > quotas.rate_per_minute:
@@ -249,7 +259,9 @@ def usage(sessions: sessionmaker[Session], settings, *, tenant: str | None = Non
     """Per tenant: jobs by state, paid jobs admitted today, provider submissions paid today and their cost."""
     now = clock()
     with sessions() as session:
-        names = [tenant] if tenant else sorted(set(session.scalars(select(Tenant.name))) | set(session.scalars(select(Job.tenant).distinct())))
+        names = (
+            [tenant] if tenant else sorted(set(session.scalars(select(Tenant.name))) | set(session.scalars(select(Job.tenant).distinct())))
+        )
         out = []
         for name in names:
             by_state = {s: n for s, n in session.execute(select(Job.state, func.count()).where(Job.tenant == name).group_by(Job.state))}
