@@ -378,7 +378,8 @@ def job_events(sessions: sessionmaker[Session], job_id: str) -> list[JobEvent]:
         return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
+    """An ISO 8601 UTC time with a Z (the job JSON's time format)."""
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else None
 
 
@@ -398,9 +399,9 @@ def to_json(job: Job, *, output_urls: list[str] | None = None, cost_per_submissi
         "outputs": list(job.outputs or []),
         "has_nsfw_contents": list(job.has_nsfw_contents or []),
         "error": error,
-        "created_at": _iso(job.created_at),
-        "updated_at": _iso(job.updated_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "updated_at": iso(job.updated_at),
+        "finished_at": iso(job.finished_at),
         "tenant": job.tenant,
         "priority": job.priority,
         "callback_url": getattr(job, "callback_url", None),
@@ -411,7 +412,7 @@ def to_json(job: Job, *, output_urls: list[str] | None = None, cost_per_submissi
 
 
 def event_json(event: JobEvent) -> dict[str, Any]:
-    return {"from": event.from_state, "to": event.to_state, "reason": event.reason, "at": _iso(event.at)}
+    return {"from": event.from_state, "to": event.to_state, "reason": event.reason, "at": iso(event.at)}
 
 
 # --- outbox -----------------------------------------------------------------------------------

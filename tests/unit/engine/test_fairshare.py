@@ -16,7 +16,13 @@ from worker.engine.fairshare import TenantTurn
 @pytest.fixture
 def sub_deps(deps):
     deps.settings = deps.settings.model_copy(
-        update={"poll_mode": "batch", "submit_mode": "batch", "submit_batch_size": 10, "submit_threads": 1, "submit_backpressure_seconds": 0.0}
+        update={
+            "poll_mode": "batch",
+            "submit_mode": "batch",
+            "submit_batch_size": 10,
+            "submit_threads": 1,
+            "submit_backpressure_seconds": 0.0,
+        }
     )
     return deps
 
@@ -27,7 +33,9 @@ def test_pick_gives_the_next_slot_to_the_tenant_with_the_least_in_flight_per_wei
         TenantTurn("small", in_flight=0, weight=1, cap=0, due=["s0"]),
     ]
     assert fairshare.pick(turns, 1, random.Random(1)) == ["s0"]
-    both = fairshare.pick([TenantTurn("a", 0, 1, 0, ["a0", "a1", "a2"]), TenantTurn("b", 0, 2, 0, ["b0", "b1", "b2", "b3"])], 6, random.Random(3))
+    both = fairshare.pick(
+        [TenantTurn("a", 0, 1, 0, ["a0", "a1", "a2"]), TenantTurn("b", 0, 2, 0, ["b0", "b1", "b2", "b3"])], 6, random.Random(3)
+    )
     assert sorted(both) == sorted(["a0", "a1", "b0", "b1", "b2", "b3"])  # weight 2 gets twice the turns
     assert [x for x in both if x.startswith("a")] == ["a0", "a1"]  # a tenant's own order is kept
 

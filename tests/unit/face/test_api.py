@@ -30,7 +30,7 @@ with warnings.catch_warnings():
 from models import Job, Outbox
 from worker.api import create_app
 from worker.config import Settings
-from worker.core import jobs
+from worker.core import jobs, tenants
 from worker.engine import poller, submit
 
 JOB_KEYS = {
@@ -87,15 +87,21 @@ def with_secret(settings: Settings, monkeypatch, secret: str | None) -> Settings
 
 
 @pytest.fixture
-def make_client(settings, deps, publisher, monkeypatch):
-    def make(*, secret: str | None = WEBHOOK_SECRET, app_settings: Settings | None = None) -> TestClient:
+def admin_key(sessions) -> str:
+    """An admin key of tenant `default` (every route but the webhook and health needs a key)."""
+    return tenants.create_key(sessions, "default", admin=True).key.get_secret_value()
+
+
+@pytest.fixture
+def make_client(settings, deps, publisher, monkeypatch, admin_key):
+    def make(*, secret: str | None = WEBHOOK_SECRET, app_settings: Settings | None = None, key: str | None = None) -> TestClient:
         app = create_app(
             with_secret(app_settings or settings, monkeypatch, secret),
             deps_factory=lambda: deps,
             publisher=publisher,
             url_resolver=resolver,
         )
-        return TestClient(app)
+        return TestClient(app, headers={"Authorization": f"Bearer {key or admin_key}"})
 
     return make
 
@@ -530,18 +536,18 @@ def test_healthz_reports_the_database(client, make_client, settings, tmp_path):
     response = broken_client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"ok": True, "database": False}
-    # A scrape still answers, saying the database could not be read.
+    # Keys live in the database: without it no key can be checked, and the API says so (503, JSON),
+    # never letting an unchecked caller through.
     metrics = broken_client.get("/metrics")
-    assert metrics.status_code == 200
-    assert "edit_worker_database_up 0.0" in metrics.text
+    assert_error(metrics, 503, "unavailable")
 
 
-def test_an_unexpected_failure_answers_500_json_without_internals(settings, publisher, monkeypatch):
+def test_an_unexpected_failure_answers_500_json_without_internals(settings, publisher, monkeypatch, admin_key):
     def no_redis():
         raise ConnectionError("redis://:hunter2@cache:6379 refused")
 
     app = create_app(with_secret(settings, monkeypatch, None), deps_factory=no_redis, publisher=publisher, url_resolver=resolver)
-    client = TestClient(app, raise_server_exceptions=False)
+    client = TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {admin_key}"})
     job = create(client)
 
     response = client.post(f"/jobs/{job['id']}/cancel")
