@@ -554,3 +554,72 @@ def test_an_unexpected_failure_answers_500_json_without_internals(settings, publ
 
     assert_error(response, 500, "internal")
     assert "hunter2" not in response.text
+
+
+# --- tenants: keys, quotas, result links -------------------------------------------------------
+
+
+def test_no_key_or_a_revoked_key_answers_401_and_writes_nothing(make_client, sessions):
+    anonymous = make_client()
+    anonymous.headers.pop("Authorization")
+    assert_error(anonymous.post("/jobs", json=body()), 401, "unauthorized")
+    assert_error(anonymous.get("/jobs"), 401, "unauthorized")
+    new = tenants.create_key(sessions, "shop")
+    tenants.revoke_key(sessions, new.key_id)
+    assert_error(make_client(key=new.key.get_secret_value()).get("/jobs"), 401, "unauthorized")
+    assert count(sessions, Job) == 0
+    assert make_client().get("/healthz").status_code == 200  # health needs no key
+
+
+def test_a_tenant_over_its_rate_gets_429_with_retry_after(make_client, sessions, settings):
+    key = tenants.create_key(sessions, "bursty").key.get_secret_value()
+    tenants.set_tenant(sessions, "bursty", rate_per_minute=2)
+    client = make_client(key=key)
+    assert [client.post("/jobs", json=body(prompt=f"job {i}")).status_code for i in range(2)] == [201, 201]
+    refused = client.post("/jobs", json=body(prompt="one too many"))
+    assert_error(refused, 429, "quota_exceeded")
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert count(sessions, Job) == 2
+
+
+def test_a_tenant_over_its_daily_budget_gets_429_until_midnight(make_client, sessions):
+    key = tenants.create_key(sessions, "thrifty").key.get_secret_value()
+    tenants.set_tenant(sessions, "thrifty", daily_budget=1)
+    client = make_client(key=key)
+    assert client.post("/jobs", json=body()).status_code == 201
+    refused = client.post("/jobs", json=body(prompt="over budget"))
+    assert_error(refused, 429, "quota_exceeded")
+    assert "daily budget" in refused.json()["error"]["message"] and int(refused.headers["Retry-After"]) <= 86400
+
+
+def test_result_links_open_the_stored_output_and_redirect_after_checking_the_key(client, make_client, deps, sessions, drive):
+    job = create(client)
+    drive(job["id"])
+    done = client.get(f"/jobs/{job['id']}").json()
+    assert done["state"] == "succeeded" and len(done["output_urls"]) == len(done["outputs"]) >= 1
+    assert done["output_urls"][0].startswith("http") and "Signature" in done["output_urls"][0]
+    moved = client.get(f"/jobs/{job['id']}/outputs/0", follow_redirects=False)
+    assert moved.status_code == 307 and "Signature" in moved.headers["location"]
+    assert_error(client.get(f"/jobs/{job['id']}/outputs/5", follow_redirects=False), 404, "not_found")
+    stranger = make_client(key=tenants.create_key(sessions, "stranger").key.get_secret_value())
+    assert_error(stranger.get(f"/jobs/{job['id']}/outputs/0", follow_redirects=False), 404, "not_found")
+
+
+def test_an_idempotency_key_reused_with_another_request_answers_409(client, sessions):
+    first = client.post("/jobs", json=body(idempotency_key="order-1"))
+    same = client.post("/jobs", json=body(idempotency_key="order-1"))
+    other = client.post("/jobs", json=body(idempotency_key="order-1", prompt="something else"))
+    assert (first.status_code, same.status_code) == (201, 200) and same.json()["id"] == first.json()["id"]
+    assert_error(other, 409, "idempotency_conflict")
+    assert count(sessions, Job) == 1
+
+
+def test_the_openapi_document_names_every_route_with_its_bearer_auth(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/outputs/{index}", "/jobs/retry", "/jobs/cancel", "/keys", "/usage"} <= set(
+        spec["paths"]
+    )
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    assert spec["paths"]["/jobs"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
+    assert "429" in spec["paths"]["/jobs"]["post"]["responses"]
