@@ -1,4 +1,5 @@
-"""SQLAlchemy 2.0 typed models: Job, JobEvent, Outbox — one metadata, no logic beyond column types.
+"""SQLAlchemy 2.0 typed models: Job, JobEvent, Outbox, Tenant, ApiKey, IdempotencyKey — one metadata,
+no logic beyond column types.
 
 The database is the source of truth for every job; Celery messages only say "look at job X".
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, PrimaryKeyConstraint, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -64,7 +65,14 @@ class Job(Base):
     # The image as the provider receives it: an http(s) URL or a data: URI. Loaded only when submitting.
     image_payload: Mapped[str] = mapped_column(Text, deferred=True)
     enable_base64_output: Mapped[bool] = mapped_column(Boolean, default=False)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # Which tenant owns the job (every read, list and action is scoped to it); `default` without keys.
+    tenant: Mapped[str] = mapped_column(String(64), default="default", server_default="default")
+    # high | normal | low: the submitter's order within a tenant (tenants themselves take turns).
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
+    # The producer's idempotency key, for display; uniqueness (per tenant, expiring) is IdempotencyKey's.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # How many provider submissions this job was billed for (cost = paid_submissions × cost setting).
+    paid_submissions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Unique: one provider task can never be claimed by two jobs (the reconciler relies on it).
     prediction_id: Mapped[str | None] = mapped_column(String(128), unique=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -88,6 +96,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_state_updated_at", "state", "updated_at"),
         Index("ix_jobs_state_next_poll_at", "state", "next_poll_at"),
+        Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
     )
 
     def __repr__(self) -> str:
@@ -119,4 +128,50 @@ class Outbox(Base):
     sent_at: Mapped[datetime | None] = mapped_column(index=True)
 
 
-__all__ = ["Base", "Job", "JobEvent", "Outbox", "UTCDateTime"]
+class Tenant(Base):
+    """A team or product feature using the service: its jobs, keys, quotas and callback secret."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Signs this tenant's completion callbacks (Standard Webhooks `whsec_<base64>`); shown once at
+    # `keys create`. Stored as is: it must sign, so it cannot be a hash.
+    webhook_secret: Mapped[str] = mapped_column(Text)
+    # The tenant's share of the submitter's turns (round-robin weight).
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Quotas; None = the deployment's default (EDIT_WORKER_TENANT_*), 0 = no limit.
+    rate_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)
+    daily_budget: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column()
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # the public part, shown by `keys list`
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class IdempotencyKey(Base):
+    """An idempotency key, unique per tenant until it expires, with the fingerprint of the request
+    that used it: the same request again answers the same job, a different one is refused."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    fingerprint: Mapped[str | None] = mapped_column(String(64))  # None: a key from before fingerprints
+    expires_at: Mapped[datetime] = mapped_column()
+
+    __table_args__ = (PrimaryKeyConstraint("tenant", "key", name="pk_idempotency_keys"),)
+
+
+__all__ = ["ApiKey", "Base", "IdempotencyKey", "Job", "JobEvent", "Outbox", "Tenant", "UTCDateTime"]

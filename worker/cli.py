@@ -34,31 +34,54 @@ def _settings():
     return get_settings()
 
 
-def _print_job(job, as_json: bool) -> None:
-    from worker.core.jobs import to_json
+def _job_json(job) -> dict:
+    """The job JSON with result links (presigned locally, no call to S3) and cost."""
+    from worker.adapters.storage import Storage
+    from worker.views import job_view
 
-    data = to_json(job)
+    settings = _settings()
+    return job_view(job, settings, Storage.from_settings(settings) if job.outputs else None)
+
+
+def _print_job(job, as_json: bool) -> None:
+    data = _job_json(job)
     if as_json:
         typer.echo(json.dumps(data))
         return
     out.print(f"[bold]{data['id']}[/]  {data['state']}")
-    for key in ("prompt", "size", "seed", "idempotency_key", "prediction_id", "attempts", "created_at", "updated_at", "finished_at"):
+    for key in (
+        "tenant",
+        "priority",
+        "prompt",
+        "size",
+        "seed",
+        "idempotency_key",
+        "prediction_id",
+        "attempts",
+        "created_at",
+        "updated_at",
+        "finished_at",
+    ):
         if data[key] is not None:
             out.print(escape(f"  {key}: {data[key]}"), highlight=False)
     for uri in data["outputs"]:
         out.print(f"  output: {uri}", highlight=False)
+    for url in data["output_urls"]:
+        out.print(f"  link: {url}", highlight=False, soft_wrap=True)
     if data["error"]:
         out.print(escape(f"  error: [{data['error']['code']}] {data['error']['message']}"), highlight=False)
 
 
 def _guard(fn):
     """Map the package's errors to clean exits (2 for bad input / unknown job / bad operation)."""
-    from worker.errors import EditWorkerError, InvalidInput, InvalidJobOperation, JobNotFound
+    from worker.errors import EditWorkerError, IdempotencyMismatch, InvalidInput, InvalidJobOperation, JobNotFound, QuotaExceeded
 
     try:
         return fn()
-    except (InvalidInput, JobNotFound, InvalidJobOperation) as exc:
+    except (InvalidInput, JobNotFound, InvalidJobOperation, IdempotencyMismatch) as exc:
         _fail(str(exc), 2)
+    except QuotaExceeded as exc:
+        _fail(f"{exc}; try again in {exc.retry_after:.0f}s", 1)
     except EditWorkerError as exc:
         _fail(str(exc), 1)
 
@@ -191,7 +214,11 @@ def submit(
     prompt: str | None = typer.Option(None, "--prompt", help="What to change, at most 120 characters."),
     size: str | None = typer.Option(None, "--size", help="W*H, each side 512..2048 (default 1328*1328)."),
     seed: int | None = typer.Option(None, "--seed", help="-1..2147483647 (default -1: random)."),
-    idempotency_key: str | None = typer.Option(None, "--idempotency-key", help="The same key twice gives the same job."),
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="The same key with the same request gives the same job (per tenant, for a day)."
+    ),
+    tenant: str = typer.Option("default", "--tenant", help="The tenant the job belongs to."),
+    priority: str | None = typer.Option(None, "--priority", help="high | normal | low (default normal)."),
     from_file: Path | None = typer.Option(None, "--from-file", help="JSON Lines, one job per line with the same fields."),
     wait: bool = typer.Option(False, "--wait", help="Block until the job is finished (exit 0 only on succeeded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the job object(s) as JSON."),
@@ -203,7 +230,7 @@ def submit(
     if from_file is not None:
         if image or prompt:
             _fail("--from-file cannot be combined with --image/--prompt")
-        items = _read_jsonl(from_file)
+        items = [{"tenant": tenant, **({"priority": priority} if priority else {}), **item} for item in _read_jsonl(from_file)]
         jobs = _guard(lambda: producer.submit_edit_many(items, settings=settings))
         for job in jobs:
             _print_job(job, True) if as_json else typer.echo(job.id)
@@ -212,7 +239,11 @@ def submit(
         _fail("--image is required")
     if prompt is None:
         _fail("--prompt is required")
-    job = _guard(lambda: producer.submit_edit(image, prompt, size=size, seed=seed, idempotency_key=idempotency_key, settings=settings))
+    job = _guard(
+        lambda: producer.submit_edit(
+            image, prompt, size=size, seed=seed, idempotency_key=idempotency_key, tenant=tenant, priority=priority, settings=settings
+        )
+    )
     if wait:
         job = _wait_with_progress(job.id, None, quiet=as_json)
     _print_job(job, True) if as_json else (typer.echo(job.id) if not wait else _print_job(job, False))
@@ -233,7 +264,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             _fail(f"{path}:{number}: not JSON ({exc.msg})")
         if not isinstance(item, dict):
             _fail(f"{path}:{number}: expected a JSON object")
-        unknown = set(item) - {"image", "prompt", "size", "seed", "idempotency_key", "enable_base64_output"}
+        unknown = set(item) - {"image", "prompt", "size", "seed", "idempotency_key", "enable_base64_output", "tenant", "priority"}
         if unknown:
             _fail(f"{path}:{number}: unknown field(s) {', '.join(sorted(unknown))}")
         items.append(item)
@@ -255,9 +286,8 @@ def status(
     job = _guard(lambda: producer.get_job(job_id))
     if as_json and events:
         from worker.adapters.database import session_factory
-        from worker.core.jobs import to_json
 
-        data = to_json(job)
+        data = _job_json(job)
         data["events"] = [event_json(e) for e in job_events(session_factory(_settings().database_url), job_id)]
         typer.echo(json.dumps(data))
         return
@@ -273,23 +303,24 @@ def status(
 def list_(
     state: str | None = typer.Option(None, "--state", help="queued|submitting|processing|uploading|succeeded|failed|cancelled"),
     limit: int = typer.Option(100, "--limit", min=1, max=10000),
+    tenant: str | None = typer.Option(None, "--tenant", help="Only this tenant's jobs (default: every tenant's)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List jobs, newest first."""
     from worker.adapters.database import session_factory
-    from worker.core.jobs import list_jobs, to_json
+    from worker.core.jobs import list_jobs
 
     st = _parse_state(state)
-    jobs = list_jobs(session_factory(_settings().database_url), state=st, limit=limit)
+    jobs = list_jobs(session_factory(_settings().database_url), state=st, limit=limit, tenant=tenant)
     if as_json:
-        typer.echo(json.dumps([to_json(j) for j in jobs]))
+        typer.echo(json.dumps([_job_json(j) for j in jobs]))
         return
     from rich.table import Table
 
-    table = Table("id", "state", "prompt", "attempts", "outputs / error")
+    table = Table("id", "tenant", "state", "prompt", "attempts", "outputs / error")
     for job in jobs:
         detail = ", ".join(job.outputs or []) or (f"[{job.error_code}] {job.error_message}" if job.error_code else "")
-        table.add_row(job.id, job.state, escape(job.prompt[:40]), str(job.attempts), escape(detail))
+        table.add_row(job.id, escape(job.tenant), job.state, escape(job.prompt[:40]), str(job.attempts), escape(detail))
     out.print(table)
 
 
@@ -330,13 +361,32 @@ def _wait_with_progress(job_id: str, timeout: float | None, quiet: bool = False)
 
 
 @app.command()
-def cancel(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Cancel a job, and its task at the provider."""
+def cancel(
+    job_id: str | None = typer.Argument(None, help="A job; or use the filters for a bulk cancel."),
+    all_active: bool = typer.Option(False, "--all", help="Every unfinished job matching the filters."),
+    tenant: str | None = typer.Option(None, "--tenant", help="Only this tenant's jobs."),
+    state: str | None = typer.Option(None, "--state", help="Only jobs in this unfinished state."),
+    error_code: str | None = typer.Option(None, "--error-code", help="Only jobs with this error code."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Cancel a job (or every unfinished job matching the filters), and its task at the provider."""
     from worker.engine.deps import build_deps
-    from worker.engine.operator import cancel_job
+    from worker.engine.operator import cancel_job, cancel_matching
 
-    job = _guard(lambda: cancel_job(build_deps(), job_id))
-    _print_job(job, as_json)
+    if job_id and (all_active or tenant or state or error_code):
+        _fail("give a job id or --all/--tenant/--state/--error-code, not both")
+    if job_id:
+        job = _guard(lambda: cancel_job(build_deps(), job_id))
+        _print_job(job, as_json)
+        return
+    if not (all_active or tenant or state or error_code):
+        _fail("give a job id, or --all / --tenant / --state / --error-code for a bulk cancel")
+    wanted = _parse_state(state)
+    cancelled = _guard(lambda: cancel_matching(build_deps(), tenant=tenant, state=wanted, error_code=error_code))
+    if as_json:
+        typer.echo(json.dumps([_job_json(j) for j in cancelled]))
+    else:
+        out.print(f"cancelled {len(cancelled)} job(s)")
 
 
 @app.command()
@@ -345,39 +395,28 @@ def retry(
     all_failed: bool = typer.Option(False, "--all", help="Every failed job matching the filters."),
     error_code: str | None = typer.Option(None, "--error-code", help="Only failed jobs with this error code."),
     since: str | None = typer.Option(None, "--since", help="Only jobs failed after this: ISO time or a duration like 2h, 30m."),
+    tenant: str | None = typer.Option(None, "--tenant", help="Only this tenant's jobs."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Replay failed jobs (the dead-letter set) from the furthest step already paid for."""
     from worker.engine.deps import build_deps
-    from worker.engine.operator import retry_job
+    from worker.engine.operator import retry_job, retry_matching
 
     deps = build_deps()
-    if job_id and (all_failed or error_code or since):
-        _fail("give a job id or --all/--error-code/--since, not both")
+    if job_id and (all_failed or error_code or since or tenant):
+        _fail("give a job id or --all/--error-code/--since/--tenant, not both")
     if job_id:
         job = _guard(lambda: retry_job(deps, job_id))
         _relay(deps)
         _print_job(job, as_json)
         return
-    if not (all_failed or error_code or since):
-        _fail("give a job id, or --all / --error-code / --since for a bulk replay")
-    from sqlalchemy import select
-
-    from models import Job
-
-    query = select(Job.id).where(Job.state == "failed")
-    if error_code:
-        query = query.where(Job.error_code == error_code)
-    if since:
-        query = query.where(Job.finished_at >= _parse_since(since))
-    with deps.sessions() as session:
-        ids = list(session.scalars(query))
-    replayed = [_guard(lambda i=i: retry_job(deps, i)) for i in ids]
+    if not (all_failed or error_code or since or tenant):
+        _fail("give a job id, or --all / --error-code / --since / --tenant for a bulk replay")
+    when = _parse_since(since) if since else None
+    replayed = _guard(lambda: retry_matching(deps, tenant=tenant, error_code=error_code, since=when))
     _relay(deps)
     if as_json:
-        from worker.core.jobs import to_json
-
-        typer.echo(json.dumps([to_json(j) for j in replayed]))
+        typer.echo(json.dumps([_job_json(j) for j in replayed]))
     else:
         out.print(f"replayed {len(replayed)} failed job(s)")
 
@@ -436,6 +475,149 @@ def _redact_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<database url>"
+
+
+# --- tenants and API keys ---------------------------------------------------------------------
+
+keys_app = typer.Typer(help="API keys for `edit-worker api` (only a hash is stored; a key is shown once).", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants: weights and quotas.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(tenants_app, name="tenants")
+
+
+def _sessions():
+    from worker.adapters.database import session_factory
+
+    return session_factory(_settings().database_url)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="The tenant the key acts for (created if new)."),
+    admin: bool = typer.Option(False, "--admin", help="An admin key sees and acts on every tenant."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"tenant", "key", "webhook_secret"}.'),
+) -> None:
+    """Create an API key and print it (the only time it is shown), with the tenant's callback secret."""
+    from worker.core.tenants import create_key
+
+    new = _guard(lambda: create_key(_sessions(), tenant, admin=admin))
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "tenant": new.tenant,
+                    "key": new.key.get_secret_value(),
+                    "webhook_secret": new.webhook_secret.get_secret_value(),
+                    "id": new.key_id,
+                    "admin": new.admin,
+                }
+            )
+        )
+        return
+    out.print(f"tenant:         {new.tenant}{' (admin)' if new.admin else ''}", highlight=False)
+    out.print(f"key id:         {new.key_id}", highlight=False)
+    out.print(f"key:            {new.key.get_secret_value()}", highlight=False)
+    out.print(f"webhook secret: {new.webhook_secret.get_secret_value()}", highlight=False)
+    err.print("store the key now: it is not shown again (use it as Authorization: Bearer <key>)", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: str | None = typer.Option(None, "--tenant"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List keys (ids, tenants, admin, created, revoked) — never the keys themselves."""
+    from worker.core.jobs import iso
+    from worker.core.tenants import list_keys
+
+    rows = [
+        {"id": k.id, "tenant": k.tenant, "admin": k.admin, "created_at": iso(k.created_at), "revoked_at": iso(k.revoked_at)}
+        for k in list_keys(_sessions(), tenant=tenant)
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for row in rows:
+        flags = " admin" if row["admin"] else ""
+        revoked = f"  revoked {row['revoked_at']}" if row["revoked_at"] else ""
+        out.print(f"{row['id']}  {row['tenant']}{flags}  created {row['created_at']}{revoked}", highlight=False)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (from `keys list`) or the key itself.")) -> None:
+    """Revoke a key: requests with it answer 401 from now on."""
+    from worker.core.tenants import revoke_key
+
+    if not revoke_key(_sessions(), key_id):
+        _fail(f"no live key {key_id}")
+    out.print(f"revoked {key_id}", highlight=False)
+
+
+@tenants_app.command("set")
+def tenants_set(
+    name: str,
+    weight: int | None = typer.Option(None, "--weight", help="Its share of the submitter's turns (default 1)."),
+    rate_per_minute: int | None = typer.Option(None, "--rate-per-minute", help="Admissions per minute (0: no limit)."),
+    max_in_flight: int | None = typer.Option(None, "--max-in-flight", help="Jobs at the provider at once (0: no limit)."),
+    daily_budget: int | None = typer.Option(None, "--daily-budget", help="Paid jobs per UTC day (0: no limit)."),
+) -> None:
+    """Create a tenant or change its weight and quotas."""
+    from worker.core.tenants import set_tenant
+
+    row = _guard(
+        lambda: set_tenant(
+            _sessions(), name, weight=weight, rate_per_minute=rate_per_minute, max_in_flight=max_in_flight, daily_budget=daily_budget
+        )
+    )
+    out.print(
+        f"{row.name}: weight {row.weight}, rate/min {row.rate_per_minute}, in flight {row.max_in_flight}, daily {row.daily_budget}",
+        highlight=False,
+    )
+
+
+@tenants_app.command("list")
+def tenants_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Tenants with their weights and quotas (None: the deployment's default)."""
+    from worker.core.tenants import list_tenants
+
+    rows = [
+        {
+            "tenant": t.name,
+            "weight": t.weight,
+            "rate_per_minute": t.rate_per_minute,
+            "max_in_flight": t.max_in_flight,
+            "daily_budget": t.daily_budget,
+        }
+        for t in list_tenants(_sessions())
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for row in rows:
+        out.print(escape(" ".join(f"{k}={v}" for k, v in row.items())), highlight=False)
+
+
+@tenants_app.command("usage")
+def tenants_usage(
+    tenant: str | None = typer.Option(None, "--tenant"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per tenant: jobs by state, paid jobs admitted today, paid submissions today and their cost."""
+    from worker.core.tenants import usage
+
+    rows = [vars(u) for u in usage(_sessions(), _settings(), tenant=tenant)]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for row in rows:
+        states = ", ".join(f"{k} {v}" for k, v in sorted(row["by_state"].items())) or "no jobs"
+        out.print(
+            escape(
+                f"{row['tenant']}: {states}; paid today {row['paid_today']} (submissions {row['paid_submissions_today']}, "
+                f"cost {row['cost_today']})"
+            ),
+            highlight=False,
+        )
 
 
 if __name__ == "__main__":

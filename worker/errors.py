@@ -26,6 +26,22 @@ class IdempotencyConflict(EditWorkerError):
     """Concurrent producers kept racing on the same idempotency keys; nothing was created."""
 
 
+class IdempotencyMismatch(EditWorkerError):
+    """An idempotency key was reused with a different request (HTTP 409); nothing was created."""
+
+
+class QuotaExceeded(EditWorkerError):
+    """A tenant is over its submission rate or daily budget (HTTP 429); `retry_after` in seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unauthorized(EditWorkerError):
+    """No API key, or an unknown or revoked one (HTTP 401)."""
+
+
 class InvalidJobOperation(EditWorkerError):
     """The operation does not apply to the job in its current state (e.g. retry of a succeeded job)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from worker.core.jobs import NewJob, create_jobs, mark_sent, pending_outbox, pub
 from worker.core.jobs import get_job as _get_job
 from worker.core.states import State
 from worker.core.steps import Publisher
+from worker.core.tenants import DEFAULT_TENANT, check_admission, validate_priority, validate_tenant
 from worker.core.validation import load_image, validate_prompt, validate_seed, validate_size
 from worker.errors import EditWorkerError, InvalidInput
 
@@ -42,6 +44,8 @@ def validate_request(
     seed: int | str | None = None,
     idempotency_key: str | None = None,
     enable_base64_output: bool | None = None,
+    tenant: str = DEFAULT_TENANT,
+    priority: str | None = None,
     settings: Settings,
 ) -> NewJob:
     """Every check, before anything is written. Raises InvalidInput (a ValueError)."""
@@ -55,17 +59,32 @@ def validate_request(
     image_input = load_image(image, max_bytes=settings.max_image_bytes, allow_private_urls=settings.allow_private_urls)
     base64_output = settings.base64_output if enable_base64_output is None else bool(enable_base64_output)
     return NewJob(
-        image=image_input, prompt=prompt, size=size, seed=seed, idempotency_key=idempotency_key, enable_base64_output=base64_output
+        image=image_input,
+        prompt=prompt,
+        size=size,
+        seed=seed,
+        idempotency_key=idempotency_key,
+        enable_base64_output=base64_output,
+        tenant=validate_tenant(tenant),
+        priority=validate_priority(priority),
     )
 
 
 def enqueue(settings: Settings, requests: Iterable[NewJob], *, publisher=None, batch_size: int = 500) -> list[Job]:
-    """Insert in batches (one transaction each), then publish the new jobs' first messages."""
+    """Check each tenant's quota (QuotaExceeded: nothing written), insert in batches (one
+    transaction each), then publish the new jobs' first messages."""
     sessions = _sessions(settings)
     requests = list(requests)
+    for tenant, count in Counter(r.tenant for r in requests).items():
+        check_admission(sessions, tenant, count, settings)
     jobs: list[Job] = []
     for start in range(0, len(requests), batch_size):
-        pairs = create_jobs(sessions, requests[start : start + batch_size], deadline_seconds=settings.job_deadline_seconds)
+        pairs = create_jobs(
+            sessions,
+            requests[start : start + batch_size],
+            deadline_seconds=settings.job_deadline_seconds,
+            idempotency_ttl=settings.idempotency_ttl_seconds,
+        )
         jobs.extend(job for job, _ in pairs)
         publish_new(settings, [job.id for job, created in pairs if created], publisher=publisher)
     return jobs
@@ -96,10 +115,14 @@ def submit_edit(
     idempotency_key: str | None = None,
     *,
     enable_base64_output: bool | None = None,
+    tenant: str = DEFAULT_TENANT,
+    priority: str | None = None,
     settings: Settings | None = None,
     publisher=None,
 ) -> Job:
-    """Create an edit job; the same idempotency key returns the same job, never a second one."""
+    """Create an edit job for `tenant` (default `default`); the same idempotency key with the same
+    request returns the same job, never a second one (IdempotencyMismatch for a different request;
+    QuotaExceeded over the tenant's rate or daily budget)."""
     settings = settings or get_settings()
     request = validate_request(
         image=image,
@@ -108,6 +131,8 @@ def submit_edit(
         seed=seed,
         idempotency_key=idempotency_key,
         enable_base64_output=enable_base64_output,
+        tenant=tenant,
+        priority=priority,
         settings=settings,
     )
     return enqueue(settings, [request], publisher=publisher)[0]
@@ -129,8 +154,9 @@ def submit_edit_many(
     return enqueue(settings, requests, publisher=publisher, batch_size=batch_size)
 
 
-def get_job(job_id: str, *, settings: Settings | None = None) -> Job:
-    return _get_job(_sessions(settings or get_settings()), job_id)
+def get_job(job_id: str, *, settings: Settings | None = None, tenant: str | None = None) -> Job:
+    """The job (JobNotFound if none, or if `tenant` is given and it is another tenant's)."""
+    return _get_job(_sessions(settings or get_settings()), job_id, tenant=tenant)
 
 
 def wait_for(

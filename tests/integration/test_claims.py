@@ -5,6 +5,7 @@ more than n rows)."""
 
 from __future__ import annotations
 
+import random
 import threading
 from datetime import timedelta
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def _deps(cluster):
-    return SimpleNamespace(settings=cluster.settings, sessions=cluster.sessions(), clock=utcnow)
+    return SimpleNamespace(settings=cluster.settings, sessions=cluster.sessions(), clock=utcnow, rng=random.Random(7))
 
 
 def _queue(cluster, sample_image, n: int) -> None:

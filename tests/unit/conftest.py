@@ -450,6 +450,8 @@ def new_job(sessions, settings, clock) -> Callable[..., str]:
         idempotency_key: str | None = None,
         enable_base64_output: bool = False,
         deadline_seconds: float | None = None,
+        tenant: str = "default",
+        priority: str = "normal",
     ) -> str:
         request = NewJob(
             image=ImageInput(ref=image, payload=image),
@@ -458,6 +460,8 @@ def new_job(sessions, settings, clock) -> Callable[..., str]:
             seed=seed,
             idempotency_key=idempotency_key,
             enable_base64_output=enable_base64_output,
+            tenant=tenant,
+            priority=priority,
         )
         [(job, _created)] = jobs.create_jobs(
             sessions, [request], deadline_seconds=deadline_seconds or settings.job_deadline_seconds, clock=clock.now

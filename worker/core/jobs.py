@@ -4,22 +4,24 @@ transitions with an audit event each, and the queries and JSON shape the CLI and
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Row, bindparam, func, insert, literal, select, update
+from sqlalchemy import Row, bindparam, delete, func, insert, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker, undefer
 from sqlalchemy.sql import ClauseElement
 
-from models import Job, JobEvent, Outbox
+from models import IdempotencyKey, Job, JobEvent, Outbox
 from worker.core.states import State, can_transition
 from worker.core.steps import Publisher, Step
 from worker.core.validation import ImageInput
-from worker.errors import IdempotencyConflict, IllegalTransition, JobNotFound
+from worker.errors import IdempotencyConflict, IdempotencyMismatch, IllegalTransition, JobNotFound
 
 Clock = Callable[[], datetime]
 
@@ -46,6 +48,22 @@ class NewJob:
     seed: int
     idempotency_key: str | None = None
     enable_base64_output: bool = False
+    tenant: str = "default"
+    priority: str = "normal"
+
+    def fingerprint(self) -> str:
+        """What makes two requests "the same request" for an idempotency key: every field that
+        changes the work (the image by its content digest, not its name)."""
+        image = hashlib.sha256(self.image.payload.encode("utf-8", "surrogatepass")).hexdigest()
+        fields = {
+            "image": image,
+            "prompt": self.prompt,
+            "size": self.size,
+            "seed": self.seed,
+            "priority": self.priority,
+            "base64": self.enable_base64_output,
+        }
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 JOBS = Job.__table__
@@ -59,36 +77,61 @@ def _event(session: Session, job_id: str, src: State | None, dst: State, reason:
     )
 
 
+def _known_keys(session: Session, requests: list[NewJob], now: datetime) -> dict[tuple[str, str], tuple[Job, str | None]]:
+    """Live idempotency keys among `requests`: (tenant, key) -> (its job, the fingerprint stored)."""
+    wanted = {(r.tenant, r.idempotency_key) for r in requests if r.idempotency_key}
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(IdempotencyKey.tenant, IdempotencyKey.key, IdempotencyKey.fingerprint, Job)
+        .join(Job, Job.id == IdempotencyKey.job_id)
+        .where(tuple_(IdempotencyKey.tenant, IdempotencyKey.key).in_(sorted(wanted)), IdempotencyKey.expires_at > now)
+    ).all()
+    return {(tenant, key): (job, fingerprint) for tenant, key, fingerprint, job in rows}
+
+
+def _same_request(key: str, stored: str | None, req: NewJob) -> None:
+    if stored is not None and stored != req.fingerprint():
+        raise IdempotencyMismatch(
+            f"idempotency key {key!r} was already used with a different request (image, prompt, size, seed or priority); "
+            "use a new key for a new request"
+        )
+
+
 def create_jobs(
     sessions: sessionmaker[Session],
     requests: Iterable[NewJob],
     *,
     deadline_seconds: float,
+    idempotency_ttl: float = 86400.0,
     clock: Clock = utcnow,
 ) -> list[tuple[Job, bool]]:
     """Insert jobs (state queued) with their event and outbox row in one transaction per batch.
 
-    Returns (job, created) pairs in input order; a known idempotency key returns the existing job
-    with created=False and writes nothing.
+    Returns (job, created) pairs in input order. An idempotency key is unique per tenant for
+    `idempotency_ttl` seconds: the same key with the same request returns the existing job with
+    created=False and writes nothing; with a different request it raises IdempotencyMismatch (and
+    nothing of the batch is written). An expired key starts a new job.
     """
     requests = list(requests)
-    keys = [r.idempotency_key for r in requests if r.idempotency_key]
     for _attempt in range(3):
         now = clock()
         with sessions() as session:
-            existing: dict[str, Job] = {}
-            if keys:
-                for job in session.scalars(select(Job).where(Job.idempotency_key.in_(keys))):
-                    existing[job.idempotency_key] = job  # type: ignore[index]
+            existing = _known_keys(session, requests, now)
             results: list[tuple[Job, bool]] = []
-            batch_keys: dict[str, Job] = {}
+            batch_keys: dict[tuple[str, str], tuple[Job, str]] = {}
             for req in requests:
                 key = req.idempotency_key
-                if key and key in existing:
-                    results.append((existing[key], False))
+                scoped = (req.tenant, key) if key else None
+                if scoped and scoped in existing:
+                    job, stored = existing[scoped]
+                    _same_request(key, stored, req)  # type: ignore[arg-type]
+                    results.append((job, False))
                     continue
-                if key and key in batch_keys:  # the same key twice in one batch: one job
-                    results.append((batch_keys[key], False))
+                if scoped and scoped in batch_keys:  # the same key twice in one batch: one job
+                    job, stored = batch_keys[scoped]
+                    _same_request(key, stored, req)  # type: ignore[arg-type]
+                    results.append((job, False))
                     continue
                 job = Job(
                     id=str(uuid.uuid4()),
@@ -100,6 +143,8 @@ def create_jobs(
                     image_payload=req.image.payload,
                     enable_base64_output=req.enable_base64_output,
                     idempotency_key=key,
+                    tenant=req.tenant,
+                    priority=req.priority,
                     attempts=0,
                     outputs=[],
                     has_nsfw_contents=[],
@@ -112,8 +157,25 @@ def create_jobs(
                 session.flush()  # jobs before their events/outbox rows (FK order)
                 _event(session, job.id, None, State.QUEUED, "created", now)
                 session.add(Outbox(job_id=job.id, task=Step.SUBMIT.value, created_at=now))
-                if key:
-                    batch_keys[key] = job
+                if scoped:
+                    fingerprint = req.fingerprint()
+                    # An expired key of this tenant is replaced; a live one is the unique conflict below.
+                    session.execute(
+                        delete(IdempotencyKey).where(
+                            IdempotencyKey.tenant == req.tenant, IdempotencyKey.key == key, IdempotencyKey.expires_at <= now
+                        )
+                    )
+                    session.add(
+                        IdempotencyKey(
+                            tenant=req.tenant,
+                            key=key,
+                            job_id=job.id,
+                            fingerprint=fingerprint,
+                            expires_at=now + timedelta(seconds=idempotency_ttl),
+                        )
+                    )
+                    session.flush()
+                    batch_keys[scoped] = (job, fingerprint)
                 results.append((job, True))
             try:
                 session.commit()
@@ -282,20 +344,27 @@ def take_over_poll(session: Session, job_id: str, poll_seq: int, *, clock: Clock
     return poll_seq + 1 if moved else None
 
 
-def get_job(sessions: sessionmaker[Session], job_id: str, *, with_payloads: bool = False) -> Job:
+def get_job(sessions: sessionmaker[Session], job_id: str, *, with_payloads: bool = False, tenant: str | None = None) -> Job:
+    """The job; JobNotFound if there is none — or if `tenant` is given and the job is another
+    tenant's (a caller cannot even learn that another tenant's job exists)."""
     with sessions() as session:
         options = [undefer(Job.image_payload), undefer(Job.provider_outputs)] if with_payloads else []
         job = session.get(Job, job_id, options=options)
-        if job is None:
+        if job is None or (tenant is not None and job.tenant != tenant):
             raise JobNotFound(f"no job {job_id}")
         return job
 
 
-def list_jobs(sessions: sessionmaker[Session], *, state: State | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
+def list_jobs(
+    sessions: sessionmaker[Session], *, state: State | None = None, limit: int = 100, offset: int = 0, tenant: str | None = None
+) -> list[Job]:
+    """Jobs newest first, optionally of one state and of one tenant (None: every tenant)."""
     with sessions() as session:
         query = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
         if state is not None:
             query = query.where(Job.state == state.value)
+        if tenant is not None:
+            query = query.where(Job.tenant == tenant)
         return list(session.scalars(query))
 
 
@@ -309,12 +378,14 @@ def job_events(sessions: sessionmaker[Session], job_id: str) -> list[JobEvent]:
         return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
+    """An ISO 8601 UTC time with a Z (the job JSON's time format)."""
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else None
 
 
-def to_json(job: Job) -> dict[str, Any]:
-    """The job object of the contract (DESIGN §4) — keep these names and shapes."""
+def to_json(job: Job, *, output_urls: list[str] | None = None, cost_per_submission: float = 0.0) -> dict[str, Any]:
+    """The job object of the contract (DESIGN §4) — keep these names and shapes. `output_urls`:
+    links a browser can open for each output (presigned; the caller makes them)."""
     error = {"code": job.error_code, "message": job.error_message} if (job.error_code or job.error_message) else None
     return {
         "id": job.id,
@@ -328,14 +399,20 @@ def to_json(job: Job) -> dict[str, Any]:
         "outputs": list(job.outputs or []),
         "has_nsfw_contents": list(job.has_nsfw_contents or []),
         "error": error,
-        "created_at": _iso(job.created_at),
-        "updated_at": _iso(job.updated_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "updated_at": iso(job.updated_at),
+        "finished_at": iso(job.finished_at),
+        "tenant": job.tenant,
+        "priority": job.priority,
+        "callback_url": getattr(job, "callback_url", None),
+        "output_urls": list(output_urls or []),
+        "paid_submissions": job.paid_submissions or 0,
+        "cost": round((job.paid_submissions or 0) * cost_per_submission, 6),
     }
 
 
 def event_json(event: JobEvent) -> dict[str, Any]:
-    return {"from": event.from_state, "to": event.to_state, "reason": event.reason, "at": _iso(event.at)}
+    return {"from": event.from_state, "to": event.to_state, "reason": event.reason, "at": iso(event.at)}
 
 
 # --- outbox -----------------------------------------------------------------------------------

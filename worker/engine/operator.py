@@ -5,12 +5,14 @@ failed one from the furthest step already paid for.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
 
 from models import Job
 from worker.core.codes import ErrorCode
 from worker.core.jobs import add_outbox, get_job, transition, update_if
-from worker.core.states import State
+from worker.core.states import ACTIVE, State
 from worker.core.steps import Step
 from worker.engine.bookkeeping import cancel_at_provider
 from worker.engine.deps import Deps
@@ -78,3 +80,54 @@ def retry_job(deps: Deps, job_id: str) -> Job:
         add_outbox(session, job_id, step, now)
         session.commit()
     return get_job(deps.sessions, job_id)
+
+
+def _matching(
+    deps: Deps, states: tuple[State, ...], *, tenant: str | None, error_code: str | None, since: datetime | None, limit: int
+) -> list[str]:
+    query = select(Job.id).where(Job.state.in_([s.value for s in states])).order_by(Job.created_at).limit(limit)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    if error_code:
+        query = query.where(Job.error_code == error_code)
+    if since is not None:
+        query = query.where(func.coalesce(Job.finished_at, Job.updated_at) >= since)
+    with deps.sessions() as session:
+        return list(session.scalars(query))
+
+
+def retry_matching(
+    deps: Deps, *, tenant: str | None = None, error_code: str | None = None, since: datetime | None = None, limit: int = 10_000
+) -> list[Job]:
+    """Bulk replay: every failed job matching the filters (of one tenant, or all for None), each
+    from the furthest step already paid for. Jobs that changed state meanwhile are skipped."""
+    replayed = []
+    for job_id in _matching(deps, (State.FAILED,), tenant=tenant, error_code=error_code, since=since, limit=limit):
+        try:
+            replayed.append(retry_job(deps, job_id))
+        except InvalidJobOperation:
+            continue
+    return replayed
+
+
+def cancel_matching(
+    deps: Deps,
+    *,
+    tenant: str | None = None,
+    state: State | None = None,
+    error_code: str | None = None,
+    since: datetime | None = None,
+    limit: int = 10_000,
+    reason: str = "cancelled by operator (bulk)",
+) -> list[Job]:
+    """Bulk cancel: every unfinished job matching the filters (and its provider task)."""
+    states = (state,) if state is not None else tuple(sorted(ACTIVE, key=lambda s: s.value))
+    if any(s.terminal for s in states):
+        raise InvalidJobOperation("only unfinished jobs can be cancelled")
+    cancelled = []
+    for job_id in _matching(deps, states, tenant=tenant, error_code=error_code, since=since, limit=limit):
+        try:
+            cancelled.append(cancel_job(deps, job_id, reason=reason))
+        except InvalidJobOperation:
+            continue
+    return cancelled

@@ -24,6 +24,7 @@ from worker.core.states import State
 from worker.core.steps import Next, Step
 from worker.engine.bookkeeping import cancel_at_provider, fail_deadline, job_context, past_deadline
 from worker.engine.deps import Deps
+from worker.engine.fairshare import tenant_at_cap
 from worker.engine.faults import crashpoint
 from worker.engine.wakeups import poller_wakeup
 from worker.errors import AmbiguousSubmitError, PermanentProviderError, ProviderAuthError, TransientProviderError
@@ -54,6 +55,12 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
             return None
         if job.next_attempt_at and job.next_attempt_at > now + timedelta(seconds=1):
             return None  # early duplicate: the deferred message (or the sweep) will come back for it
+        if tenant_at_cap(deps, session, job.tenant):
+            # The tenant's in-flight share is used up: wait in `queued`, no attempt spent.
+            wait = deps.settings.poll_interval
+            update_if(session, job_id, State.QUEUED, clock=deps.clock, next_attempt_at=now + timedelta(seconds=wait))
+            session.commit()
+            return Next(Step.SUBMIT, job_id, countdown=wait)
 
         gate = deps.limits.check_breaker()
         probe = gate.probe  # this call holds the half-open breaker's single probe
@@ -246,6 +253,7 @@ def _commit_prediction(deps: Deps, job_id: str, prediction: Prediction, first_po
         clock=deps.clock,
         returning=("poll_seq",),
         prediction_id=prediction.id,
+        paid_submissions=Job.paid_submissions + 1,
         poll_seq=Job.poll_seq + 1,
         error_code=None,
         error_message=None,
@@ -257,7 +265,15 @@ def _commit_prediction(deps: Deps, job_id: str, prediction: Prediction, first_po
     with deps.sessions() as session:
         state = session.scalar(select(Job.state).where(Job.id == job_id))
         if state is not None:
-            update_if(session, job_id, State(state), clock=deps.clock, where={"prediction_id": None}, prediction_id=prediction.id)
+            update_if(
+                session,
+                job_id,
+                State(state),
+                clock=deps.clock,
+                where={"prediction_id": None},
+                prediction_id=prediction.id,
+                paid_submissions=Job.paid_submissions + 1,
+            )
         session.commit()
     return None
 

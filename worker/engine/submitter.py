@@ -17,9 +17,9 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from worker.adapters.limits import Gate
 from worker.adapters.wavespeed import EditRequest
@@ -28,6 +28,7 @@ from worker.core.states import State
 from worker.core.steps import Next, Step
 from worker.engine.bookkeeping import release_slots
 from worker.engine.deps import Deps
+from worker.engine.fairshare import due_filter, fair_candidates
 from worker.engine.pools import shared_pool
 from worker.engine.submit import Ticket, send_submit, settle_breaker
 from worker.engine.wakeups import wake_poller
@@ -55,37 +56,35 @@ class SubmitBatchReport:
     schedule: list[Next] = field(default_factory=list)  # follow-up messages to publish
 
 
-def _due_filter(now: datetime):
-    c = JOBS.c
-    return (c.state == State.QUEUED.value, or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now), c.deadline_at > now)
-
-
 def lease_queued(deps: Deps, limit: int) -> list[Lease]:
-    """Lease up to `limit` due queued jobs, oldest first. PostgreSQL: FOR UPDATE SKIP LOCKED, so
-    concurrent submitters lease disjoint sets; SQLite serialises writers and the UPDATE re-checks."""
+    """Lease up to `limit` due queued jobs in fair-share order (fairshare.py: tenants take turns,
+    priority within a tenant, in-flight caps). PostgreSQL: FOR UPDATE SKIP LOCKED, so concurrent
+    submitters lease disjoint sets; SQLite serialises writers and the UPDATE re-checks."""
     now = deps.clock()
     c = JOBS.c
-    # A materialized CTE: PostgreSQL may re-run an `IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`
-    # subquery during the UPDATE, each run skipping what the last one locked — more than n rows.
+    wanted = fair_candidates(deps, limit)
+    if not wanted:
+        return []
+    # A materialized CTE: PostgreSQL may re-run an `IN (SELECT … FOR UPDATE SKIP LOCKED)` subquery
+    # during the UPDATE, each run skipping what the last one locked.
     due = (
         select(c.id)
-        .where(*_due_filter(now))
-        .order_by(c.created_at)
-        .limit(limit)
+        .where(c.id.in_(wanted), *due_filter(now))
         .with_for_update(skip_locked=True)
         .cte("due")
         .prefix_with("MATERIALIZED", dialect="postgresql")
     )
     stmt = (
         update(JOBS)
-        .where(c.id.in_(select(due.c.id)), *_due_filter(now))
+        .where(c.id.in_(select(due.c.id)), *due_filter(now))
         .values(poll_seq=c.poll_seq + 1, next_attempt_at=now + timedelta(seconds=deps.settings.submit_lease_seconds), updated_at=now)
         .returning(c.id, c.poll_seq, c.attempts, c.prompt, c.image_payload, c.size, c.seed, c.enable_base64_output, c.created_at)
     )
     with deps.sessions() as session:
         rows = session.execute(stmt).all()
         session.commit()
-    rows.sort(key=lambda r: r.created_at)
+    order = {job_id: i for i, job_id in enumerate(wanted)}
+    rows.sort(key=lambda r: order[r.id])
     return [
         Lease(
             r.id,

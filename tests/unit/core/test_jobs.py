@@ -3,6 +3,8 @@ request, all in one transaction; and of the job JSON of the contract."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from sqlalchemy import func, select
 
@@ -10,7 +12,7 @@ from models import Job, JobEvent, Outbox
 from worker import producer
 from worker.core.jobs import NewJob, create_jobs, get_job, job_events, list_jobs, to_json
 from worker.core.validation import ImageInput
-from worker.errors import InvalidInput, JobNotFound
+from worker.errors import IdempotencyMismatch, InvalidInput, JobNotFound
 
 URL = "https://images.example.com/cat.png"
 
@@ -45,15 +47,38 @@ def test_create_jobs_answers_in_input_order(sessions, clock):
     assert [job.prompt for job, _ in pairs] == list("abcde")
 
 
-def test_the_same_idempotency_key_twice_returns_the_same_job_and_writes_nothing(sessions, clock):
+def test_the_same_idempotency_key_with_the_same_request_returns_the_same_job_and_writes_nothing(sessions, clock):
     [(first, created)] = create_jobs(sessions, [request("order-17")], deadline_seconds=60, clock=clock.now)
     assert created
-    [(second, created_again)] = create_jobs(
-        sessions, [request("order-17", prompt="a different prompt")], deadline_seconds=60, clock=clock.now
-    )
+    [(second, created_again)] = create_jobs(sessions, [request("order-17")], deadline_seconds=60, clock=clock.now)
     assert second.id == first.id and created_again is False
-    assert second.prompt == "add a red hat"  # the existing job, not the new request
     assert counts(sessions) == (1, 1, 1)
+
+
+def test_the_same_idempotency_key_with_a_different_request_is_refused_and_writes_nothing(sessions, clock):
+    create_jobs(sessions, [request("order-17")], deadline_seconds=60, clock=clock.now)
+    with pytest.raises(IdempotencyMismatch, match="different request"):
+        create_jobs(sessions, [request("order-1"), request("order-17", prompt="a different prompt")], deadline_seconds=60, clock=clock.now)
+    assert counts(sessions) == (1, 1, 1)  # not even the batch's other, new job
+
+
+def test_idempotency_keys_are_per_tenant(sessions, clock):
+    [(mine, _)] = create_jobs(sessions, [request("order-1")], deadline_seconds=60, clock=clock.now)
+    [(theirs, created)] = create_jobs(
+        sessions, [replace(request("order-1", prompt="another team's edit"), tenant="team-b")], deadline_seconds=60, clock=clock.now
+    )
+    assert created and theirs.id != mine.id and theirs.tenant == "team-b" and mine.tenant == "default"
+
+
+def test_an_expired_idempotency_key_starts_a_new_job(sessions, clock):
+    [(first, _)] = create_jobs(sessions, [request("order-9")], deadline_seconds=60, idempotency_ttl=3600, clock=clock.now)
+    clock.advance(3599)
+    assert create_jobs(sessions, [request("order-9")], deadline_seconds=60, idempotency_ttl=3600, clock=clock.now)[0][0].id == first.id
+    clock.advance(2)
+    [(again, created)] = create_jobs(
+        sessions, [request("order-9", prompt="next day, new work")], deadline_seconds=60, idempotency_ttl=3600, clock=clock.now
+    )
+    assert created and again.id != first.id
 
 
 def test_the_same_idempotency_key_twice_in_one_batch_gives_one_job(sessions, clock):
@@ -107,7 +132,15 @@ def test_job_json_has_the_contract_shape(sessions, new_job):
         "created_at",
         "updated_at",
         "finished_at",
+        # DESIGN §4 additions for tenants
+        "tenant",
+        "priority",
+        "callback_url",
+        "output_urls",
+        "paid_submissions",
+        "cost",
     }
+    assert data["tenant"] == "default" and data["priority"] == "normal" and data["cost"] == 0
     assert data["state"] == "queued" and data["error"] is None and data["outputs"] == []
     assert data["idempotency_key"] == "abc"
     assert data["created_at"].endswith("Z") and data["finished_at"] is None

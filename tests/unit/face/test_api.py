@@ -30,7 +30,7 @@ with warnings.catch_warnings():
 from models import Job, Outbox
 from worker.api import create_app
 from worker.config import Settings
-from worker.core import jobs
+from worker.core import jobs, tenants
 from worker.engine import poller, submit
 
 JOB_KEYS = {
@@ -48,6 +48,12 @@ JOB_KEYS = {
     "created_at",
     "updated_at",
     "finished_at",
+    "tenant",
+    "priority",
+    "callback_url",
+    "output_urls",
+    "paid_submissions",
+    "cost",
 }
 PUBLIC_URL = "https://images.example.com/cat.png"
 WEBHOOK_SECRET = "whsec_test-unit-not-a-secret"
@@ -81,15 +87,21 @@ def with_secret(settings: Settings, monkeypatch, secret: str | None) -> Settings
 
 
 @pytest.fixture
-def make_client(settings, deps, publisher, monkeypatch):
-    def make(*, secret: str | None = WEBHOOK_SECRET, app_settings: Settings | None = None) -> TestClient:
+def admin_key(sessions) -> str:
+    """An admin key of tenant `default` (every route but the webhook and health needs a key)."""
+    return tenants.create_key(sessions, "default", admin=True).key.get_secret_value()
+
+
+@pytest.fixture
+def make_client(settings, deps, publisher, monkeypatch, admin_key):
+    def make(*, secret: str | None = WEBHOOK_SECRET, app_settings: Settings | None = None, key: str | None = None) -> TestClient:
         app = create_app(
             with_secret(app_settings or settings, monkeypatch, secret),
             deps_factory=lambda: deps,
             publisher=publisher,
             url_resolver=resolver,
         )
-        return TestClient(app)
+        return TestClient(app, headers={"Authorization": f"Bearer {key or admin_key}"})
 
     return make
 
@@ -524,21 +536,90 @@ def test_healthz_reports_the_database(client, make_client, settings, tmp_path):
     response = broken_client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"ok": True, "database": False}
-    # A scrape still answers, saying the database could not be read.
+    # Keys live in the database: without it no key can be checked, and the API says so (503, JSON),
+    # never letting an unchecked caller through.
     metrics = broken_client.get("/metrics")
-    assert metrics.status_code == 200
-    assert "edit_worker_database_up 0.0" in metrics.text
+    assert_error(metrics, 503, "unavailable")
 
 
-def test_an_unexpected_failure_answers_500_json_without_internals(settings, publisher, monkeypatch):
+def test_an_unexpected_failure_answers_500_json_without_internals(settings, publisher, monkeypatch, admin_key):
     def no_redis():
         raise ConnectionError("redis://:hunter2@cache:6379 refused")
 
     app = create_app(with_secret(settings, monkeypatch, None), deps_factory=no_redis, publisher=publisher, url_resolver=resolver)
-    client = TestClient(app, raise_server_exceptions=False)
+    client = TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {admin_key}"})
     job = create(client)
 
     response = client.post(f"/jobs/{job['id']}/cancel")
 
     assert_error(response, 500, "internal")
     assert "hunter2" not in response.text
+
+
+# --- tenants: keys, quotas, result links -------------------------------------------------------
+
+
+def test_no_key_or_a_revoked_key_answers_401_and_writes_nothing(make_client, sessions):
+    anonymous = make_client()
+    anonymous.headers.pop("Authorization")
+    assert_error(anonymous.post("/jobs", json=body()), 401, "unauthorized")
+    assert_error(anonymous.get("/jobs"), 401, "unauthorized")
+    new = tenants.create_key(sessions, "shop")
+    tenants.revoke_key(sessions, new.key_id)
+    assert_error(make_client(key=new.key.get_secret_value()).get("/jobs"), 401, "unauthorized")
+    assert count(sessions, Job) == 0
+    assert make_client().get("/healthz").status_code == 200  # health needs no key
+
+
+def test_a_tenant_over_its_rate_gets_429_with_retry_after(make_client, sessions, settings):
+    key = tenants.create_key(sessions, "bursty").key.get_secret_value()
+    tenants.set_tenant(sessions, "bursty", rate_per_minute=2)
+    client = make_client(key=key)
+    assert [client.post("/jobs", json=body(prompt=f"job {i}")).status_code for i in range(2)] == [201, 201]
+    refused = client.post("/jobs", json=body(prompt="one too many"))
+    assert_error(refused, 429, "quota_exceeded")
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert count(sessions, Job) == 2
+
+
+def test_a_tenant_over_its_daily_budget_gets_429_until_midnight(make_client, sessions):
+    key = tenants.create_key(sessions, "thrifty").key.get_secret_value()
+    tenants.set_tenant(sessions, "thrifty", daily_budget=1)
+    client = make_client(key=key)
+    assert client.post("/jobs", json=body()).status_code == 201
+    refused = client.post("/jobs", json=body(prompt="over budget"))
+    assert_error(refused, 429, "quota_exceeded")
+    assert "daily budget" in refused.json()["error"]["message"] and int(refused.headers["Retry-After"]) <= 86400
+
+
+def test_result_links_open_the_stored_output_and_redirect_after_checking_the_key(client, make_client, deps, sessions, drive):
+    job = create(client)
+    drive(job["id"])
+    done = client.get(f"/jobs/{job['id']}").json()
+    assert done["state"] == "succeeded" and len(done["output_urls"]) == len(done["outputs"]) >= 1
+    assert done["output_urls"][0].startswith("http") and "Signature" in done["output_urls"][0]
+    moved = client.get(f"/jobs/{job['id']}/outputs/0", follow_redirects=False)
+    assert moved.status_code == 307 and "Signature" in moved.headers["location"]
+    assert_error(client.get(f"/jobs/{job['id']}/outputs/5", follow_redirects=False), 404, "not_found")
+    stranger = make_client(key=tenants.create_key(sessions, "stranger").key.get_secret_value())
+    assert_error(stranger.get(f"/jobs/{job['id']}/outputs/0", follow_redirects=False), 404, "not_found")
+
+
+def test_an_idempotency_key_reused_with_another_request_answers_409(client, sessions):
+    first = client.post("/jobs", json=body(idempotency_key="order-1"))
+    same = client.post("/jobs", json=body(idempotency_key="order-1"))
+    other = client.post("/jobs", json=body(idempotency_key="order-1", prompt="something else"))
+    assert (first.status_code, same.status_code) == (201, 200) and same.json()["id"] == first.json()["id"]
+    assert_error(other, 409, "idempotency_conflict")
+    assert count(sessions, Job) == 1
+
+
+def test_the_openapi_document_names_every_route_with_its_bearer_auth(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/outputs/{index}", "/jobs/retry", "/jobs/cancel", "/keys", "/usage"} <= set(
+        spec["paths"]
+    )
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    assert spec["paths"]["/jobs"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
+    assert "429" in spec["paths"]["/jobs"]["post"]["responses"]

@@ -155,3 +155,46 @@ def test_list_filters_by_state(cli, new_job):
 
 def test_list_with_an_unknown_state_exits_2(cli):
     assert_one_line_error(cli("list", "--state", "exploded"), "unknown state")
+
+
+def test_keys_create_prints_the_key_once_and_stores_only_its_hash(cli, sessions):
+    from models import ApiKey
+    from worker.core import tenants
+
+    result = cli("keys", "create", "--tenant", "shop", "--json")
+    assert result.exit_code == 0, result.output
+    created = json.loads(result.stdout)
+    assert set(created) >= {"tenant", "key", "webhook_secret"} and created["tenant"] == "shop"
+    assert created["key"].startswith("ewk_") and created["webhook_secret"].startswith("whsec_")
+    with sessions() as s:
+        stored = s.scalars(select(ApiKey)).all()
+    assert len(stored) == 1 and created["key"] not in (stored[0].key_hash, stored[0].id)
+    assert tenants.authenticate(sessions, created["key"]).tenant == "shop"
+    listed = cli("keys", "list", "--json")
+    assert created["key"] not in listed.stdout and json.loads(listed.stdout)[0]["tenant"] == "shop"
+    assert cli("keys", "revoke", created["id"]).exit_code == 0
+    assert tenants.authenticate(sessions, created["key"]) is None
+    assert_one_line_error(cli("keys", "revoke", created["id"]), "no live key")
+
+
+def test_a_bad_tenant_name_is_one_line_and_exit_2(cli):
+    assert_one_line_error(cli("keys", "create", "--tenant", "Bad Name"), "tenant must be")
+
+
+def test_submit_takes_a_tenant_and_a_priority(cli, png_file, sessions):
+    result = cli("submit", "--image", str(png_file), "--prompt", "team edit", "--tenant", "team-b", "--priority", "high", "--json")
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.stdout)
+    assert (job["tenant"], job["priority"]) == ("team-b", "high")
+    assert [j["id"] for j in json.loads(cli("list", "--tenant", "team-b", "--json").stdout)] == [job["id"]]
+    assert json.loads(cli("list", "--tenant", "nobody", "--json").stdout) == []
+    assert_one_line_error(cli("submit", "--image", str(png_file), "--prompt", "x", "--priority", "urgent"), "priority must be")
+
+
+def test_a_tenant_over_its_rate_is_refused_at_admission(cli, png_file, sessions):
+    assert cli("tenants", "set", "team-c", "--rate-per-minute", "1").exit_code == 0
+    assert cli("submit", "--image", str(png_file), "--prompt", "first", "--tenant", "team-c").exit_code == 0
+    refused = cli("submit", "--image", str(png_file), "--prompt", "second", "--tenant", "team-c")
+    assert refused.exit_code == 1 and "rate of 1 jobs per minute" in refused.stderr and "try again in" in refused.stderr
+    usage = json.loads(cli("tenants", "usage", "--tenant", "team-c", "--json").stdout)
+    assert usage[0]["by_state"] == {"queued": 1} and usage[0]["paid_today"] == 1

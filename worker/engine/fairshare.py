@@ -1,0 +1,106 @@
+"""Which queued jobs the submitter takes next: tenants take turns (weighted by their share of what
+is in flight at the provider), `priority` orders jobs within a tenant, and a tenant at its
+in-flight cap waits. One tenant's burst of thousands of jobs never sits in front of another's one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import case, func, or_, select
+from sqlalchemy.orm import Session
+
+from models import Job, Tenant
+from worker.core.states import State
+from worker.engine.deps import Deps
+
+# Jobs at the provider (or about to be): what a tenant's in-flight cap and fair share count.
+IN_FLIGHT = (State.SUBMITTING.value, State.PROCESSING.value, State.UPLOADING.value)
+PRIORITY_RANK = case({"high": 0, "normal": 1, "low": 2}, value=Job.priority, else_=1)
+
+
+@dataclass(frozen=True)
+class TenantTurn:
+    """A tenant's standing in this pass: jobs in flight, weight, cap (0 = none) and its due jobs."""
+
+    tenant: str
+    in_flight: int
+    weight: int
+    cap: int
+    due: list[str]
+
+
+def pick(turns: list[TenantTurn], limit: int, rng: random.Random | None = None) -> list[str]:
+    """Up to `limit` job ids, one at a time to the tenant with the least in flight per weight
+    (ties broken at random, so no tenant always goes first), never past a tenant's cap."""
+    rng = rng or random.Random()
+    load = {t.tenant: t.in_flight / max(1, t.weight) for t in turns}
+    room = {t.tenant: (t.cap - t.in_flight) if t.cap else limit for t in turns}
+    queues = {t.tenant: list(t.due) for t in turns}
+    weights = {t.tenant: max(1, t.weight) for t in turns}
+    order = {t.tenant: rng.random() for t in turns}
+    picked: list[str] = []
+    while len(picked) < limit:
+        ready = [name for name, q in queues.items() if q and room[name] > 0]
+        if not ready:
+            break
+        name = min(ready, key=lambda n: (load[n], order[n]))
+        picked.append(queues[name].pop(0))
+        load[name] += 1 / weights[name]
+        room[name] -= 1
+    return picked
+
+
+def tenant_at_cap(deps: Deps, session: Session, tenant: str) -> bool:
+    """Has `tenant` as many jobs in flight as its cap allows? (Task mode's per-job check; the
+    batch submitter applies caps while it picks.)"""
+    cap = deps.settings.tenant_max_in_flight
+    own = session.scalar(select(Tenant.max_in_flight).where(Tenant.name == tenant))
+    cap = cap if own is None else own
+    if not cap:
+        return False
+    return (session.scalar(select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.state.in_(IN_FLIGHT))) or 0) >= cap
+
+
+def due_filter(now: datetime) -> tuple:
+    return (
+        Job.state == State.QUEUED.value,
+        or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
+        Job.deadline_at > now,
+    )
+
+
+def fair_candidates(deps: Deps, limit: int) -> list[str]:
+    """The ids of up to `limit` due queued jobs in fair-share order (no lock taken: the caller
+    leases them with a compare-and-set that re-checks they are still due)."""
+    now = deps.clock()
+    s = deps.settings
+    with deps.sessions() as session:
+        tenants = list(session.scalars(select(Job.tenant).where(*due_filter(now)).distinct()))
+        if not tenants:
+            return []
+        flying = dict(
+            session.execute(
+                select(Job.tenant, func.count()).where(Job.state.in_(IN_FLIGHT), Job.tenant.in_(tenants)).group_by(Job.tenant)
+            ).all()
+        )
+        rows = {
+            r.name: r for r in session.execute(select(Tenant.name, Tenant.weight, Tenant.max_in_flight).where(Tenant.name.in_(tenants)))
+        }
+        turns = []
+        for name in tenants:
+            row = rows.get(name)
+            cap = s.tenant_max_in_flight if row is None or row.max_in_flight is None else row.max_in_flight
+            in_flight = int(flying.get(name, 0))
+            take = limit if not cap else min(limit, cap - in_flight)
+            if take <= 0:
+                continue
+            due = list(
+                session.scalars(
+                    select(Job.id).where(Job.tenant == name, *due_filter(now)).order_by(PRIORITY_RANK, Job.created_at).limit(take)
+                )
+            )
+            turns.append(TenantTurn(name, in_flight, row.weight if row else 1, cap, due))
+    return pick(turns, limit, deps.rng)
