@@ -340,17 +340,48 @@ class Settings(BaseSettings):
 
     # --- tenants (`edit-worker keys`, the HTTP API's front door) ---
     # How long an idempotency key answers its job; after that the key may start a new job.
-    idempotency_ttl_seconds: float = Field(default=86400.0, gt=0, validation_alias=_env("EDIT_WORKER_IDEMPOTENCY_TTL_SECONDS"))
+    idempotency_ttl_seconds: float = Field(
+        description="How long an idempotency key answers its job (seconds); after that the key may start a new job.",
+        default=86400.0,
+        gt=0,
+        validation_alias=_env("EDIT_WORKER_IDEMPOTENCY_TTL_SECONDS"),
+    )
     # What one paid provider submission costs (your currency); shown as the job's and tenant's `cost`.
-    cost_per_submission: float = Field(default=0.0, ge=0, validation_alias=_env("EDIT_WORKER_COST_PER_SUBMISSION"))
+    cost_per_submission: float = Field(
+        description="What one paid provider submission costs (your currency); shown as the job's and the tenant's cost.",
+        default=0.0,
+        ge=0,
+        validation_alias=_env("EDIT_WORKER_COST_PER_SUBMISSION"),
+    )
     # Per-tenant quotas (0 = no limit); a tenant's own values (`edit-worker tenants set`) win.
     # Over the rate or the daily budget an admission answers 429 with Retry-After; over the
     # in-flight share jobs wait in `queued` while the tenant's others run.
-    tenant_rate_per_minute: int = Field(default=0, ge=0, validation_alias=_env("EDIT_WORKER_TENANT_RATE_PER_MINUTE"))
-    tenant_max_in_flight: int = Field(default=0, ge=0, validation_alias=_env("EDIT_WORKER_TENANT_MAX_IN_FLIGHT"))
-    tenant_daily_budget: int = Field(default=0, ge=0, validation_alias=_env("EDIT_WORKER_TENANT_DAILY_BUDGET"))
+    tenant_rate_per_minute: int = Field(
+        description="Default admissions per minute per tenant (0: no limit); over it an admission answers 429 with Retry-After.",
+        default=0,
+        ge=0,
+        validation_alias=_env("EDIT_WORKER_TENANT_RATE_PER_MINUTE"),
+    )
+    tenant_max_in_flight: int = Field(
+        description="Default jobs at the provider at once per tenant (0: no limit); a tenant's further jobs wait in queued.",
+        default=0,
+        ge=0,
+        validation_alias=_env("EDIT_WORKER_TENANT_MAX_IN_FLIGHT"),
+    )
+    tenant_daily_budget: int = Field(
+        description="Default paid jobs per tenant per UTC day (0: no limit); over it an admission answers 429 until midnight UTC.",
+        default=0,
+        ge=0,
+        validation_alias=_env("EDIT_WORKER_TENANT_DAILY_BUDGET"),
+    )
     # Result links: how long a presigned output URL in the job JSON stays valid (S3 allows 7 days at most).
-    result_link_seconds: int = Field(default=86400, ge=60, le=604800, validation_alias=_env("EDIT_WORKER_RESULT_LINK_SECONDS"))
+    result_link_seconds: int = Field(
+        description="How long a result link (a presigned output URL in the job JSON) stays valid, in seconds (at most 7 days).",
+        default=86400,
+        ge=60,
+        le=604800,
+        validation_alias=_env("EDIT_WORKER_RESULT_LINK_SECONDS"),
+    )
 
     @property
     def limiter_redis_url(self) -> str:

@@ -27,6 +27,18 @@ from worker.config import Settings
 # new setting is documented even before someone files it here.
 GROUPS: list[tuple[str, str, list[str]]] = [
     (
+        "Tenants, quotas and result links",
+        "Per-tenant defaults (a tenant's own values from `edit-worker tenants set` win), idempotency and cost.",
+        [
+            "tenant_rate_per_minute",
+            "tenant_max_in_flight",
+            "tenant_daily_budget",
+            "idempotency_ttl_seconds",
+            "cost_per_submission",
+            "result_link_seconds",
+        ],
+    ),
+    (
         "Provider",
         "WaveSpeed itself, and its webhooks.",
         ["wavespeed_api_key", "wavespeed_base_url", "webhook_secret", "webhook_url", "http_connect_timeout", "http_timeout"],
