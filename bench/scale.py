@@ -62,8 +62,8 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
-from worker.devtools import local  # noqa: E402
 from worker.config import settings_from_env  # noqa: E402
+from worker.devtools import local  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STATES = ("queued", "submitting", "processing", "uploading", "succeeded", "failed", "cancelled")
