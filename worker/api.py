@@ -28,15 +28,15 @@ from worker.adapters import webhooks
 from worker.adapters.database import get_engine, session_factory
 from worker.config import Settings, get_settings
 from worker.core import jobs
-from worker.core.jobs import NewJob
+from worker.core.jobs import InputStore, NewJob
 from worker.core.states import State
 from worker.core.steps import Publisher
 from worker.core.validation import ImageInput, Resolver, check_url, sniff_image, validate_prompt, validate_seed, validate_size
 from worker.engine import operator, reconciler
 from worker.engine.webhooks import nudge_poll
-from worker.errors import InvalidInput, InvalidJobOperation, JobNotFound
+from worker.errors import AdmissionUnavailable, InvalidInput, InvalidJobOperation, JobNotFound, StorageError
 from worker.metrics import Metrics
-from worker.producer import publish_new
+from worker.producer import admit, publish_new
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ class ErrorCode(str, Enum):
     HTTP_ERROR = "http_error"
 
 
-def error_response(status: int, code: ErrorCode, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code.value, "message": message}})
+def error_response(status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code.value, "message": message}}, headers=headers)
 
 
 # --- the image rules of the HTTP API ----------------------------------------------------------
@@ -164,9 +164,11 @@ def create_app(
     deps_factory: Callable[[], Any] | None = None,
     publisher=None,
     url_resolver: Resolver | None = None,
+    storage: InputStore | None = None,
 ) -> FastAPI:
     """The API over `settings` (default: the environment). `publisher=None` publishes to Celery;
-    `deps_factory` builds the engine's Deps for cancel and retry (default: `deps.build_deps`)."""
+    `deps_factory` builds the engine's Deps for cancel and retry (default: `deps.build_deps`);
+    `storage` is where input images go at admission (default: S3 as `settings` say)."""
     settings = settings or get_settings()
     sessions = session_factory(settings.database_url)
     secret = webhooks.webhook_secret(settings)
@@ -221,6 +223,12 @@ def create_app(
         log.error("database error: %s", type(exc).__name__)
         return error_response(503, ErrorCode.UNAVAILABLE, "the database is unavailable; try again")
 
+    @app.exception_handler(StorageError)
+    async def _on_storage(_request: Request, exc: StorageError) -> JSONResponse:
+        log.warning("object storage unavailable: %s", exc)  # S3 down at admission: nothing was written
+        headers = {"Retry-After": str(AdmissionUnavailable.retry_after)}
+        return error_response(503, ErrorCode.UNAVAILABLE, "object storage is unavailable; no job was created, try again", headers)
+
     @app.exception_handler(Exception)
     async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # Starlette still re-raises after answering, so the server logs the traceback; the client
@@ -239,9 +247,9 @@ def create_app(
     @app.post("/jobs", status_code=201)
     def create_job(body: CreateJob) -> JSONResponse:
         request = validate_api_request(body, settings=settings, resolver=url_resolver)
-        # create_jobs + publish_new is producer.enqueue for one request, keeping the `created`
-        # flag that tells a new job (201) from an idempotent replay (200).
-        [(job, created)] = jobs.create_jobs(sessions, [request], deadline_seconds=settings.job_deadline_seconds)
+        # admit + publish_new is producer.enqueue for one request, keeping the `created` flag that
+        # tells a new job (201) from an idempotent replay (200). The input image goes to S3 first.
+        [(job, created)] = admit(settings, [request], storage=storage)
         if created:
             publish_new(settings, [job.id], publisher=get_publisher())
         return JSONResponse(status_code=201 if created else 200, content=jobs.to_json(job))

@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     # Input checks.
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0, validation_alias=_env("EDIT_WORKER_MAX_IMAGE_BYTES"))
     allow_private_urls: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_ALLOW_PRIVATE_URLS"))
+    # How the provider gets an input image kept in S3: "base64" (read from S3 at submit time and
+    # sent inline; works with a private S3) or "presigned_url" (a GET URL valid for
+    # input_url_expiry_seconds, for deployments whose S3 the provider can reach).
+    input_delivery: Literal["base64", "presigned_url"] = Field(default="base64", validation_alias=_env("EDIT_WORKER_INPUT_DELIVERY"))
+    input_url_expiry_seconds: int = Field(
+        default=3600, ge=60, le=7 * 24 * 3600, validation_alias=_env("EDIT_WORKER_INPUT_URL_EXPIRY_SECONDS")
+    )
     # Ask the provider for base64 outputs instead of URLs.
     base64_output: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_BASE64_OUTPUT"))
 

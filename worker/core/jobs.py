@@ -4,11 +4,13 @@ transitions with an audit event each, and the queries and JSON shape the CLI and
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Row, bindparam, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
@@ -59,47 +61,102 @@ def _event(session: Session, job_id: str, src: State | None, dst: State, reason:
     )
 
 
+class InputStore(Protocol):
+    """Where admission puts a new job's input image (storage.Storage in production)."""
+
+    def put_input(self, job_id: str, data: bytes, content_type: str) -> str:
+        """Store the bytes; answer the object's URI. Raises StorageError when it cannot."""
+        ...
+
+
+@dataclass(frozen=True)
+class StoredInput:
+    uri: str  # the s3:// URI of the stored bytes, or the public URL the provider fetches
+    sha256: str | None  # of the stored bytes; None for a URL
+
+
+def store_inputs(inputs: InputStore | None, images: list[tuple[str, ImageInput]], *, threads: int = 8) -> dict[str, StoredInput]:
+    """Put the images given as bytes into the input store (concurrently), keyed by job id. A URL
+    input is stored as the URL itself. Any StorageError propagates: the caller writes nothing."""
+    stored: dict[str, StoredInput] = {}
+    uploads: list[tuple[str, bytes, str]] = []
+    for job_id, image in images:
+        if image.url is not None:
+            stored[job_id] = StoredInput(image.url, None)
+            continue
+        data, content_type = image.content()
+        uploads.append((job_id, data, content_type))
+    if uploads and inputs is None:
+        raise ValueError("an image given as bytes needs an input store (S3) to be admitted")
+    if len(uploads) == 1:
+        job_id, data, content_type = uploads[0]
+        stored[job_id] = StoredInput(inputs.put_input(job_id, data, content_type), hashlib.sha256(data).hexdigest())  # type: ignore[union-attr]
+    elif uploads:
+        with ThreadPoolExecutor(max_workers=min(threads, len(uploads)), thread_name_prefix="admit") as pool:
+            uris = list(pool.map(lambda u: inputs.put_input(*u), uploads))  # type: ignore[union-attr]
+        for (job_id, data, _), uri in zip(uploads, uris):
+            stored[job_id] = StoredInput(uri, hashlib.sha256(data).hexdigest())
+    return stored
+
+
 def create_jobs(
     sessions: sessionmaker[Session],
     requests: Iterable[NewJob],
     *,
     deadline_seconds: float,
     clock: Clock = utcnow,
+    inputs: InputStore | None = None,
 ) -> list[tuple[Job, bool]]:
     """Insert jobs (state queued) with their event and outbox row in one transaction per batch.
 
-    Returns (job, created) pairs in input order; a known idempotency key returns the existing job
-    with created=False and writes nothing.
+    The input images go to `inputs` first, outside any transaction: if the store fails
+    (StorageError) nothing is written — a job is never admitted without its image, and the row
+    never holds the image's bytes. Returns (job, created) pairs in input order; a known
+    idempotency key returns the existing job with created=False and stores and writes nothing.
     """
     requests = list(requests)
     keys = [r.idempotency_key for r in requests if r.idempotency_key]
+    # Chosen once: if a race on an idempotency key makes us go round again, a re-stored input
+    # overwrites the same object instead of leaving another behind.
+    ids = [str(uuid.uuid4()) for _ in requests]
+    stored: dict[str, StoredInput] = {}
     for _attempt in range(3):
-        now = clock()
-        with sessions() as session:
-            existing: dict[str, Job] = {}
-            if keys:
+        existing: dict[str, Job] = {}
+        if keys:
+            with sessions() as session:
                 for job in session.scalars(select(Job).where(Job.idempotency_key.in_(keys))):
                     existing[job.idempotency_key] = job  # type: ignore[index]
-            results: list[tuple[Job, bool]] = []
-            batch_keys: dict[str, Job] = {}
-            for req in requests:
-                key = req.idempotency_key
-                if key and key in existing:
-                    results.append((existing[key], False))
-                    continue
-                if key and key in batch_keys:  # the same key twice in one batch: one job
-                    results.append((batch_keys[key], False))
-                    continue
+        plan: list[Job | int] = []  # per request: the existing job, or the index of the request that creates it
+        first_of_key: dict[str, int] = {}
+        for index, req in enumerate(requests):
+            key = req.idempotency_key
+            if key and key in existing:
+                plan.append(existing[key])
+            elif key and key in first_of_key:  # the same key twice in one batch: one job
+                plan.append(first_of_key[key])
+            else:
+                if key:
+                    first_of_key[key] = index
+                plan.append(index)
+        fresh = [index for index, step in enumerate(plan) if not isinstance(step, Job) and step == index]
+        stored.update(store_inputs(inputs, [(ids[i], requests[i].image) for i in fresh if ids[i] not in stored]))
+        now = clock()
+        with sessions() as session:
+            created: dict[int, Job] = {}
+            for index in fresh:
+                req, job_id = requests[index], ids[index]
                 job = Job(
-                    id=str(uuid.uuid4()),
+                    id=job_id,
                     state=State.QUEUED.value,
                     prompt=req.prompt,
                     size=req.size,
                     seed=req.seed,
                     image_ref=req.image.ref,
-                    image_payload=req.image.payload,
+                    image_uri=stored[job_id].uri,
+                    image_sha256=stored[job_id].sha256,
+                    image_payload=None,
                     enable_base64_output=req.enable_base64_output,
-                    idempotency_key=key,
+                    idempotency_key=req.idempotency_key,
                     attempts=0,
                     outputs=[],
                     has_nsfw_contents=[],
@@ -112,9 +169,7 @@ def create_jobs(
                 session.flush()  # jobs before their events/outbox rows (FK order)
                 _event(session, job.id, None, State.QUEUED, "created", now)
                 session.add(Outbox(job_id=job.id, task=Step.SUBMIT.value, created_at=now))
-                if key:
-                    batch_keys[key] = job
-                results.append((job, True))
+                created[index] = job
             try:
                 session.commit()
             except IntegrityError:
@@ -122,7 +177,10 @@ def create_jobs(
                 # answer its job instead (the unique constraint makes the race harmless).
                 session.rollback()
                 continue
-            return results
+        results: list[tuple[Job, bool]] = []
+        for index, step in enumerate(plan):
+            results.append((step, False) if isinstance(step, Job) else (created[step], step == index))
+        return results
     raise IdempotencyConflict("could not create jobs: idempotency keys kept conflicting; try again")
 
 
