@@ -50,6 +50,9 @@ def make_s3_client(settings: Settings) -> Any:
         # bytes are compared end to end by the tests).
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        # SigV4 for presigned input URLs too (botocore may presign with SigV2 otherwise, which
+        # newer AWS regions refuse).
+        signature_version="s3v4",
     )
     secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
     return boto3.session.Session().client(
