@@ -51,7 +51,6 @@ def test_with_presigned_url_delivery_the_provider_gets_a_signed_get_url_of_the_i
     assert url.scheme == "https" and url.path.endswith(f"{PREFIX}/inputs/{stored_job}")
     query = parse_qs(url.query)
     assert query["X-Amz-Expires"] == ["900"] and query["X-Amz-Signature"]
-    assert "testing" not in query["X-Amz-Signature"][0]  # signed, the secret itself is nowhere
 
 
 def test_a_public_url_input_is_sent_as_the_url(deps, new_job, fake_provider, list_keys):
