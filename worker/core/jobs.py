@@ -86,16 +86,18 @@ def store_inputs(inputs: InputStore | None, images: list[tuple[str, ImageInput]]
             continue
         data, content_type = image.content()
         uploads.append((job_id, data, content_type))
-    if uploads and inputs is None:
+    if not uploads:
+        return stored
+    if inputs is None:
         raise ValueError("an image given as bytes needs an input store (S3) to be admitted")
+    store = inputs
     if len(uploads) == 1:
-        job_id, data, content_type = uploads[0]
-        stored[job_id] = StoredInput(inputs.put_input(job_id, data, content_type), hashlib.sha256(data).hexdigest())  # type: ignore[union-attr]
-    elif uploads:
+        uris = [store.put_input(*uploads[0])]
+    else:
         with ThreadPoolExecutor(max_workers=min(threads, len(uploads)), thread_name_prefix="admit") as pool:
-            uris = list(pool.map(lambda u: inputs.put_input(*u), uploads))  # type: ignore[union-attr]
-        for (job_id, data, _), uri in zip(uploads, uris):
-            stored[job_id] = StoredInput(uri, hashlib.sha256(data).hexdigest())
+            uris = list(pool.map(lambda upload: store.put_input(*upload), uploads))
+    for (job_id, data, _), uri in zip(uploads, uris):
+        stored[job_id] = StoredInput(uri, hashlib.sha256(data).hexdigest())
     return stored
 
 
