@@ -60,7 +60,8 @@ def main() -> int:
         }
         settings = settings_from_env(env)
         from worker.adapters.database import migrate, session_factory
-        from worker.engine import deps as deps_module, submitter
+        from worker.engine import deps as deps_module
+        from worker.engine import submitter
         from worker.producer import submit_edit_many
 
         migrate(settings.database_url)
@@ -101,7 +102,9 @@ def main() -> int:
         waited = time.monotonic() - arrived
         with sessions() as session:
             ahead = len(
-                session.scalars(select(Job.id).where(Job.tenant == "bulk", Job.submitted_at.is_not(None), Job.submitted_at < job.submitted_at)).all()
+                session.scalars(
+                    select(Job.id).where(Job.tenant == "bulk", Job.submitted_at.is_not(None), Job.submitted_at < job.submitted_at)
+                ).all()
             )
         result = {
             "bulk_jobs_queued": args.jobs,

@@ -62,8 +62,14 @@ class Job(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     # What the producer gave (a URL, or "file:<name>" for a local file) — for display and audit.
     image_ref: Mapped[str] = mapped_column(Text)
-    # The image as the provider receives it: an http(s) URL or a data: URI. Loaded only when submitting.
-    image_payload: Mapped[str] = mapped_column(Text, deferred=True)
+    # Where the input image is: `s3://bucket/{prefix}/inputs/{job_id}` (stored at admission), or the
+    # public http(s) URL the provider fetches itself. NULL only on rows from before revision 0003.
+    image_uri: Mapped[str | None] = mapped_column(Text)
+    # sha256 (hex) of the input bytes stored in S3; NULL for a URL input (its bytes are never fetched here).
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Before revision 0003: the image as the provider receives it (a URL or a data: URI with base64).
+    # New rows leave it NULL; submit reads it only for an old row without `image_uri`.
+    image_payload: Mapped[str | None] = mapped_column(Text, deferred=True)
     enable_base64_output: Mapped[bool] = mapped_column(Boolean, default=False)
     # Which tenant owns the job (every read, list and action is scoped to it); `default` without keys.
     tenant: Mapped[str] = mapped_column(String(64), default="default", server_default="default")
@@ -97,6 +103,8 @@ class Job(Base):
         Index("ix_jobs_state_updated_at", "state", "updated_at"),
         Index("ix_jobs_state_next_poll_at", "state", "next_poll_at"),
         Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        # Retention (`edit-worker prune`) finds finished jobs by when they finished.
+        Index("ix_jobs_finished_at", "finished_at"),
     )
 
     def __repr__(self) -> str:

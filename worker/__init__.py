@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __all__ = [
+    "AdmissionUnavailable",
     "EditWorkerError",
     "InvalidInput",
     "InvalidJobOperation",
@@ -21,7 +22,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from worker.errors import EditWorkerError, InvalidInput, InvalidJobOperation, JobNotFound
+    from worker.errors import AdmissionUnavailable, EditWorkerError, InvalidInput, InvalidJobOperation, JobNotFound
     from worker.producer import WaitTimeout, get_job, submit_edit, submit_edit_many, wait_for
 
 
@@ -30,7 +31,7 @@ def __getattr__(name: str):
         from worker import producer
 
         return getattr(producer, name)
-    if name in ("EditWorkerError", "InvalidInput", "JobNotFound", "InvalidJobOperation"):
+    if name in ("EditWorkerError", "InvalidInput", "JobNotFound", "InvalidJobOperation", "AdmissionUnavailable"):
         from worker import errors
 
         return getattr(errors, name)

@@ -35,16 +35,25 @@ from worker.adapters import webhooks
 from worker.adapters.database import get_engine, session_factory
 from worker.config import Settings, get_settings
 from worker.core import jobs, tenants
-from worker.core.jobs import NewJob
+from worker.core.jobs import InputStore, NewJob
 from worker.core.states import State
 from worker.core.steps import Publisher
 from worker.core.tenants import Caller
 from worker.core.validation import ImageInput, Resolver, check_url, sniff_image, validate_prompt, validate_seed, validate_size
 from worker.engine import operator, reconciler
 from worker.engine.webhooks import nudge_poll
-from worker.errors import IdempotencyMismatch, InvalidInput, InvalidJobOperation, JobNotFound, QuotaExceeded, Unauthorized
+from worker.errors import (
+    AdmissionUnavailable,
+    IdempotencyMismatch,
+    InvalidInput,
+    InvalidJobOperation,
+    JobNotFound,
+    QuotaExceeded,
+    StorageError,
+    Unauthorized,
+)
 from worker.metrics import Metrics
-from worker.producer import publish_new
+from worker.producer import admit, publish_new
 from worker.views import job_view, nth_output_link
 
 log = logging.getLogger(__name__)
@@ -106,8 +115,8 @@ def _key_json(key) -> dict:
     }
 
 
-def error_response(status: int, code: ErrorCode, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code.value, "message": message}})
+def error_response(status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code.value, "message": message}}, headers=headers)
 
 
 # --- the image rules of the HTTP API ----------------------------------------------------------
@@ -247,9 +256,11 @@ def create_app(
     deps_factory: Callable[[], Any] | None = None,
     publisher=None,
     url_resolver: Resolver | None = None,
+    storage: InputStore | None = None,
 ) -> FastAPI:
     """The API over `settings` (default: the environment). `publisher=None` publishes to Celery;
-    `deps_factory` builds the engine's Deps for cancel and retry (default: `deps.build_deps`)."""
+    `deps_factory` builds the engine's Deps for cancel and retry (default: `deps.build_deps`);
+    `storage` is where input images go at admission (default: S3 as `settings` say)."""
     settings = settings or get_settings()
     sessions = session_factory(settings.database_url)
     secret = webhooks.webhook_secret(settings)
@@ -275,12 +286,12 @@ def create_app(
     bearer = HTTPBearer(auto_error=False, description="An API key from `edit-worker keys create`.")
     storage_box: list[Any] = []
 
-    def storage():
-        # One boto3 client per app, made on first use (presigning needs no call to S3).
+    def link_storage():
+        # Signs result links: one boto3 client per app, made on first use (presigning calls no S3).
         if not storage_box:
             from worker.adapters.storage import Storage
 
-            storage_box.append(Storage.from_settings(settings))
+            storage_box.append(storage if isinstance(storage, Storage) else Storage.from_settings(settings))
         return storage_box[0]
 
     def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
@@ -297,7 +308,7 @@ def create_app(
         return who
 
     def view(job) -> dict:
-        return job_view(job, settings, storage())
+        return job_view(job, settings, link_storage())
 
     # --- errors: one JSON shape for every refusal ---
 
@@ -350,6 +361,12 @@ def create_app(
         log.error("database error: %s", type(exc).__name__)
         return error_response(503, ErrorCode.UNAVAILABLE, "the database is unavailable; try again")
 
+    @app.exception_handler(StorageError)
+    async def _on_storage(_request: Request, exc: StorageError) -> JSONResponse:
+        log.warning("object storage unavailable: %s", exc)  # S3 down at admission: nothing was written
+        headers = {"Retry-After": str(AdmissionUnavailable.retry_after)}
+        return error_response(503, ErrorCode.UNAVAILABLE, "object storage is unavailable; no job was created, try again", headers)
+
     @app.exception_handler(Exception)
     async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # Starlette still re-raises after answering, so the server logs the traceback; the client
@@ -373,12 +390,10 @@ def create_app(
             raise _Forbidden("only an admin key may create jobs for another tenant")
         tenant = body.tenant or who.tenant
         request = validate_api_request(body, settings=settings, resolver=url_resolver, tenant=tenant)
-        # create_jobs + publish_new is producer.enqueue for one request, keeping the `created`
-        # flag that tells a new job (201) from an idempotent replay (200).
+        # admit + publish_new is producer.enqueue for one request, keeping the `created` flag that
+        # tells a new job (201) from an idempotent replay (200). The input image goes to S3 first.
         tenants.check_admission(sessions, request.tenant, 1, settings)
-        [(job, created)] = jobs.create_jobs(
-            sessions, [request], deadline_seconds=settings.job_deadline_seconds, idempotency_ttl=settings.idempotency_ttl_seconds
-        )
+        [(job, created)] = admit(settings, [request], storage=storage)
         if created:
             publish_new(settings, [job.id], publisher=get_publisher())
         return JSONResponse(status_code=201 if created else 200, content=view(job))
@@ -415,7 +430,7 @@ def create_app(
         """Redirect to a fresh presigned link to output `index` (0-based) of a finished job."""
         job = jobs.get_job(sessions, job_id, tenant=who.scope)
         try:
-            url = nth_output_link(job, index, storage(), settings)
+            url = nth_output_link(job, index, link_storage(), settings)
         except InvalidJobOperation as exc:
             raise JobNotFound(str(exc)) from None
         return RedirectResponse(url, status_code=307)

@@ -456,6 +456,37 @@ def resolve(
 
 
 @app.command()
+def prune(
+    finished_before: str | None = typer.Option(None, "--finished-before", help="An age like 30d, 12h, 2w, or an ISO 8601 time."),
+    with_objects: bool = typer.Option(False, "--with-objects", help="Also delete the jobs' input and output objects in S3."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be deleted; delete nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as a JSON object."),
+) -> None:
+    """Delete finished jobs (succeeded, failed, cancelled) that finished before a cutoff, with their
+    events and outbox rows (and, with --with-objects, their S3 objects); print the counts."""
+    from worker.engine.retention import parse_cutoff, prune_finished
+
+    text = finished_before or ""
+    if not text:
+        _fail("--finished-before is required (e.g. --finished-before 30d)")
+    cutoff = _guard(lambda: parse_cutoff(text, datetime.now(timezone.utc).replace(microsecond=0)))
+    from worker.engine.deps import build_deps
+
+    report = _guard(lambda: prune_finished(build_deps(), cutoff, with_objects=with_objects, dry_run=dry_run))
+    if as_json:
+        typer.echo(json.dumps(report.to_json()))
+        return
+    data = report.to_json()
+    objects = f", {report.objects} object(s) in S3" if with_objects else " (S3 objects kept)"
+    out.print(
+        f"{'would prune' if dry_run else 'pruned'} {report.jobs} job(s) finished before {data['finished_before']}: "
+        f"{report.events} event(s), {report.outbox} outbox row(s){objects}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
 def demo(
     jobs: int = typer.Option(3, "--jobs", min=1, max=50, help="How many edits to run."),
     latency: float = typer.Option(2.0, "--latency", help="Sandbox inference time in seconds."),

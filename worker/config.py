@@ -331,6 +331,21 @@ class Settings(BaseSettings):
         description="Allow input image URLs that resolve to private, loopback or link-local addresses (turns the SSRF guard off).",
         validation_alias=_env("EDIT_WORKER_ALLOW_PRIVATE_URLS"),
     )
+    # How the provider gets an input image kept in S3: "base64" (read from S3 at submit time and
+    # sent inline; works with a private S3) or "presigned_url" (a GET URL valid for
+    # input_url_expiry_seconds, for deployments whose S3 the provider can reach).
+    input_delivery: Literal["base64", "presigned_url"] = Field(
+        default="base64",
+        description="How the provider gets an input image kept in S3: base64 (read from S3 at submit time and sent inline) or presigned_url (for an S3 the provider can reach).",
+        validation_alias=_env("EDIT_WORKER_INPUT_DELIVERY"),
+    )
+    input_url_expiry_seconds: int = Field(
+        default=3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="How long a presigned input URL given to the provider stays valid, in seconds.",
+        validation_alias=_env("EDIT_WORKER_INPUT_URL_EXPIRY_SECONDS"),
+    )
     # Ask the provider for base64 outputs instead of URLs.
     base64_output: bool = Field(
         default=False,

@@ -50,6 +50,13 @@ class StorageError(EditWorkerError):
     """S3 could not store or read an object; transient: the step is retried."""
 
 
+class AdmissionUnavailable(StorageError):
+    """A new job's input image could not be stored (S3 unavailable): nothing was queued. Transient:
+    the producer should try again (HTTP 503 with Retry-After; the CLI exits 1)."""
+
+    retry_after = 5
+
+
 class ProviderError(EditWorkerError):
     """Anything the provider answered (or failed to answer) that is not a usable result."""
 

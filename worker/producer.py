@@ -1,5 +1,6 @@
-"""The producer side: validate, insert the job with its outbox row in one transaction, then try to
-publish at once (the outbox relay covers a broker that is down), read jobs and wait for them.
+"""The producer side: validate, store the input image in S3, insert the job with its outbox row in
+one transaction, then try to publish at once (the outbox relay covers a broker that is down), read
+jobs and wait for them. S3 down at admission refuses the job (AdmissionUnavailable): nothing half-written.
 """
 
 from __future__ import annotations
@@ -8,26 +9,51 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job
 from worker.adapters.database import session_factory
+from worker.adapters.storage import Storage
 from worker.config import Settings, get_settings
-from worker.core.jobs import NewJob, create_jobs, mark_sent, pending_outbox, publish_outbox
+from worker.core.jobs import InputStore, NewJob, create_jobs, mark_sent, pending_outbox, publish_outbox
 from worker.core.jobs import get_job as _get_job
 from worker.core.states import State
 from worker.core.steps import Publisher
 from worker.core.tenants import DEFAULT_TENANT, check_admission, validate_priority, validate_tenant
 from worker.core.validation import load_image, validate_prompt, validate_seed, validate_size
-from worker.errors import EditWorkerError, InvalidInput
+from worker.errors import AdmissionUnavailable, EditWorkerError, InvalidInput, StorageError
 
 log = logging.getLogger(__name__)
 
 
 def _sessions(settings: Settings) -> sessionmaker[Session]:
     return session_factory(settings.database_url)
+
+
+@lru_cache(maxsize=8)
+def _cached_storage(endpoint: str | None, region: str, key_id: str | None, secret: str | None, bucket: str, prefix: str) -> Storage:
+    # One boto3 client per S3 configuration and process (creating one costs ~0.1 s).
+    settings = Settings(
+        _env_file=None,
+        s3_endpoint_url=endpoint,
+        aws_region=region,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        s3_bucket=bucket,
+        s3_prefix=prefix,
+    )
+    return Storage.from_settings(settings)
+
+
+def input_store(settings: Settings) -> Storage:
+    """Where admission puts input images: S3 as `settings` describe it (one client per process)."""
+    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
+    return _cached_storage(
+        settings.s3_endpoint_url, settings.aws_region, settings.aws_access_key_id, secret, settings.s3_bucket, settings.s3_prefix
+    )
 
 
 def _publisher() -> Publisher:
@@ -70,21 +96,41 @@ def validate_request(
     )
 
 
-def enqueue(settings: Settings, requests: Iterable[NewJob], *, publisher=None, batch_size: int = 500) -> list[Job]:
-    """Check each tenant's quota (QuotaExceeded: nothing written), insert in batches (one
-    transaction each), then publish the new jobs' first messages."""
-    sessions = _sessions(settings)
+def admit(settings: Settings, requests: list[NewJob], *, storage: InputStore | None = None) -> list[tuple[Job, bool]]:
+    """Store the requests' input images in S3, then insert the jobs (one transaction): (job,
+    created) pairs. S3 unavailable -> AdmissionUnavailable and nothing written (retry later)."""
+    try:
+        return create_jobs(
+            _sessions(settings),
+            requests,
+            deadline_seconds=settings.job_deadline_seconds,
+            idempotency_ttl=settings.idempotency_ttl_seconds,
+            inputs=storage or input_store(settings),
+        )
+    except AdmissionUnavailable:
+        raise
+    except StorageError as exc:
+        raise AdmissionUnavailable(f"object storage is unavailable, no job was created; try again ({exc})") from None
+
+
+def enqueue(
+    settings: Settings, requests: Iterable[NewJob], *, publisher=None, batch_size: int = 500, storage: InputStore | None = None
+) -> list[Job]:
+    """Check each tenant's quota (QuotaExceeded: nothing written), store inputs and insert in
+    batches (one transaction each), then publish the new jobs' first messages. If S3 fails
+    mid-way, the batches before are queued and AdmissionUnavailable says how many."""
     requests = list(requests)
+    sessions = _sessions(settings)
     for tenant, count in Counter(r.tenant for r in requests).items():
         check_admission(sessions, tenant, count, settings)
     jobs: list[Job] = []
     for start in range(0, len(requests), batch_size):
-        pairs = create_jobs(
-            sessions,
-            requests[start : start + batch_size],
-            deadline_seconds=settings.job_deadline_seconds,
-            idempotency_ttl=settings.idempotency_ttl_seconds,
-        )
+        try:
+            pairs = admit(settings, requests[start : start + batch_size], storage=storage)
+        except AdmissionUnavailable as exc:
+            if not jobs:
+                raise
+            raise AdmissionUnavailable(f"{exc} (the first {start} of {len(requests)} jobs were created)") from None
         jobs.extend(job for job, _ in pairs)
         publish_new(settings, [job.id for job, created in pairs if created], publisher=publisher)
     return jobs
@@ -119,6 +165,7 @@ def submit_edit(
     priority: str | None = None,
     settings: Settings | None = None,
     publisher=None,
+    storage: InputStore | None = None,
 ) -> Job:
     """Create an edit job for `tenant` (default `default`); the same idempotency key with the same
     request returns the same job, never a second one (IdempotencyMismatch for a different request;
@@ -135,11 +182,16 @@ def submit_edit(
         priority=priority,
         settings=settings,
     )
-    return enqueue(settings, [request], publisher=publisher)[0]
+    return enqueue(settings, [request], publisher=publisher, storage=storage)[0]
 
 
 def submit_edit_many(
-    items: Iterable[Mapping[str, Any]], *, settings: Settings | None = None, publisher=None, batch_size: int = 500
+    items: Iterable[Mapping[str, Any]],
+    *,
+    settings: Settings | None = None,
+    publisher=None,
+    batch_size: int = 500,
+    storage: InputStore | None = None,
 ) -> list[Job]:
     """Bulk form: every item is validated first (all or nothing), then inserted and published in batches."""
     settings = settings or get_settings()
@@ -151,7 +203,7 @@ def submit_edit_many(
             raise InvalidInput(f"item {number}: {exc}") from None
         except InvalidInput as exc:
             raise InvalidInput(f"item {number}: {exc}") from None
-    return enqueue(settings, requests, publisher=publisher, batch_size=batch_size)
+    return enqueue(settings, requests, publisher=publisher, batch_size=batch_size, storage=storage)
 
 
 def get_job(job_id: str, *, settings: Settings | None = None, tenant: str | None = None) -> Job:

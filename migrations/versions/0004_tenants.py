@@ -1,7 +1,7 @@
 """tenants, API keys, per-tenant expiring idempotency keys; jobs gain tenant, priority, paid_submissions
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0001"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

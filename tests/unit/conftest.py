@@ -398,6 +398,28 @@ def storage(settings, s3) -> Storage:
     return Storage.from_settings(settings, client=s3)
 
 
+@pytest.fixture(scope="session")
+def _unreachable_s3_client():
+    import boto3
+    from botocore.config import Config
+
+    # Port 9 (discard) refuses connections; one attempt keeps the tests fast.
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url="http://127.0.0.1:9",
+        region_name="us-east-1",
+        aws_access_key_id="AKIAUNITTEST",
+        aws_secret_access_key="super-secret-s3-key",
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=1, s3={"addressing_style": "path"}),
+    )
+
+
+@pytest.fixture
+def down_storage(_unreachable_s3_client) -> Storage:
+    """S3 that is down: the worker's Storage over a real boto3 client whose endpoint refuses connections."""
+    return Storage(_unreachable_s3_client, BUCKET, PREFIX)
+
+
 def object_keys(s3_client, bucket: str = BUCKET) -> list[str]:
     return sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []))
 
@@ -438,8 +460,9 @@ IMAGE_URL = "https://images.example.com/cat.png"
 
 
 @pytest.fixture
-def new_job(sessions, settings, clock) -> Callable[..., str]:
-    """Insert one queued job (as a producer would, already validated) and return its id."""
+def new_job(sessions, settings, clock, request) -> Callable[..., str]:
+    """Insert one queued job (as a producer would, already validated) and return its id. A
+    `data:` URI image is stored in (moto) S3 as admission does; a URL is kept as it is."""
 
     def make(
         *,
@@ -453,7 +476,7 @@ def new_job(sessions, settings, clock) -> Callable[..., str]:
         tenant: str = "default",
         priority: str = "normal",
     ) -> str:
-        request = NewJob(
+        new = NewJob(
             image=ImageInput(ref=image, payload=image),
             prompt=prompt,
             size=size,
@@ -463,8 +486,9 @@ def new_job(sessions, settings, clock) -> Callable[..., str]:
             tenant=tenant,
             priority=priority,
         )
+        inputs = request.getfixturevalue("storage") if image.startswith("data:") else None
         [(job, _created)] = jobs.create_jobs(
-            sessions, [request], deadline_seconds=deadline_seconds or settings.job_deadline_seconds, clock=clock.now
+            sessions, [new], deadline_seconds=deadline_seconds or settings.job_deadline_seconds, clock=clock.now, inputs=inputs
         )
         return job.id
 

@@ -1,10 +1,12 @@
-"""S3-compatible storage (boto3): deterministic output keys, typed puts, presigned URLs.
+"""S3-compatible storage (boto3): deterministic keys, typed puts, reads, deletes, presigned URLs.
 
-Keys are `{prefix}/{job_id}/{index}.{ext}`: a re-run of an upload overwrites, never duplicates.
+Outputs are `{prefix}/{job_id}/{index}.{ext}` and a job's input image is `{prefix}/inputs/{job_id}`:
+a re-run of an upload overwrites, never duplicates.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import IO, Any
 
@@ -48,6 +50,9 @@ def make_s3_client(settings: Settings) -> Any:
         # bytes are compared end to end by the tests).
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        # SigV4 for presigned input URLs too (botocore may presign with SigV2 otherwise, which
+        # newer AWS regions refuse).
+        signature_version="s3v4",
     )
     secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
     return boto3.session.Session().client(
@@ -73,6 +78,18 @@ class Storage:
     def key_for(self, job_id: str, index: int, ext: str) -> str:
         name = f"{job_id}/{index}.{ext}"
         return f"{self.prefix}/{name}" if self.prefix else name
+
+    def input_key(self, job_id: str) -> str:
+        name = f"inputs/{job_id}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def output_prefix(self, job_id: str) -> str:
+        """The folder of a job's outputs (with the trailing slash, so job ids never overlap)."""
+        return self.key_for(job_id, 0, "x").rsplit("/", 1)[0] + "/"
+
+    def put_input(self, job_id: str, data: bytes, content_type: str) -> str:
+        """Store a new job's input image (admission); its s3:// URI."""
+        return self.put(self.input_key(job_id), io.BytesIO(data), content_type)
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -106,10 +123,48 @@ class Storage:
         return self.uri(key)
 
     def get_bytes(self, key: str) -> bytes:
+        return self.get(key)[0]
+
+    def get(self, key: str) -> tuple[bytes, str | None]:
+        """An object's bytes and its stored content type."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            return response["Body"].read(), response.get("ContentType")
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"get {self.uri(key)} failed: {_describe(exc)}") from None
+        except Exception as exc:  # a connection dropped while streaming the body (urllib3's types)
+            raise StorageError(f"get {self.uri(key)} failed: {_describe(exc)}") from None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"list {self.uri(prefix)} failed: {_describe(exc)}") from None
+
+    def delete(self, uris: list[str]) -> int:
+        """Delete objects by s3:// URI (any bucket), up to 1,000 per request; a missing object
+        counts as deleted (S3 answers so). The number deleted; StorageError if any delete failed."""
+        by_bucket: dict[str, list[str]] = {}
+        for uri in dict.fromkeys(uris):
+            bucket, key = split_uri(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        deleted = 0
+        for bucket, keys in by_bucket.items():
+            for start in range(0, len(keys), 1000):
+                chunk = keys[start : start + 1000]
+                try:
+                    response = self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True})
+                except (ClientError, BotoCoreError) as exc:
+                    raise StorageError(f"delete in s3://{bucket} failed: {_describe(exc)}") from None
+                errors = response.get("Errors") or []
+                deleted += len(chunk) - len(errors)
+                if errors:
+                    first = errors[0]
+                    raise StorageError(
+                        f"delete of {len(errors)} object(s) in s3://{bucket} failed, e.g. {first.get('Key')}: {first.get('Code')}"
+                    )
+        return deleted
 
     def head(self, key: str) -> dict[str, Any]:
         try:
@@ -118,7 +173,10 @@ class Storage:
             raise StorageError(f"head {self.uri(key)} failed: {_describe(exc)}") from None
 
     def presign(self, key: str, expires: int = 3600) -> str:
-        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires)
+        try:
+            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires)
+        except (ClientError, BotoCoreError) as exc:  # e.g. no credentials to sign with
+            raise StorageError(f"presign {self.uri(key)} failed: {_describe(exc)}") from None
 
 
 def split_uri(uri: str) -> tuple[str, str]:

@@ -17,6 +17,7 @@ class ErrorCode(str, Enum):
     DOWNLOAD_FAILED = "download_failed"  # an output could not be fetched, for good
     OUTPUT_FORBIDDEN = "output_forbidden"
     OUTPUT_TOO_LARGE = "output_too_large"
+    INPUT_UNAVAILABLE = "input_unavailable"  # the input image could not be read from S3 at submit: retried
 
     def __str__(self) -> str:
         return self.value

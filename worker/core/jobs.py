@@ -8,9 +8,10 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Row, bindparam, delete, func, insert, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
@@ -54,7 +55,8 @@ class NewJob:
     def fingerprint(self) -> str:
         """What makes two requests "the same request" for an idempotency key: every field that
         changes the work (the image by its content digest, not its name)."""
-        image = hashlib.sha256(self.image.payload.encode("utf-8", "surrogatepass")).hexdigest()
+        data = self.image.data if self.image.data is not None else self.image.payload.encode("utf-8", "surrogatepass")
+        image = hashlib.sha256(data).hexdigest()
         fields = {
             "image": image,
             "prompt": self.prompt,
@@ -98,6 +100,46 @@ def _same_request(key: str, stored: str | None, req: NewJob) -> None:
         )
 
 
+class InputStore(Protocol):
+    """Where admission puts a new job's input image (storage.Storage in production)."""
+
+    def put_input(self, job_id: str, data: bytes, content_type: str) -> str:
+        """Store the bytes; answer the object's URI. Raises StorageError when it cannot."""
+        ...
+
+
+@dataclass(frozen=True)
+class StoredInput:
+    uri: str  # the s3:// URI of the stored bytes, or the public URL the provider fetches
+    sha256: str | None  # of the stored bytes; None for a URL
+
+
+def store_inputs(inputs: InputStore | None, images: list[tuple[str, ImageInput]], *, threads: int = 8) -> dict[str, StoredInput]:
+    """Put the images given as bytes into the input store (concurrently), keyed by job id. A URL
+    input is stored as the URL itself. Any StorageError propagates: the caller writes nothing."""
+    stored: dict[str, StoredInput] = {}
+    uploads: list[tuple[str, bytes, str]] = []
+    for job_id, image in images:
+        if image.url is not None:
+            stored[job_id] = StoredInput(image.url, None)
+            continue
+        data, content_type = image.content()
+        uploads.append((job_id, data, content_type))
+    if not uploads:
+        return stored
+    if inputs is None:
+        raise ValueError("an image given as bytes needs an input store (S3) to be admitted")
+    store = inputs
+    if len(uploads) == 1:
+        uris = [store.put_input(*uploads[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=min(threads, len(uploads)), thread_name_prefix="admit") as pool:
+            uris = list(pool.map(lambda upload: store.put_input(*upload), uploads))
+    for (job_id, data, _), uri in zip(uploads, uris):
+        stored[job_id] = StoredInput(uri, hashlib.sha256(data).hexdigest())
+    return stored
+
+
 def create_jobs(
     sessions: sessionmaker[Session],
     requests: Iterable[NewJob],
@@ -105,44 +147,60 @@ def create_jobs(
     deadline_seconds: float,
     idempotency_ttl: float = 86400.0,
     clock: Clock = utcnow,
+    inputs: InputStore | None = None,
 ) -> list[tuple[Job, bool]]:
     """Insert jobs (state queued) with their event and outbox row in one transaction per batch.
 
-    Returns (job, created) pairs in input order. An idempotency key is unique per tenant for
-    `idempotency_ttl` seconds: the same key with the same request returns the existing job with
-    created=False and writes nothing; with a different request it raises IdempotencyMismatch (and
-    nothing of the batch is written). An expired key starts a new job.
+    Idempotency keys are unique per tenant for `idempotency_ttl` seconds: the same key with the
+    same request returns the existing job with created=False and stores and writes nothing; with a
+    different request it raises IdempotencyMismatch and nothing of the batch is written. An expired
+    key starts a new job. The input images go to `inputs` first, outside any transaction: if the
+    store fails (StorageError) nothing is written — a job is never admitted without its image, and
+    the row never holds the image's bytes. Returns (job, created) pairs in input order.
     """
     requests = list(requests)
+    # Chosen once: if a race on an idempotency key makes us go round again, a re-stored input
+    # overwrites the same object instead of leaving another behind.
+    ids = [str(uuid.uuid4()) for _ in requests]
+    stored: dict[str, StoredInput] = {}
     for _attempt in range(3):
         now = clock()
         with sessions() as session:
             existing = _known_keys(session, requests, now)
-            results: list[tuple[Job, bool]] = []
-            batch_keys: dict[tuple[str, str], tuple[Job, str]] = {}
-            for req in requests:
-                key = req.idempotency_key
-                scoped = (req.tenant, key) if key else None
-                if scoped and scoped in existing:
-                    job, stored = existing[scoped]
-                    _same_request(key, stored, req)  # type: ignore[arg-type]
-                    results.append((job, False))
-                    continue
-                if scoped and scoped in batch_keys:  # the same key twice in one batch: one job
-                    job, stored = batch_keys[scoped]
-                    _same_request(key, stored, req)  # type: ignore[arg-type]
-                    results.append((job, False))
-                    continue
+        plan: list[Job | int] = []  # per request: the existing job, or the index of the request that creates it
+        first_of_key: dict[tuple[str, str], int] = {}
+        for index, req in enumerate(requests):
+            scoped = (req.tenant, req.idempotency_key) if req.idempotency_key else None
+            if scoped and scoped in existing:
+                job, fingerprint = existing[scoped]
+                _same_request(scoped[1], fingerprint, req)
+                plan.append(job)
+            elif scoped and scoped in first_of_key:  # the same key twice in one batch: one job
+                _same_request(scoped[1], requests[first_of_key[scoped]].fingerprint(), req)
+                plan.append(first_of_key[scoped])
+            else:
+                if scoped:
+                    first_of_key[scoped] = index
+                plan.append(index)
+        fresh = [index for index, step in enumerate(plan) if not isinstance(step, Job) and step == index]
+        stored.update(store_inputs(inputs, [(ids[i], requests[i].image) for i in fresh if ids[i] not in stored]))
+        now = clock()
+        with sessions() as session:
+            created: dict[int, Job] = {}
+            for index in fresh:
+                req, job_id = requests[index], ids[index]
                 job = Job(
-                    id=str(uuid.uuid4()),
+                    id=job_id,
                     state=State.QUEUED.value,
                     prompt=req.prompt,
                     size=req.size,
                     seed=req.seed,
                     image_ref=req.image.ref,
-                    image_payload=req.image.payload,
+                    image_uri=stored[job_id].uri,
+                    image_sha256=stored[job_id].sha256,
+                    image_payload=None,
                     enable_base64_output=req.enable_base64_output,
-                    idempotency_key=key,
+                    idempotency_key=req.idempotency_key,
                     tenant=req.tenant,
                     priority=req.priority,
                     attempts=0,
@@ -157,34 +215,35 @@ def create_jobs(
                 session.flush()  # jobs before their events/outbox rows (FK order)
                 _event(session, job.id, None, State.QUEUED, "created", now)
                 session.add(Outbox(job_id=job.id, task=Step.SUBMIT.value, created_at=now))
-                if scoped:
-                    fingerprint = req.fingerprint()
+                if req.idempotency_key:
                     # An expired key of this tenant is replaced; a live one is the unique conflict below.
                     session.execute(
                         delete(IdempotencyKey).where(
-                            IdempotencyKey.tenant == req.tenant, IdempotencyKey.key == key, IdempotencyKey.expires_at <= now
+                            IdempotencyKey.tenant == req.tenant, IdempotencyKey.key == req.idempotency_key, IdempotencyKey.expires_at <= now
                         )
                     )
                     session.add(
                         IdempotencyKey(
                             tenant=req.tenant,
-                            key=key,
+                            key=req.idempotency_key,
                             job_id=job.id,
-                            fingerprint=fingerprint,
+                            fingerprint=req.fingerprint(),
                             expires_at=now + timedelta(seconds=idempotency_ttl),
                         )
                     )
                     session.flush()
-                    batch_keys[scoped] = (job, fingerprint)
-                results.append((job, True))
+                created[index] = job
             try:
                 session.commit()
             except IntegrityError:
                 # Another producer inserted one of these idempotency keys meanwhile: re-read and
-                # answer its job instead (the unique constraint makes the race harmless).
+                # answer its job instead (the primary key on (tenant, key) makes the race harmless).
                 session.rollback()
                 continue
-            return results
+        results: list[tuple[Job, bool]] = []
+        for index, step in enumerate(plan):
+            results.append((step, False) if isinstance(step, Job) else (created[step], step == index))
+        return results
     raise IdempotencyConflict("could not create jobs: idempotency keys kept conflicting; try again")
 
 

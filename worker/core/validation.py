@@ -11,7 +11,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -67,8 +67,28 @@ def validate_seed(seed: int | str | None) -> int:
 
 @dataclass(frozen=True)
 class ImageInput:
-    ref: str  # what to show and audit: the URL, or "file:<name>"
-    payload: str  # what the provider receives: the URL, or a data: URI with base64
+    """A validated input image: a public URL the provider fetches itself, or the image's bytes
+    (a local file, inline base64), which admission stores in S3 — never in the job row."""
+
+    ref: str  # what to show and audit: the URL, "file:<name>" or "base64:<mime>:sha256=…"
+    # The URL, or a data: URI with base64 (the form the HTTP API builds); empty when `data` is set.
+    payload: str = field(default="", repr=False)
+    data: bytes | None = field(default=None, repr=False)
+    content_type: str | None = None
+
+    @property
+    def url(self) -> str | None:
+        """The http(s) URL the provider fetches itself, or None for an image given as bytes."""
+        return None if self.data is not None or self.payload[:5].lower() == "data:" else (self.payload or None)
+
+    def content(self) -> tuple[bytes, str]:
+        """The image's bytes and MIME type (from `data`, or decoded from a data: URI payload)."""
+        if self.data is not None:
+            return self.data, self.content_type or "application/octet-stream"
+        head, sep, encoded = self.payload.partition(",")
+        if not sep or not head[:5].lower() == "data:" or ";base64" not in head.lower():
+            raise ValueError(f"image {self.ref!r} carries no bytes (a URL input)")
+        return base64.b64decode(encoded), head[5:].split(";", 1)[0] or "application/octet-stream"
 
 
 def sniff_image(data: bytes, *, what: str = "image") -> str:
@@ -121,7 +141,8 @@ def load_image(
     allow_private_urls: bool = False,
     resolver: Resolver = _system_resolver,
 ) -> ImageInput:
-    """Turn a producer's image argument (local path or http(s) URL) into what the provider receives."""
+    """Turn a producer's image argument (local path or http(s) URL) into a checked ImageInput: a
+    URL as given, a file as its bytes (admission stores them in S3)."""
     text = str(source).strip()
     if not text:
         raise InvalidInput("image is required")
@@ -138,4 +159,4 @@ def load_image(
         raise InvalidInput("image file is empty")
     data = path.read_bytes()
     mime = sniff_image(data, what=f"image file {path.name!r}")
-    return ImageInput(ref=f"file:{path.name}", payload=f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}")
+    return ImageInput(ref=f"file:{path.name}", data=data, content_type=mime)

@@ -39,6 +39,11 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "Input images",
+        "Where admitted input images live (S3, at admission) and how the provider gets them.",
+        ["input_delivery", "input_url_expiry_seconds"],
+    ),
+    (
         "Provider",
         "WaveSpeed itself, and its webhooks.",
         ["wavespeed_api_key", "wavespeed_base_url", "webhook_secret", "webhook_url", "http_connect_timeout", "http_timeout"],

@@ -5,6 +5,8 @@ batch submitter leases jobs itself and hands each to `send_submit` — the same 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,6 +18,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 
 from models import Job
 from worker.adapters.limits import Gate
+from worker.adapters.storage import Storage, sniff_content_type, split_uri
 from worker.adapters.wavespeed import EditRequest, Prediction
 from worker.core.backoff import compute_backoff
 from worker.core.codes import ErrorCode, code_of
@@ -27,7 +30,7 @@ from worker.engine.deps import Deps
 from worker.engine.fairshare import tenant_at_cap
 from worker.engine.faults import crashpoint
 from worker.engine.wakeups import poller_wakeup
-from worker.errors import AmbiguousSubmitError, PermanentProviderError, ProviderAuthError, TransientProviderError
+from worker.errors import AmbiguousSubmitError, PermanentProviderError, ProviderAuthError, StorageError, TransientProviderError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,24 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
                 session.commit()
                 log.info("submit deferred %.1fs: %s", gate.wait, gate.reason, extra=job_context(job))
                 return Next(Step.SUBMIT, job_id, countdown=gate.wait)
+            try:
+                image = input_image(deps, job.image_uri, job.image_sha256, job.image_payload)
+            except StorageError as exc:
+                # Never submitted without its image, never failed for it: S3 will come back.
+                deps.limits.release(job_id)
+                wait = input_retry_delay(deps)
+                update_if(
+                    session,
+                    job_id,
+                    State.QUEUED,
+                    clock=deps.clock,
+                    next_attempt_at=now + timedelta(seconds=wait),
+                    error_code=ErrorCode.INPUT_UNAVAILABLE.value,
+                    error_message=str(exc)[:2000],
+                )
+                session.commit()
+                log.warning("input image unreadable, submit retried in %.1fs: %s", wait, exc, extra=job_context(job))
+                return Next(Step.SUBMIT, job_id, countdown=wait)
 
             attempt = job.attempts + 1
             moved = transition(
@@ -104,12 +125,41 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
         ticket = Ticket(
             job_id,
             attempt,
-            EditRequest(
-                prompt=job.prompt, image=job.image_payload, size=job.size, seed=job.seed, enable_base64_output=job.enable_base64_output
-            ),
+            EditRequest(prompt=job.prompt, image=image, size=job.size, seed=job.seed, enable_base64_output=job.enable_base64_output),
             probe,
         )
     return send_submit(deps, ticket)
+
+
+def input_image(deps: Deps, image_uri: str | None, image_sha256: str | None, image_payload: str | None) -> str:
+    """The `image` the provider receives for a job: its input read from S3 as a data: URI with
+    base64 (input_delivery=base64), or a presigned GET URL of it (presigned_url, after checking
+    that the object is there); a public URL as it is; a pre-0003 row's stored payload. Raises
+    StorageError (transient) when S3 cannot serve it — the caller retries, never submits without it."""
+    if image_uri is None:
+        if not image_payload:
+            raise StorageError("the job has no input image reference")
+        return image_payload  # a row from before revision 0003
+    if not image_uri.startswith("s3://"):
+        return image_uri  # a public URL: the provider fetches it
+    bucket, key = split_uri(image_uri)
+    storage = deps.storage if bucket == deps.storage.bucket else Storage(deps.storage.client, bucket)
+    if deps.settings.input_delivery == "presigned_url":
+        storage.head(key)  # S3 answers and the object is there: never a URL to nothing
+        return storage.presign(key, deps.settings.input_url_expiry_seconds)
+    data, content_type = storage.get(key)
+    if image_sha256 and hashlib.sha256(data).hexdigest() != image_sha256:
+        raise StorageError(f"{image_uri} does not hold the bytes admitted (sha256 differs)")
+    if not content_type or not content_type.startswith("image/"):
+        content_type = sniff_content_type(data[:16])
+    return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def input_retry_delay(deps: Deps) -> float:
+    """How long a job whose input S3 could not serve waits before its next try (S3 outages last
+    seconds to minutes; the job's deadline bounds the whole wait)."""
+    s = deps.settings
+    return max(1.0, compute_backoff(3, base=s.backoff_base, maximum=s.backoff_max, rng=deps.rng))
 
 
 def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | None:

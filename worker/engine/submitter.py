@@ -16,13 +16,14 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from sqlalchemy import bindparam, func, select, update
 
 from worker.adapters.limits import Gate
 from worker.adapters.wavespeed import EditRequest
+from worker.core.codes import ErrorCode
 from worker.core.jobs import JOBS, as_utc, transition_now
 from worker.core.states import State
 from worker.core.steps import Next, Step
@@ -30,8 +31,9 @@ from worker.engine.bookkeeping import release_slots
 from worker.engine.deps import Deps
 from worker.engine.fairshare import due_filter, fair_candidates
 from worker.engine.pools import shared_pool
-from worker.engine.submit import Ticket, send_submit, settle_breaker
+from worker.engine.submit import Ticket, input_image, input_retry_delay, send_submit, settle_breaker
 from worker.engine.wakeups import wake_poller
+from worker.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,10 @@ class Lease:
     job_id: str
     seq: int  # the row's poll_seq after leasing: the CAS that starts the submit checks it
     attempts: int
-    request: EditRequest
+    request: EditRequest  # its `image` is filled in (from S3) right before the submit
+    image_uri: str | None = None
+    image_sha256: str | None = None
+    image_payload: str | None = None  # rows from before revision 0003 only
 
 
 @dataclass
@@ -78,7 +83,19 @@ def lease_queued(deps: Deps, limit: int) -> list[Lease]:
         update(JOBS)
         .where(c.id.in_(select(due.c.id)), *due_filter(now))
         .values(poll_seq=c.poll_seq + 1, next_attempt_at=now + timedelta(seconds=deps.settings.submit_lease_seconds), updated_at=now)
-        .returning(c.id, c.poll_seq, c.attempts, c.prompt, c.image_payload, c.size, c.seed, c.enable_base64_output, c.created_at)
+        .returning(
+            c.id,
+            c.poll_seq,
+            c.attempts,
+            c.prompt,
+            c.image_uri,
+            c.image_sha256,
+            c.image_payload,
+            c.size,
+            c.seed,
+            c.enable_base64_output,
+            c.created_at,
+        )
     )
     with deps.sessions() as session:
         rows = session.execute(stmt).all()
@@ -90,7 +107,10 @@ def lease_queued(deps: Deps, limit: int) -> list[Lease]:
             r.id,
             r.poll_seq,
             r.attempts,
-            EditRequest(prompt=r.prompt, image=r.image_payload, size=r.size, seed=r.seed, enable_base64_output=r.enable_base64_output),
+            EditRequest(prompt=r.prompt, image="", size=r.size, seed=r.seed, enable_base64_output=r.enable_base64_output),
+            r.image_uri,
+            r.image_sha256,
+            r.image_payload,
         )
         for r in rows
     ]
@@ -112,6 +132,30 @@ def _unlease(deps: Deps, leases: list[Lease], wait: float) -> None:
         session.commit()
 
 
+def _defer_unreadable(deps: Deps, lease: Lease, why: str) -> None:
+    """A leased job whose input S3 could not serve: its limiter slot back, due again after a
+    backoff, still queued (the lease's claim version guards the update)."""
+    deps.limits.release(lease.job_id)
+    c = JOBS.c
+    now = deps.clock()
+    stmt = (
+        update(JOBS)
+        .where(c.id == lease.job_id, c.state == State.QUEUED.value, c.poll_seq == lease.seq)
+        .values(
+            next_attempt_at=now + timedelta(seconds=input_retry_delay(deps)),
+            updated_at=now,
+            error_code=ErrorCode.INPUT_UNAVAILABLE.value,
+            error_message=why[:2000],
+        )
+    )
+    try:
+        with deps.sessions() as session:
+            session.execute(stmt)
+            session.commit()
+    except Exception as exc:  # database down too: the lease runs out and the job is due again
+        log.warning("could not defer a leased submit: %s", type(exc).__name__, extra={"job_id": lease.job_id})
+
+
 # How long one submit takes here (CAS, provider call, record), an in-process running average:
 # it sizes the batches so that a pass leases only what it can send within its time.
 _submit_seconds = 0.05
@@ -127,6 +171,7 @@ class _Batch:
 
     def __init__(self) -> None:
         self.trouble = threading.Event()
+        self.inputs_down = threading.Event()  # S3 could not serve an input: the rest wait too
 
 
 def start_leased(deps: Deps, lease: Lease, probe: bool = False, batch: _Batch | None = None) -> tuple[str, Next | None]:
@@ -151,6 +196,20 @@ def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[st
     """In a pool thread: queued -> submitting (CAS on the lease), then the provider call."""
     if not probe and batch.trouble.is_set() and _breaker_opened(deps):
         return "held", None  # an earlier submit of this batch opened the breaker
+    if batch.inputs_down.is_set():
+        _defer_unreadable(deps, lease, "S3 could not serve another input of this batch")
+        return "deferred", None
+    try:
+        # Before queued -> submitting: a job whose image cannot be read stays queued (no attempt
+        # spent) and is never sent without it.
+        lease = replace(
+            lease, request=replace(lease.request, image=input_image(deps, lease.image_uri, lease.image_sha256, lease.image_payload))
+        )
+    except StorageError as exc:
+        batch.inputs_down.set()
+        _defer_unreadable(deps, lease, str(exc))
+        log.warning("input image unreadable, submit retried later: %s", exc, extra={"job_id": lease.job_id})
+        return "deferred", None
     attempt = lease.attempts + 1
     try:
         moved = transition_now(
@@ -245,6 +304,11 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             waits.append(wait)
         for status, nxt in outcomes:
             if status == "held":
+                continue
+            if status == "deferred":  # its input could not be read: back to queued with a backoff
+                report.deferred += 1
+                if probe:
+                    deps.limits.release_probe()  # the probe was not used
                 continue
             report.lost += status == "lost"
             report.started += status != "lost"

@@ -126,3 +126,37 @@ def test_reading_from_an_unreachable_endpoint_raises_storage_error(unreachable):
 def test_ensure_bucket_on_an_unreachable_endpoint_raises_storage_error(unreachable):
     with pytest.raises(StorageError, match="cannot reach"):
         unreachable.ensure_bucket()
+
+
+def test_a_jobs_input_is_stored_at_prefix_inputs_job_id_with_its_content_type(storage, s3, make_image):
+    data = make_image("JPEG")
+    uri = storage.put_input(JOB, data, "image/jpeg")
+    assert uri == f"s3://edit-worker-unit/edits/inputs/{JOB}"
+    assert storage.get(f"edits/inputs/{JOB}") == (data, "image/jpeg")
+    assert Storage(s3, "b", "").input_key(JOB) == f"inputs/{JOB}"
+
+
+def test_list_keys_under_a_jobs_output_prefix_never_includes_another_job(storage, list_keys):
+    other = JOB[:-1] + "2"
+    for job_id in (JOB, JOB + "0", other):
+        storage.put(storage.key_for(job_id, 0, "png"), io.BytesIO(b"x"), "image/png")
+    assert storage.output_prefix(JOB) == f"edits/{JOB}/"
+    assert storage.list_keys(storage.output_prefix(JOB)) == [f"edits/{JOB}/0.png"]
+
+
+def test_delete_removes_the_objects_by_uri_and_counts_missing_ones_as_deleted(storage, list_keys):
+    keep = storage.put(storage.key_for(JOB, 1, "png"), io.BytesIO(b"keep"), "image/png")
+    gone = [storage.put(storage.key_for(JOB, 0, "png"), io.BytesIO(b"x"), "image/png"), storage.put_input(JOB, b"in", "image/png")]
+    assert storage.delete([*gone, gone[0], "s3://edit-worker-unit/edits/never-there"]) == 3
+    assert list_keys() == [split_uri(keep)[1]]
+
+
+def test_delete_on_an_unreachable_endpoint_raises_storage_error(unreachable):
+    with pytest.raises(StorageError, match="delete"):
+        unreachable.delete([f"s3://bucket/edits/inputs/{JOB}"])
+
+
+def test_presigned_urls_are_signed_with_sigv4(storage):
+    storage.put_input(JOB, b"in", "image/png")
+    url = storage.presign(storage.input_key(JOB), expires=600)
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in url and "X-Amz-Expires=600" in url

@@ -3,6 +3,7 @@ request, all in one transaction; and of the job JSON of the contract."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import pytest
@@ -10,11 +11,13 @@ from sqlalchemy import func, select
 
 from models import Job, JobEvent, Outbox
 from worker import producer
+from worker.adapters.storage import Storage
 from worker.core.jobs import NewJob, create_jobs, get_job, job_events, list_jobs, to_json
 from worker.core.validation import ImageInput
-from worker.errors import IdempotencyMismatch, InvalidInput, JobNotFound
+from worker.errors import AdmissionUnavailable, IdempotencyMismatch, InvalidInput, JobNotFound, StorageError
 
 URL = "https://images.example.com/cat.png"
+BUCKET, PREFIX = "edit-worker-unit", "edits"  # as in conftest.py
 
 
 def counts(sessions) -> tuple[int, int, int]:
@@ -98,9 +101,10 @@ def test_get_job_of_an_unknown_id_raises_job_not_found(sessions):
         get_job(sessions, "00000000-0000-0000-0000-000000000000")
 
 
-def test_get_job_with_payloads_loads_the_image_payload(sessions, new_job):
+def test_a_url_input_is_kept_as_its_url_with_no_payload_and_no_digest(sessions, new_job):
     job_id = new_job(image=URL)
-    assert get_job(sessions, job_id, with_payloads=True).image_payload == URL
+    row = get_job(sessions, job_id, with_payloads=True)
+    assert (row.image_ref, row.image_uri, row.image_sha256, row.image_payload) == (URL, URL, None, None)
 
 
 def test_list_jobs_filters_by_state_newest_first(sessions, new_job, clock):
@@ -156,9 +160,9 @@ def test_job_events_lists_the_creation_event(sessions, new_job):
 # --- producer.enqueue / submit_edit ------------------------------------------------------------
 
 
-def test_enqueue_inserts_the_job_and_publishes_its_first_step_once(settings, sessions, publisher, png_file):
+def test_enqueue_inserts_the_job_and_publishes_its_first_step_once(settings, sessions, publisher, png_file, storage):
     req = producer.validate_request(image=str(png_file), prompt="make it night", settings=settings)
-    [job] = producer.enqueue(settings, [req], publisher=publisher)
+    [job] = producer.enqueue(settings, [req], publisher=publisher, storage=storage)
     assert counts(sessions) == (1, 1, 1)
     assert publisher.sent == [("submit", job.id, 0.0, None)]
     with sessions() as s:
@@ -166,33 +170,82 @@ def test_enqueue_inserts_the_job_and_publishes_its_first_step_once(settings, ses
         assert outbox.sent_at is not None  # published eagerly: the relay will not send it again
 
 
-def test_enqueue_keeps_the_outbox_row_when_the_broker_is_down(settings, sessions, png_file):
+def test_enqueue_keeps_the_outbox_row_when_the_broker_is_down(settings, sessions, png_file, storage):
     class DownBroker:
         def publish(self, *a, **kw):
             raise ConnectionError("broker down")
 
     req = producer.validate_request(image=str(png_file), prompt="make it night", settings=settings)
-    [job] = producer.enqueue(settings, [req], publisher=DownBroker())
+    [job] = producer.enqueue(settings, [req], publisher=DownBroker(), storage=storage)
     assert job.state == "queued"
     with sessions() as s:
         [outbox] = s.scalars(select(Outbox))
         assert outbox.sent_at is None  # the beat relay publishes it later
 
 
-def test_submit_edit_with_the_same_idempotency_key_returns_the_same_job(settings, sessions, publisher, png_file):
-    first = producer.submit_edit(str(png_file), "make it night", idempotency_key="req-1", settings=settings, publisher=publisher)
-    second = producer.submit_edit(str(png_file), "make it night", idempotency_key="req-1", settings=settings, publisher=publisher)
+def test_submit_edit_with_the_same_idempotency_key_returns_the_same_job(settings, sessions, publisher, png_file, storage):
+    first = producer.submit_edit(
+        str(png_file), "make it night", idempotency_key="req-1", settings=settings, publisher=publisher, storage=storage
+    )
+    second = producer.submit_edit(
+        str(png_file), "make it night", idempotency_key="req-1", settings=settings, publisher=publisher, storage=storage
+    )
     assert first.id == second.id
     assert counts(sessions) == (1, 1, 1)
+    assert storage.list_keys(f"{PREFIX}/inputs/") == [f"{PREFIX}/inputs/{first.id}"]  # the replay stored nothing
     assert [m[1] for m in publisher.sent] == [first.id]  # published once
 
 
-def test_submit_edit_stores_a_local_file_as_a_data_uri(settings, sessions, publisher, png_file):
-    job = producer.submit_edit(str(png_file), "make it night", size="512*768", seed=3, settings=settings, publisher=publisher)
+def test_submit_edit_stores_a_local_file_in_s3_and_only_its_reference_and_digest_in_the_row(settings, sessions, publisher, png_file, s3):
+    storage = Storage(s3, BUCKET, PREFIX)
+    job = producer.submit_edit(
+        str(png_file), "make it night", size="512*768", seed=3, settings=settings, publisher=publisher, storage=storage
+    )
     row = get_job(sessions, job.id, with_payloads=True)
+    data = png_file.read_bytes()
+    key = f"{PREFIX}/inputs/{job.id}"
+    stored = s3.get_object(Bucket=BUCKET, Key=key)
+    assert (stored["Body"].read(), stored["ContentType"]) == (data, "image/png")
     assert row.image_ref == "file:input.png"
-    assert row.image_payload.startswith("data:image/png;base64,")
+    assert row.image_uri == f"s3://{BUCKET}/{key}"
+    assert row.image_sha256 == hashlib.sha256(data).hexdigest()
+    assert row.image_payload is None  # no base64 in the row
     assert (row.size, row.seed) == ("512*768", 3)
+
+
+def test_submit_edit_many_stores_every_input_under_its_own_job_id(settings, sessions, publisher, png_file, tmp_path, storage, make_image):
+    jpeg = tmp_path / "second.jpg"
+    jpeg.write_bytes(make_image("JPEG"))
+    items = [{"image": str(png_file), "prompt": "one"}, {"image": str(jpeg), "prompt": "two"}, {"image": URL, "prompt": "three"}]
+    settings = settings.model_copy(update={"allow_private_urls": True})  # no DNS in unit tests
+    jobs = producer.submit_edit_many(items, settings=settings, publisher=publisher, storage=storage)
+    assert storage.list_keys(f"{PREFIX}/inputs/") == sorted(f"{PREFIX}/inputs/{job.id}" for job in jobs[:2])
+    assert storage.get(f"{PREFIX}/inputs/{jobs[1].id}") == (jpeg.read_bytes(), "image/jpeg")
+    assert get_job(sessions, jobs[2].id).image_uri == URL  # the provider fetches a URL itself: nothing stored
+
+
+def test_s3_down_at_admission_refuses_the_job_with_a_transient_error_and_writes_nothing(
+    settings, sessions, publisher, png_file, down_storage
+):
+    with pytest.raises(AdmissionUnavailable, match="object storage is unavailable") as info:
+        producer.submit_edit(str(png_file), "make it night", settings=settings, publisher=publisher, storage=down_storage)
+    assert isinstance(info.value, StorageError)  # transient: the producer tries again
+    assert "super-secret-s3-key" not in str(info.value)
+    assert counts(sessions) == (0, 0, 0)
+    assert publisher.sent == []
+
+
+def test_a_url_input_needs_no_s3_at_admission(settings, sessions, publisher, down_storage):
+    settings = settings.model_copy(update={"allow_private_urls": True})
+    job = producer.submit_edit(URL, "make it night", settings=settings, publisher=publisher, storage=down_storage)
+    assert get_job(sessions, job.id).image_uri == URL
+
+
+def test_create_jobs_refuses_image_bytes_without_an_input_store(sessions, clock, make_image):
+    image = ImageInput(ref="file:x.png", data=make_image("PNG"), content_type="image/png")
+    with pytest.raises(ValueError, match="input store"):
+        create_jobs(sessions, [NewJob(image=image, prompt="p", size="1024*1024", seed=1)], deadline_seconds=60, clock=clock.now)
+    assert counts(sessions) == (0, 0, 0)
 
 
 def test_the_base64_output_setting_is_the_default_for_new_jobs(settings, png_file):

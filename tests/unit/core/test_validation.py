@@ -9,6 +9,7 @@ import pytest
 
 from worker.core.validation import (
     DEFAULT_SIZE,
+    ImageInput,
     check_url,
     load_image,
     sniff_image,
@@ -165,21 +166,30 @@ def test_a_gif_is_refused_naming_the_accepted_formats(tmp_path, make_image):
 
 
 @pytest.mark.parametrize("fmt, mime", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
-def test_png_jpeg_and_webp_files_become_data_uris(tmp_path, make_image, fmt, mime):
+def test_png_jpeg_and_webp_files_are_read_as_their_bytes_and_type_for_admission_to_store(tmp_path, make_image, fmt, mime):
     data = make_image(fmt)
     path = tmp_path / f"in.{fmt.lower()}"
     path.write_bytes(data)
     image = load_image(path)
     assert image.ref == f"file:{path.name}"
-    prefix = f"data:{mime};base64,"
-    assert image.payload.startswith(prefix)
-    assert base64.b64decode(image.payload[len(prefix) :]) == data
+    assert image.content() == (data, mime)
+    assert image.url is None and image.payload == ""  # no base64 copy to end up in a row
+    assert repr(data) not in repr(image)  # the bytes never show in a repr or a log line
 
 
 def test_the_type_comes_from_the_content_not_the_file_name(tmp_path, make_image):
     path = tmp_path / "really-a-jpeg.png"
     path.write_bytes(make_image("JPEG"))
-    assert load_image(path).payload.startswith("data:image/jpeg;base64,")
+    assert load_image(path).content_type == "image/jpeg"
+
+
+def test_an_image_input_given_as_a_data_uri_yields_its_bytes(make_image):
+    data = make_image("PNG")
+    image = ImageInput(ref="base64:image/png", payload="data:image/png;base64," + base64.b64encode(data).decode())
+    assert image.url is None
+    assert image.content() == (data, "image/png")
+    with pytest.raises(ValueError):
+        ImageInput(ref="u", payload="https://cdn.example.com/cat.png").content()
 
 
 def test_an_image_over_max_bytes_is_refused_with_the_limit(tmp_path, make_image):
@@ -258,7 +268,8 @@ def test_a_url_without_a_host_is_refused():
 
 def test_load_image_passes_a_checked_url_through_unchanged():
     image = load_image("https://cdn.example.com/cat.png", resolver=public)
-    assert image.ref == image.payload == "https://cdn.example.com/cat.png"
+    assert image.ref == image.payload == image.url == "https://cdn.example.com/cat.png"
+    assert image.data is None
 
 
 def test_load_image_applies_the_ssrf_guard_to_urls():

@@ -193,3 +193,34 @@ def test_a_401_mid_batch_stops_the_batch_and_the_rest_wait_queued(sub_deps, new_
     assert {load(i).state for i in ids} == {"queued"}
     assert sorted(load(i).attempts for i in ids) == [0, 0, 0, 0, 1]
     assert sub_deps.limits.breaker_state()["active"] == 0  # no limiter slot kept by waiting jobs
+
+
+def test_s3_down_at_submit_leaves_leased_jobs_queued_and_a_later_pass_sends_them_with_their_images(
+    sub_deps, new_job, fake_provider, load, limits, down_storage, clock, executor, make_image
+):
+    import base64
+
+    from worker.core.codes import ErrorCode
+
+    images = [make_image("PNG", color=(i, 0, 0)) for i in range(3)]
+    ids = [new_job(prompt=f"stored {i}", image="data:image/png;base64," + base64.b64encode(data).decode()) for i, data in enumerate(images)]
+    working, sub_deps.storage = sub_deps.storage, down_storage
+
+    report = submitter.submit_due(sub_deps, executor=executor)
+
+    assert (report.leased, report.started, report.deferred) == (3, 0, 3)
+    assert fake_provider.calls["submit"] == 0  # nothing sent without its image
+    for job_id in ids:
+        job = load(job_id)
+        assert (job.state, job.attempts, job.error_code) == ("queued", 0, ErrorCode.INPUT_UNAVAILABLE.value)
+    assert limits._active == set()  # every slot handed back
+    assert report.next_due_in is not None and report.next_due_in > 0
+
+    sub_deps.storage = working  # S3 is back
+    clock.advance(report.next_due_in + 60)
+    later = submitter.submit_due(sub_deps, executor=executor)
+
+    assert later.accepted == 3
+    sent = {t.body["prompt"]: t.body["image"] for t in fake_provider.submissions}
+    assert sent == {f"stored {i}": "data:image/png;base64," + base64.b64encode(data).decode() for i, data in enumerate(images)}
+    assert {load(i).state for i in ids} == {"processing"}

@@ -94,12 +94,15 @@ def admin_key(sessions) -> str:
 
 @pytest.fixture
 def make_client(settings, deps, publisher, monkeypatch, admin_key):
-    def make(*, secret: str | None = WEBHOOK_SECRET, app_settings: Settings | None = None, key: str | None = None) -> TestClient:
+    def make(
+        *, secret: str | None = WEBHOOK_SECRET, app_settings: Settings | None = None, storage=None, key: str | None = None
+    ) -> TestClient:
         app = create_app(
             with_secret(app_settings or settings, monkeypatch, secret),
             deps_factory=lambda: deps,
             publisher=publisher,
             url_resolver=resolver,
+            storage=storage or deps.storage,
         )
         return TestClient(app, headers={"Authorization": f"Bearer {key or admin_key}"})
 
@@ -174,21 +177,40 @@ def test_create_defaults_size_and_seed_like_the_provider(client):
         "\n".join(b64_image("PNG")[i : i + 76] for i in range(0, len(b64_image("PNG")), 76)),
     ],
 )
-def test_base64_images_are_decoded_checked_and_stored_as_a_data_uri(client, sessions, image):
+def test_base64_images_are_decoded_checked_and_stored_in_s3_not_in_the_row(client, sessions, s3, image):
     job = create(client, image=image)
 
     stored = jobs.get_job(sessions, job["id"], with_payloads=True)
-    mime = stored.image_payload.split(";", 1)[0].removeprefix("data:")
+    key = f"edits/inputs/{job['id']}"
+    obj = s3.get_object(Bucket="edit-worker-unit", Key=key)
+    data, mime = obj["Body"].read(), obj["ContentType"]
     assert mime in ("image/png", "image/jpeg", "image/webp")
-    data = base64.b64decode(stored.image_payload.split(",", 1)[1])
+    assert data[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0", b"RIFF")
     assert stored.image_ref == f"base64:{mime}:sha256={hashlib.sha256(data).hexdigest()[:16]}"
+    assert (stored.image_uri, stored.image_sha256) == (f"s3://edit-worker-unit/{key}", hashlib.sha256(data).hexdigest())
+    assert stored.image_payload is None
 
 
-def test_a_public_image_url_is_passed_through_unchanged(client, sessions):
+def test_a_public_image_url_is_passed_through_unchanged(client, sessions, list_keys):
     job = create(client, image=PUBLIC_URL)
 
     stored = jobs.get_job(sessions, job["id"], with_payloads=True)
-    assert (stored.image_ref, stored.image_payload) == (PUBLIC_URL, PUBLIC_URL)
+    assert (stored.image_ref, stored.image_uri, stored.image_payload) == (PUBLIC_URL, PUBLIC_URL, None)
+    assert list_keys() == []  # the provider fetches it: nothing to store
+
+
+def test_s3_down_at_admission_answers_503_with_retry_after_and_writes_nothing(make_client, down_storage, sessions, publisher):
+    client = make_client(storage=down_storage)
+
+    response = client.post("/jobs", json=body(idempotency_key="order-7"))
+
+    message = assert_error(response, 503, "unavailable")
+    assert "storage" in message and "super-secret-s3-key" not in response.text and "127.0.0.1" not in response.text
+    assert int(response.headers["retry-after"]) > 0
+    assert count(sessions, Job) == 0 and count(sessions, Outbox) == 0
+    assert publisher.sent == []
+    # A URL input needs no S3: still admitted.
+    assert client.post("/jobs", json=body(image=PUBLIC_URL)).status_code == 201
 
 
 def test_the_same_idempotency_key_answers_200_with_the_same_job_and_writes_one_row(client, publisher, sessions):
@@ -542,11 +564,13 @@ def test_healthz_reports_the_database(client, make_client, settings, tmp_path):
     assert_error(metrics, 503, "unavailable")
 
 
-def test_an_unexpected_failure_answers_500_json_without_internals(settings, publisher, monkeypatch, admin_key):
+def test_an_unexpected_failure_answers_500_json_without_internals(settings, publisher, monkeypatch, storage, admin_key):
     def no_redis():
         raise ConnectionError("redis://:hunter2@cache:6379 refused")
 
-    app = create_app(with_secret(settings, monkeypatch, None), deps_factory=no_redis, publisher=publisher, url_resolver=resolver)
+    app = create_app(
+        with_secret(settings, monkeypatch, None), deps_factory=no_redis, publisher=publisher, url_resolver=resolver, storage=storage
+    )
     client = TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {admin_key}"})
     job = create(client)
 

@@ -181,8 +181,13 @@ def test_a_bad_tenant_name_is_one_line_and_exit_2(cli):
     assert_one_line_error(cli("keys", "create", "--tenant", "Bad Name"), "tenant must be")
 
 
-def test_submit_takes_a_tenant_and_a_priority(cli, png_file, sessions):
-    result = cli("submit", "--image", str(png_file), "--prompt", "team edit", "--tenant", "team-b", "--priority", "high", "--json")
+# An image URL the provider would fetch itself: admission stores no input, so no S3 is needed here.
+IMAGE_URL = "http://127.0.0.1:9/cat.png"
+
+
+def test_submit_takes_a_tenant_and_a_priority(cli, png_file, sessions, monkeypatch):
+    monkeypatch.setenv("EDIT_WORKER_ALLOW_PRIVATE_URLS", "true")
+    result = cli("submit", "--image", IMAGE_URL, "--prompt", "team edit", "--tenant", "team-b", "--priority", "high", "--json")
     assert result.exit_code == 0, result.output
     job = json.loads(result.stdout)
     assert (job["tenant"], job["priority"]) == ("team-b", "high")
@@ -191,10 +196,89 @@ def test_submit_takes_a_tenant_and_a_priority(cli, png_file, sessions):
     assert_one_line_error(cli("submit", "--image", str(png_file), "--prompt", "x", "--priority", "urgent"), "priority must be")
 
 
-def test_a_tenant_over_its_rate_is_refused_at_admission(cli, png_file, sessions):
+def test_a_tenant_over_its_rate_is_refused_at_admission(cli, sessions, monkeypatch):
+    monkeypatch.setenv("EDIT_WORKER_ALLOW_PRIVATE_URLS", "true")
     assert cli("tenants", "set", "team-c", "--rate-per-minute", "1").exit_code == 0
-    assert cli("submit", "--image", str(png_file), "--prompt", "first", "--tenant", "team-c").exit_code == 0
-    refused = cli("submit", "--image", str(png_file), "--prompt", "second", "--tenant", "team-c")
+    assert cli("submit", "--image", IMAGE_URL, "--prompt", "first", "--tenant", "team-c").exit_code == 0
+    refused = cli("submit", "--image", IMAGE_URL, "--prompt", "second", "--tenant", "team-c")
     assert refused.exit_code == 1 and "rate of 1 jobs per minute" in refused.stderr and "try again in" in refused.stderr
     usage = json.loads(cli("tenants", "usage", "--tenant", "team-c", "--json").stdout)
     assert usage[0]["by_state"] == {"queued": 1} and usage[0]["paid_today"] == 1
+
+
+# --- prune ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_deps():
+    """`prune` builds the process's Deps from the environment: none left over from another test."""
+    from worker.engine.deps import reset_deps
+
+    reset_deps()
+    yield
+    reset_deps()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ([], "--finished-before is required"),
+        (["--finished-before", "last month"], "age like 30d"),
+        (["--finished-before", "2999-01-01"], "in the future"),
+    ],
+)
+def test_prune_with_bad_arguments_exits_2_with_one_line_and_deletes_nothing(cli, sessions, new_job, fresh_deps, args, fragment):
+    new_job()
+    assert_one_line_error(cli("prune", *args), fragment)
+    assert job_count(sessions) == (1, 1)
+
+
+def test_prune_deletes_old_finished_jobs_and_prints_the_counts(cli, sessions, new_job, fresh_deps):
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import update
+
+    from worker.core.jobs import transition
+    from worker.core.states import State
+
+    old, recent, queued = new_job(prompt="old"), new_job(prompt="recent"), new_job(prompt="queued")
+    with sessions() as session:
+        for job_id in (old, recent):
+            transition(session, job_id, State.QUEUED, State.CANCELLED, "test")
+        session.execute(update(Job).where(Job.id == old).values(finished_at=datetime.now(timezone.utc) - timedelta(days=31)))
+        session.commit()
+
+    dry = cli("prune", "--finished-before", "30d", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.stdout) | {"finished_before": None} == {
+        "finished_before": None,
+        "dry_run": True,
+        "with_objects": False,
+        "jobs": 1,
+        "events": 2,
+        "outbox": 1,
+        "objects": 0,
+    }
+    assert job_count(sessions) == (3, 3)
+
+    real = cli("prune", "--finished-before", "30d")
+    assert real.exit_code == 0, real.output
+    assert real.stdout.startswith("pruned 1 job(s) finished before ") and "2 event(s), 1 outbox row(s)" in real.stdout
+    with sessions() as s:
+        assert sorted(s.scalars(select(Job.id))) == sorted([recent, queued])
+
+
+def test_submit_with_s3_down_exits_non_zero_with_one_line_and_writes_no_job(cli, sessions, png_file, monkeypatch):
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # refuses connections
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNITTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "super-secret-s3-key")
+    get_settings.cache_clear()
+
+    result = cli("submit", "--image", str(png_file), "--prompt", "make it night")
+
+    assert result.exit_code == 1, result.output  # transient: not a usage error, try again
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: object storage is unavailable"), result.stderr
+    assert "super-secret-s3-key" not in result.output
+    assert result.stdout == ""
+    assert job_count(sessions) == (0, 0)
