@@ -133,7 +133,7 @@ def resolve_ambiguous(deps: Deps, job: Job) -> str:
                                                     -> adopt it.
     4. Anything else                                -> leave it for an operator (`edit-worker resolve`).
     """
-    journaled = deps.limits.recall_submission(job.id)
+    journaled = deps.journal.recall(job.id)
     if journaled:
         return _adopt(deps, job, journaled, "journaled by the submitting worker")
 
@@ -159,7 +159,7 @@ def resolve_ambiguous(deps: Deps, job: Job) -> str:
                 next_attempt_at=None,
             )
             session.commit()
-        deps.limits.release(job.id)
+        deps.limiter.release(job.id)
         if moved:
             schedule(deps.publisher, Next(Step.SUBMIT, job.id))
         return "resubmitted"
@@ -258,7 +258,7 @@ def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, re
                 next_attempt_at=None,
             )
             session.commit()
-        deps.limits.release(job_id)
+        deps.limiter.release(job_id)
         if moved:
             schedule(deps.publisher, Next(Step.SUBMIT, job_id))
         outcome = "resubmitted"

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, func, or_, select, update
 
-from worker.adapters.limits import Gate
+from worker.adapters.breaker import Gate
 from worker.adapters.wavespeed import EditRequest
 from worker.core.jobs import JOBS, as_utc, transition_now
 from worker.core.states import State
@@ -163,10 +163,10 @@ def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[st
         )
     except Exception as exc:  # database down: the job is still queued and its lease runs out
         log.warning("could not start a leased submit: %s", type(exc).__name__, extra={"job_id": lease.job_id})
-        deps.limits.release(lease.job_id)
+        deps.limiter.release(lease.job_id)
         return "lost", None
     if moved is None:
-        deps.limits.release(lease.job_id)
+        deps.limiter.release(lease.job_id)
         return "lost", None
     try:
         nxt = send_submit(deps, Ticket(lease.job_id, attempt, lease.request, probe), batch=True)
@@ -190,8 +190,8 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
     waits: list[float] = []
     polls: list[float] = []
     while time.monotonic() - started < limit:
-        gate = deps.limits.check_breaker()
-        if not gate.open:
+        gate = deps.breaker.check()
+        if not gate.go:
             waits.append(gate.wait)
             break
         probe = gate.probe
@@ -199,14 +199,14 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             report.backpressure = True
             waits.append(BACKPRESSURE_RECHECK)
             break
-        room = 1 if probe else deps.limits.capacity()
+        room = 1 if probe else deps.limiter.capacity()
         if isinstance(room, Gate):
             waits.append(room.wait)
             break
         # No more than the pass can send before its time is up (and well inside the lease).
         want = min(s.submit_batch_size, room, _batch_that_fits(s.submit_threads, limit))
         if not probe:
-            want, pace_wait = deps.limits.pace(want)
+            want, pace_wait = deps.limiter.pace(want)
             if want == 0:
                 waits.append(pace_wait)
                 break
@@ -215,11 +215,11 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             leases = lease_queued(deps, want)
         finally:
             if probe and not leases:
-                deps.limits.release_probe()  # an unused probe goes back at once
+                deps.breaker.release_probe()  # an unused probe goes back at once
         report.leased += len(leases)
         if not leases:
             break
-        granted, gate = deps.limits.acquire_many([lease.job_id for lease in leases])
+        granted, gate = deps.limiter.acquire_many([lease.job_id for lease in leases])
         go, back = leases[:granted], leases[granted:]
         if back:
             _unlease(deps, back, gate.wait)
@@ -227,7 +227,7 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             waits.append(gate.wait)
             log.info("%d submit(s) deferred %.1fs: %s", len(back), gate.wait, gate.reason)
         if probe and not go:
-            deps.limits.release_probe()
+            deps.breaker.release_probe()
         batch = _Batch()
         outcomes = list(pool.map(lambda lease: _start(deps, lease, probe, batch), go))
         held = [lease for lease, (status, _) in zip(go, outcomes) if status == "held"]
@@ -281,7 +281,7 @@ def _breaker_opened(deps: Deps) -> float:
     """Seconds the shared breaker stays open (0: closed); a Redis error counts as closed, as in
     the per-job path (the provider's own answer is the final word)."""
     try:
-        return deps.limits.breaker_wait()
+        return deps.breaker.wait()
     except Exception:
         return 0.0
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from models import Outbox
-from worker.adapters.limits import MemoryLimits
+from worker.adapters.limiter import MemoryLimiter
 from worker.adapters.storage import Storage
 from worker.core.jobs import job_events, transition
 from worker.core.states import State
@@ -120,7 +120,7 @@ def test_a_local_image_is_sent_to_the_provider_as_its_data_uri(deps, new_job, fa
     assert fake_provider.submissions[0].body["image"] == PNG_DATA_URI
 
 
-def test_the_prediction_id_is_committed_when_the_job_enters_processing(deps, new_job, load, fake_provider, limits, clock):
+def test_the_prediction_id_is_committed_when_the_job_enters_processing(deps, new_job, load, fake_provider, journal, clock):
     job_id = new_job()
     nxt = submitted(deps, job_id)
     job = load(job_id)
@@ -130,7 +130,7 @@ def test_the_prediction_id_is_committed_when_the_job_enters_processing(deps, new
     assert nxt == Next("poll", job_id, countdown=3.0, poll_seq=job.poll_seq)
     assert job.next_poll_at == clock.now() + timedelta(seconds=3)
     # Also journaled, so a crash right after the submit is settled without guessing.
-    assert limits.recall_submission(job_id) == task.id
+    assert journal.recall(job_id) == task.id
 
 
 # --- polling --------------------------------------------------------------------------------
@@ -177,19 +177,19 @@ def test_a_transient_poll_error_reschedules_without_failing(deps, new_job, load,
     assert load(job_id).state == "processing"
 
 
-def test_a_poll_auth_error_trips_the_breaker_and_keeps_polling_later(deps, new_job, load, fake_provider, limits):
+def test_a_poll_auth_error_trips_the_breaker_and_keeps_polling_later(deps, new_job, load, fake_provider, breaker):
     job_id = new_job()
     first = submitted(deps, job_id)
     fake_provider.script("result", httpx.Response(401, json={"code": 401, "message": "bad key"}))
     nxt = run_poll(deps, job_id, first.poll_seq)
-    assert limits.breaker_state()["open"]
+    assert breaker.state()["open"]
     assert nxt.step == "poll" and nxt.countdown >= deps.settings.breaker_open_seconds
     assert load(job_id).state == "processing"
     # While the breaker is open, polls of other jobs wait too, without calling the provider.
     other = new_job(prompt="other")
-    limits.reset_breaker()
+    breaker.reset()
     other_first = submitted(deps, other)
-    limits.trip_breaker(60, "test")
+    breaker.trip(60, "test")
     calls = fake_provider.calls["result"]
     assert run_poll(deps, other, other_first.poll_seq).countdown >= 60
     assert fake_provider.calls["result"] == calls
@@ -322,12 +322,12 @@ def test_a_permanent_submit_error_fails_the_job_with_the_providers_code_and_mess
 
 
 def test_a_401_opens_the_breaker_keeps_the_job_queued_and_defers_the_next_submit_without_calling_the_provider(
-    deps, new_job, load, fake_provider, limits, clock
+    deps, new_job, load, fake_provider, breaker, clock
 ):
     fake_provider.script("submit", httpx.Response(401, json={"code": 401, "message": "invalid api key"}))
     first_job = new_job()
     nxt = run_submit(deps, first_job)
-    assert limits.breaker_state()["open"] and limits.breaker_state()["tripped"]
+    assert breaker.state()["open"] and breaker.state()["tripped"]
     job = load(first_job)
     assert job.state == "queued" and job.attempts == 1
     assert states(deps.sessions, first_job) == ["queued", "submitting", "queued"]
@@ -350,7 +350,7 @@ def test_a_401_opens_the_breaker_keeps_the_job_queued_and_defers_the_next_submit
     clock.advance(51)
     assert run_submit(deps, first_job).step == "poll"
     assert fake_provider.calls["submit"] == 2
-    assert not limits.breaker_state()["tripped"]
+    assert not breaker.state()["tripped"]
     assert run_submit(deps, other).step == "poll"
     assert len(fake_provider.submissions) == 2
 
@@ -371,7 +371,7 @@ def test_an_ambiguous_submit_stays_in_submitting_and_is_not_resubmitted(deps, ne
 
 
 def test_over_the_rate_limit_a_job_waits_in_queued_without_spending_an_attempt(deps, new_job, load, fake_provider, clock):
-    deps.limits = MemoryLimits(rate_per_minute=1, clock=clock.monotonic)
+    deps.limiter = MemoryLimiter(rate_per_minute=1, clock=clock.monotonic)
     a, b = new_job(prompt="a"), new_job(prompt="b")
     assert run_submit(deps, a).step == "poll"
     nxt = run_submit(deps, b)
@@ -494,14 +494,14 @@ def test_a_transient_download_error_leaves_the_job_uploading_for_a_retry(deps, n
     assert list_keys() == [f"edits/{job_id}/0.png"]
 
 
-def test_an_expired_output_url_fails_the_job_and_keeps_the_outputs_for_retry(deps, new_job, load, fake_provider, limits):
+def test_an_expired_output_url_fails_the_job_and_keeps_the_outputs_for_retry(deps, new_job, load, fake_provider, breaker):
     job_id = new_job()
     to_upload(deps, job_id)
     fake_provider.script("download", httpx.Response(403, text="AccessDenied"))
     assert run_upload(deps, job_id) is None
     job = load(job_id)
     assert job.state == "failed" and job.provider_outputs
-    assert not limits.breaker_state()["tripped"]  # the API key is fine
+    assert not breaker.state()["tripped"]  # the API key is fine
 
 
 def test_output_downloads_carry_no_authorization_header(deps, new_job, drive, fake_provider):
@@ -548,7 +548,7 @@ def test_cancelling_a_job_whose_submit_answered_but_never_committed_cancels_the_
         transition(session, job_id, State.QUEUED, State.SUBMITTING, "submit attempt 1", clock=deps.clock, attempts=1)
         session.commit()
     task = fake_provider.create_task({"prompt": "make the sky purple"}, via_submit=True)
-    deps.limits.remember_submission(job_id, task.id)  # ... and died before its commit
+    deps.journal.remember(job_id, task.id)  # ... and died before its commit
     job = cancel_job(deps, job_id)
     assert job.state == "cancelled" and job.prediction_id == task.id
     assert fake_provider.cancelled == [task.id]

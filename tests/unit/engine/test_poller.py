@@ -73,7 +73,7 @@ def test_due_jobs_are_copied_to_s3_by_the_poller_itself(batch_deps, new_job, fak
             ("uploading", "succeeded"),
         ]
     assert fake_provider.calls["result"] == 5 and fake_provider.calls["download"] == 5
-    assert batch_deps.limits.breaker_state()["active"] == 0  # every provider slot handed back
+    assert batch_deps.limiter.slots_held() == 0  # every provider slot handed back
     assert report.next_due_in is None
 
 
@@ -96,7 +96,7 @@ def test_the_first_poll_learns_the_models_typical_inference_time(batch_deps, new
     _processing(batch_deps, new_job, 3)
     clock.advance(0.5)
     poller.poll_due(batch_deps, executor=executor)  # the fake provider reports 1234 ms of inference
-    assert batch_deps.limits.typical_inference() == pytest.approx(1.234)
+    assert batch_deps.fleet.typical_inference() == pytest.approx(1.234)
     later = new_job(prompt="after learning")
     nxt = submit.run_submit(batch_deps, later)
     assert (load(later).next_poll_at - clock.now()).total_seconds() == pytest.approx(1.234, abs=0.01)
@@ -214,7 +214,7 @@ def test_past_deadline_jobs_fail_in_the_batch(batch_deps, new_job, clock, load, 
 def test_an_open_breaker_pauses_polls_without_calling_the_provider(batch_deps, new_job, clock, fake_provider, load, executor):
     ids = _processing(batch_deps, new_job, 3)
     clock.advance(batch_deps.settings.first_poll_delay)
-    batch_deps.limits.trip_breaker(20, "test outage")
+    batch_deps.breaker.trip(20, "test outage")
     report = poller.poll_due(batch_deps, executor=executor)
     assert report.rescheduled == 3
     assert fake_provider.calls["result"] == 0
@@ -224,14 +224,14 @@ def test_an_open_breaker_pauses_polls_without_calling_the_provider(batch_deps, n
 def test_an_unused_breaker_probe_is_handed_back_at_once(deps, new_job, clock, load):
     """A half-open breaker grants one probe; if that job is deferred (here: the concurrency limit),
     the probe must be released, or every submission would wait for it."""
-    deps.limits.max_concurrency = 1
+    deps.limiter.max_concurrency = 1
     busy = new_job(prompt="holds the only slot")
-    assert deps.limits.acquire(busy).open
-    deps.limits.trip_breaker(5, "test")
+    assert deps.limiter.acquire(busy).go
+    deps.breaker.trip(5, "test")
     clock.advance(6)  # half-open now
     waiting = new_job(prompt="takes the probe but is deferred")
     nxt = submit.run_submit(deps, waiting)
     assert nxt is not None and nxt.step == Step.SUBMIT and load(waiting).state == "queued"
-    deps.limits.release(busy)
+    deps.limiter.release(busy)
     # The next submission gets the probe straight away instead of waiting ~30 s.
-    assert deps.limits.check_breaker().probe
+    assert deps.breaker.check().probe
