@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import Enum
 
 from sqlalchemy import bindparam, func, or_, select, update
 
@@ -37,10 +38,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Lease:
+    """A queued job leased by one submitter pass: still `queued`, due again after the lease unless
+    the pass starts its submit first (a CAS on `seq`, the row's claim version)."""
+
     job_id: str
     seq: int  # the row's poll_seq after leasing: the CAS that starts the submit checks it
     attempts: int
     request: EditRequest
+
+
+class Start(str, Enum):
+    """How a leased job's submit began."""
+
+    HELD = "held"  # not sent: an earlier submit of the batch opened the breaker; back to queued
+    LOST = "lost"  # someone else moved the job between lease and submit
+    STARTED = "started"  # moved to submitting and sent (whatever the provider answered)
+    ACCEPTED = "accepted"  # ... and the provider created a task
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -130,7 +146,7 @@ class _Batch:
         self.trouble = threading.Event()
 
 
-def _start(deps: Deps, lease: Lease, probe: bool, batch: _Batch | None = None) -> tuple[str, Next | None]:
+def _start(deps: Deps, lease: Lease, probe: bool, batch: _Batch | None = None) -> tuple[Start, Next | None]:
     global _submit_seconds
     began = time.monotonic()
     batch = batch or _Batch()
@@ -143,10 +159,10 @@ def _start(deps: Deps, lease: Lease, probe: bool, batch: _Batch | None = None) -
         _submit_seconds = 0.8 * _submit_seconds + 0.2 * (time.monotonic() - began)
 
 
-def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[str, Next | None]:
+def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[Start, Next | None]:
     """In a pool thread: queued -> submitting (CAS on the lease), then the provider call."""
     if not probe and batch.trouble.is_set() and _breaker_opened(deps):
-        return "held", None  # an earlier submit of this batch opened the breaker
+        return Start.HELD, None  # an earlier submit of this batch opened the breaker
     attempt = lease.attempts + 1
     try:
         moved = transition_now(
@@ -164,19 +180,19 @@ def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[st
     except Exception as exc:  # database down: the job is still queued and its lease runs out
         log.warning("could not start a leased submit: %s", type(exc).__name__, extra={"job_id": lease.job_id})
         deps.limiter.release(lease.job_id)
-        return "lost", None
+        return Start.LOST, None
     if moved is None:
         deps.limiter.release(lease.job_id)
-        return "lost", None
+        return Start.LOST, None
     try:
         nxt = send_submit(deps, Ticket(lease.job_id, attempt, lease.request, probe), batch=True)
     except Exception as exc:
         # The job is in `submitting`: whether a task exists is for the reconciler to find out (the
         # journal, then the provider's task list) — never a blind resubmit.
         log.warning("submit ended with %s; the reconciler settles it", type(exc).__name__, extra={"job_id": lease.job_id})
-        return "started", None
+        return Start.STARTED, None
     accepted = nxt is not None and nxt.step in (Step.POLL_DUE, Step.POLL)
-    return ("accepted" if accepted else "started"), nxt
+    return (Start.ACCEPTED if accepted else Start.STARTED), nxt
 
 
 def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -> SubmitBatchReport:
@@ -230,7 +246,7 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             deps.breaker.release_probe()
         batch = _Batch()
         outcomes = list(pool.map(lambda lease: _start(deps, lease, probe, batch), go))
-        held = [lease for lease, (status, _) in zip(go, outcomes) if status == "held"]
+        held = [lease for lease, (status, _) in zip(go, outcomes) if status is Start.HELD]
         if held:
             # The breaker opened mid-batch (a 401, or an outage): the rest wait in `queued`, no
             # attempt spent, and are due when the breaker lets submissions through again.
@@ -240,11 +256,11 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             report.deferred += len(held)
             waits.append(wait)
         for status, nxt in outcomes:
-            if status == "held":
+            if status is Start.HELD:
                 continue
-            report.lost += status == "lost"
-            report.started += status != "lost"
-            report.accepted += status == "accepted"
+            report.lost += status is Start.LOST
+            report.started += status is not Start.LOST
+            report.accepted += status is Start.ACCEPTED
             if nxt is None:
                 continue
             if nxt.step == Step.POLL_DUE:
