@@ -43,6 +43,8 @@ return tostring(v)
 
 
 class RedisFleet:
+    """`once` marks are SET NX with a TTL; the average is one key, read at most every 5 s."""
+
     def __init__(self, client: redis.Redis, *, namespace: str = DEFAULT_NAMESPACE):
         self.r = client
         self.keys = RedisKeys(namespace)
@@ -69,6 +71,8 @@ class RedisFleet:
 
 
 class MemoryFleet:
+    """The same in one process, on an injectable clock (unit tests, single-process tools)."""
+
     def __init__(self, *, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._lock = threading.Lock()

@@ -22,6 +22,8 @@ class Journal(Protocol):
 
 
 class RedisJournal:
+    """One key per job, kept for JOURNAL_SECONDS."""
+
     def __init__(self, client: redis.Redis, *, namespace: str = DEFAULT_NAMESPACE):
         self.r = client
         self.keys = RedisKeys(namespace)
@@ -34,6 +36,8 @@ class RedisJournal:
 
 
 class MemoryJournal:
+    """The journal in one process (unit tests)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, str] = {}

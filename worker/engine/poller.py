@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PollTarget:
+    """A processing job one poller has claimed: its prediction to look up, and the claim version
+    (`seq`) that every write about this poll must still match."""
+
     job_id: str
     seq: int  # the row's poll_seq this poller holds; every update is a CAS on it
     prediction_id: str
@@ -40,23 +43,29 @@ class PollTarget:
 
 @dataclass(frozen=True)
 class Reschedule:
+    """Decision: not finished (or not readable now); look again after `wait` seconds."""
+
     wait: float
     reason: str | None = None
 
 
 @dataclass(frozen=True)
 class Finish:
+    """Decision: the prediction completed; copy its outputs out."""
+
     prediction: Prediction
 
 
 @dataclass(frozen=True)
 class Fail:
+    """Decision: the prediction failed for good (or cannot be used): fail the job."""
+
     reason: str
     code: str
     message: str
 
 
-Decision = Reschedule | Finish | Fail
+Decision = Reschedule | Finish | Fail  # what one result lookup means for a job
 
 
 def fetch_and_decide(deps: Deps, prediction_id: str) -> Decision:

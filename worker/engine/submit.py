@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Ticket:
-    """A job just moved queued -> submitting (committed), with what the provider call needs."""
+    """A job just moved queued -> submitting (committed), with what the provider call needs: the
+    submit's attempt number, the request, and whether it is the half-open breaker's one probe."""
 
     job_id: str
     attempt: int
