@@ -40,6 +40,7 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fairness-"))
+    work.chmod(0o755)  # PostgreSQL runs as the postgres user when we are root
     services = []
     try:
         pg = local.postgres(work / "pg").start()

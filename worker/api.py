@@ -41,7 +41,7 @@ from worker.core.steps import Publisher
 from worker.core.tenants import Caller
 from worker.core.validation import ImageInput, Resolver, check_url, sniff_image, validate_prompt, validate_seed, validate_size
 from worker.engine import operator, reconciler
-from worker.engine.webhooks import nudge_poll
+from worker.engine.webhooks import NudgeOutcome, nudge_poll
 from worker.errors import (
     AdmissionUnavailable,
     IdempotencyMismatch,
@@ -530,9 +530,9 @@ def create_app(
         prediction_id = webhooks.prediction_id_of(body)
         # The database work blocks: run it in the thread pool like the sync handlers.
         nudge = await run_in_threadpool(nudge_poll, sessions, get_publisher, prediction_id)
-        outcome = nudge.outcome
+        outcome: NudgeOutcome | reconciler.Resolution = nudge.outcome
         job_hint = webhooks.job_from_url(secret, request.query_params)
-        if outcome == "unknown_prediction" and job_hint:
+        if outcome is NudgeOutcome.UNKNOWN_PREDICTION and job_hint:
             # The job's own URL (token checked): settles a submit whose answer never arrived.
             outcome = await run_in_threadpool(reconciler.adopt_from_webhook, deps_factory(), job_hint, prediction_id)
         log.info("webhook for prediction %s: %s", prediction_id, outcome, extra={"job_id": nudge.job_id or job_hint})

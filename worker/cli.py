@@ -115,8 +115,11 @@ def worker(ctx: typer.Context) -> None:
     The worker runs supervised: if Celery exits on its own (e.g. kombu's Redis transport can raise
     an unrecoverable error while restoring unacked messages when Redis restarts, and exit 0), it is
     started again. A stop signal (TERM/INT/QUIT) is passed on and ends the supervisor too.
-    EDIT_WORKER_SUPERVISE=0 runs Celery in this process instead."""
+    EDIT_WORKER_SUPERVISE=0 runs Celery in this process instead. A Redis older than 6.2 is refused
+    at start (exit 2)."""
     args = list(ctx.args)
+    if not os.environ.get("_EDIT_WORKER_SUPERVISED"):
+        _require_supported_redis()
     if os.environ.get("EDIT_WORKER_SUPERVISE", "1") != "0" and not os.environ.get("_EDIT_WORKER_SUPERVISED"):
         env = {**os.environ, "_EDIT_WORKER_SUPERVISED": "1"}
         raise typer.Exit(_supervise([sys.executable, "-m", "worker.cli", "worker", *args], env))
@@ -135,6 +138,24 @@ def worker(ctx: typer.Context) -> None:
     if not any(a.startswith(("-l", "--loglevel")) for a in args):
         args += ["--loglevel", "INFO"]
     celery.worker_main(["worker", *args])
+
+
+def _require_supported_redis() -> None:
+    """Refuse to start on a Redis too old for the limiter's and breaker's scripts (one line, exit 2)."""
+    import redis
+
+    from worker.adapters.redis_client import connect, require_supported
+    from worker.errors import UnsupportedRedis
+
+    client = connect(_settings().limiter_redis_url)
+    try:
+        require_supported(client)
+    except UnsupportedRedis as exc:
+        _fail(str(exc), 2)
+    except redis.RedisError:
+        pass  # not up yet: Celery waits for its broker, and building the deps checks again
+    finally:
+        client.close()
 
 
 def _supervise(argv: list[str], env: dict[str, str], *, max_restarts: int = 20, window: float = 300.0) -> int:

@@ -92,3 +92,7 @@ class PermanentProviderError(ProviderError):
 
 class ProviderAuthError(ProviderError):
     """401/403: bad key or no credit. Systemic: open the breaker, stop submitting, keep jobs queued."""
+
+
+class UnsupportedRedis(EditWorkerError):
+    """The Redis server is older than the oldest one every command and script here runs on."""

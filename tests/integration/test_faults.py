@@ -341,8 +341,8 @@ def test_half_open_probe_is_not_orphaned_by_a_concurrent_retrip(cluster, sample_
     """Seen in the outage test: after the provider came back, every submit logged "circuit breaker
     half-open: waiting for the probe submission" for ~30 s, with no probe in flight (fixed).
 
-    The race, replayed deterministically with two RedisLimits on the real Redis: worker B's
-    `check_breaker` reads the breaker's TTL (expired: half-open); worker A's probe fails at that
+    The race, replayed deterministically with separate RedisBreakers on the real Redis: worker B's
+    `check` reads the breaker's TTL (expired: half-open); worker A's probe fails at that
     moment and re-trips the breaker (deleting the probe key); B then SETs the probe key NX — and gets
     it, although the breaker is open again. B submits, the provider answers 503, `record_failure`
     sees the breaker already open so neither trips nor deletes the probe, and run_submit's
@@ -350,18 +350,22 @@ def test_half_open_probe_is_not_orphaned_by_a_concurrent_retrip(cluster, sample_
     orphaned probe key (px=30000) makes every worker wait for a probe that never reports.
 
     Guarded by: run_submit hands the probe back whenever its submit ends without success."""
+    from worker.adapters.breaker import RedisBreaker
     from worker.adapters.database import session_factory
-    from worker.adapters.limits import RedisLimits
+    from worker.adapters.fleet import RedisFleet
+    from worker.adapters.journal import RedisJournal
+    from worker.adapters.limiter import RedisLimiter
+    from worker.adapters.redis_client import connect
     from worker.adapters.storage import Storage
     from worker.core.steps import RecordingPublisher
     from worker.engine import submit
     from worker.engine.deps import Deps
 
     url = cluster.env["CELERY_BROKER_URL"]
-    a, b, c = (RedisLimits.from_url(url, rate_per_minute=1000, max_concurrency=1000) for _ in range(3))
+    a, b, c = (RedisBreaker(connect(url)) for _ in range(3))
     [job] = submit_jobs(cluster, sample_image, 1, "probe race")  # no worker runs: only this test submits it
 
-    a.trip_breaker(0.3, "provider unavailable")
+    a.trip(0.3, "provider unavailable")
     time.sleep(0.4)  # half-open
     real_pttl = b.r.pttl
     state = {"retripped": False}
@@ -370,7 +374,7 @@ def test_half_open_probe_is_not_orphaned_by_a_concurrent_retrip(cluster, sample_
         ttl = real_pttl(key)
         if key == b.k_breaker and not state["retripped"]:
             state["retripped"] = True
-            a.trip_breaker(1.0, "provider unavailable: the probe failed")  # A's probe failed meanwhile
+            a.trip(1.0, "provider unavailable: the probe failed")  # A's probe failed meanwhile
         return ttl
 
     b.r.pttl = pttl_then_a_retrips
@@ -379,7 +383,10 @@ def test_half_open_probe_is_not_orphaned_by_a_concurrent_retrip(cluster, sample_
         sessions=session_factory(cluster.settings.database_url),
         provider=_FailingProvider(),
         storage=Storage.from_settings(cluster.settings),
-        limits=b,
+        limiter=RedisLimiter(b.r, rate_per_minute=1000, max_concurrency=1000),
+        breaker=b,
+        journal=RedisJournal(b.r),
+        fleet=RedisFleet(b.r),
         publisher=RecordingPublisher(),
     )
     submit.run_submit(deps, job.id)
@@ -387,8 +394,8 @@ def test_half_open_probe_is_not_orphaned_by_a_concurrent_retrip(cluster, sample_
     b.r.pttl = real_pttl
 
     time.sleep(1.2)  # A's re-trip has expired: half-open again, and no probe is in flight
-    gate = c.check_breaker()
-    assert gate.open, f"no probe in flight, yet submissions wait: {gate.reason!r}"
+    gate = c.check()
+    assert gate.go, f"no probe in flight, yet submissions wait: {gate.reason!r}"
 
 
 # --- 7. Injected transient faults -----------------------------------------------------------------

@@ -22,8 +22,11 @@ import httpx
 import pytest
 from PIL import Image
 
+from worker.adapters.breaker import MemoryBreaker
 from worker.adapters.database import get_engine, migrate, session_factory
-from worker.adapters.limits import MemoryLimits
+from worker.adapters.fleet import MemoryFleet
+from worker.adapters.journal import MemoryJournal
+from worker.adapters.limiter import MemoryLimiter
 from worker.adapters.storage import Storage
 from worker.adapters.wavespeed import MODEL, SUBMIT_PATH
 from worker.config import Settings
@@ -46,7 +49,7 @@ PREFIX = "edits"
 
 class FakeClock:
     """`now()` is an aware UTC datetime that moves only when a test calls `advance()`;
-    `monotonic()` is the same time as float seconds (for MemoryLimits)."""
+    `monotonic()` is the same time as float seconds (for the in-memory limiter, breaker and fleet)."""
 
     def __init__(self, start: datetime | None = None):
         self.start = start or datetime.now(timezone.utc).replace(microsecond=0)
@@ -433,8 +436,23 @@ def list_keys(s3) -> Callable[[], list[str]]:
 
 
 @pytest.fixture
-def limits(clock) -> MemoryLimits:
-    return MemoryLimits(clock=clock.monotonic)
+def limiter(clock) -> MemoryLimiter:
+    return MemoryLimiter(clock=clock.monotonic)
+
+
+@pytest.fixture
+def breaker(clock) -> MemoryBreaker:
+    return MemoryBreaker(clock=clock.monotonic)
+
+
+@pytest.fixture
+def journal() -> MemoryJournal:
+    return MemoryJournal()
+
+
+@pytest.fixture
+def fleet(clock) -> MemoryFleet:
+    return MemoryFleet(clock=clock.monotonic)
 
 
 @pytest.fixture
@@ -443,13 +461,16 @@ def publisher() -> RecordingPublisher:
 
 
 @pytest.fixture
-def deps(settings, sessions, provider, storage, limits, publisher, clock) -> Deps:
+def deps(settings, sessions, provider, storage, limiter, breaker, journal, fleet, publisher, clock) -> Deps:
     return Deps(
         settings=settings,
         sessions=sessions,
         provider=provider,
         storage=storage,
-        limits=limits,
+        limiter=limiter,
+        breaker=breaker,
+        journal=journal,
+        fleet=fleet,
         publisher=publisher,
         clock=clock.now,
         rng=random.Random(0),

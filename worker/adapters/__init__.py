@@ -1,2 +1,3 @@
-"""The outside world: the WaveSpeed client, S3 storage, database engines, the shared Redis limits
-(limiter, breaker, submission journal) and their keys, and webhook signing."""
+"""The outside world, each behind a small interface: the provider (WaveSpeed), S3, the database,
+and what the fleet shares through Redis (limiter, breaker, journal, fleet marks; keys in redis_keys).
+"""

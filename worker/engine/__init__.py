@@ -1,2 +1,3 @@
-"""What runs in workers: the per-job steps (submit, poll, copy), the batch poller and submitter,
-the reconciler, operator actions, wake-ups, and the Celery app with its thin tasks."""
+"""What runs in the workers: one job's submit, the batch submitter and poller, the copier, the
+reconciler, operator actions, wake-ups and the thin Celery tasks over them (all given a `Deps`).
+"""

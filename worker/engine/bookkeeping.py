@@ -40,7 +40,7 @@ def release_slots(deps: Deps, job_ids: list[str]) -> None:
     if not job_ids:
         return
     try:
-        deps.limits.release_many(job_ids)
+        deps.limiter.release_many(job_ids)
     except Exception as exc:  # slots also expire on their own (slot_ttl)
         log.warning("could not release %d limiter slot(s): %s", len(job_ids), type(exc).__name__)
 
@@ -50,7 +50,7 @@ def fail_job(deps: Deps, job_id: str, src: State, reason: str, code: str, messag
     with deps.sessions() as session:
         transition(session, job_id, src, State.FAILED, reason, clock=deps.clock, error_code=code[:64], error_message=message)
         session.commit()
-    deps.limits.release(job_id)
+    deps.limiter.release(job_id)
 
 
 _DEADLINE_MESSAGES = {
@@ -80,7 +80,7 @@ def fail_deadline(deps: Deps, job_id: str, state: State, prediction_id: str | No
         )
         session.commit()
     if moved:
-        deps.limits.release(job_id)
+        deps.limiter.release(job_id)
         if prediction_id and state is State.PROCESSING:
             cancel_at_provider(deps, prediction_id)
     return moved

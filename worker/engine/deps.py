@@ -11,10 +11,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import httpx
+import redis
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.adapters.breaker import Breaker, RedisBreaker
 from worker.adapters.database import session_factory
-from worker.adapters.limits import Limits, RedisLimits
+from worker.adapters.fleet import Fleet, RedisFleet
+from worker.adapters.journal import Journal, RedisJournal
+from worker.adapters.limiter import Limiter, RedisLimiter
+from worker.adapters.redis_client import connect, require_supported
 from worker.adapters.storage import Storage
 from worker.adapters.wavespeed import WaveSpeedClient
 from worker.config import Settings, get_settings
@@ -25,13 +30,17 @@ from worker.core.steps import Publisher
 @dataclass
 class Deps:
     """Everything a step needs from outside: settings, database sessions, the provider client, S3,
-    the shared limits (Redis), a publisher for next steps, the clock and the RNG."""
+    what the fleet shares through Redis (the limiter, the breaker, the submission journal, the
+    fleet's marks and averages), a publisher for next steps, the clock and the RNG."""
 
     settings: Settings
     sessions: sessionmaker[Session]
     provider: WaveSpeedClient
     storage: Storage
-    limits: Limits
+    limiter: Limiter
+    breaker: Breaker
+    journal: Journal
+    fleet: Fleet
     publisher: Publisher
     clock: Callable[[], datetime] = utcnow
     rng: random.Random = field(default_factory=random.Random)
@@ -52,7 +61,8 @@ _deps: Deps | None = None
 
 def build_deps(settings: Settings | None = None, publisher: Publisher | None = None) -> Deps:
     """The production wiring, one per process: one pooled httpx client, one boto3 client, one
-    Redis connection pool — never one per task."""
+    Redis client (shared by the limiter, breaker, journal and fleet) — never one per task. Refuses
+    a Redis older than 6.2 (UnsupportedRedis)."""
     global _deps
     with _lock:
         if _deps is None:
@@ -61,18 +71,26 @@ def build_deps(settings: Settings | None = None, publisher: Publisher | None = N
                 from worker.engine.celery_app import celery_publisher
 
                 publisher = celery_publisher()
+            client = connect(settings.limiter_redis_url)
+            try:
+                require_supported(client)
+            except redis.RedisError:
+                pass  # not reachable now: every use of it copes with a Redis that is down
             _deps = Deps(
                 settings=settings,
                 sessions=session_factory(settings.database_url),
                 provider=make_provider(settings),
                 storage=Storage.from_settings(settings),
-                limits=RedisLimits.from_url(
-                    settings.limiter_redis_url,
+                limiter=RedisLimiter(
+                    client,
                     rate_per_minute=settings.rate_limit_per_minute,
                     max_concurrency=settings.max_concurrency,
                     slot_ttl=settings.job_deadline_seconds,
                     pace_per_second=settings.submit_pace_per_second,
                 ),
+                breaker=RedisBreaker(client),
+                journal=RedisJournal(client),
+                fleet=RedisFleet(client),
                 publisher=publisher,
             )
         return _deps

@@ -35,12 +35,12 @@ def cancel_job(deps: Deps, job_id: str, reason: str = "cancelled by operator") -
             moved = transition(session, job_id, state, State.CANCELLED, reason, clock=deps.clock)
             session.commit()
         if moved:
-            deps.limits.release(job_id)
+            deps.limiter.release(job_id)
             prediction_id = job.prediction_id
             if state is State.SUBMITTING and not prediction_id:
                 # The submit may have answered without its commit (a crash): the journal knows.
                 try:
-                    prediction_id = deps.limits.recall_submission(job_id)
+                    prediction_id = deps.journal.recall(job_id)
                 except Exception:
                     prediction_id = None
                 if prediction_id:

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PollTarget:
+    """A processing job one poller has claimed: its prediction to look up, and the claim version
+    (`seq`) that every write about this poll must still match."""
+
     job_id: str
     seq: int  # the row's poll_seq this poller holds; every update is a CAS on it
     prediction_id: str
@@ -40,23 +43,29 @@ class PollTarget:
 
 @dataclass(frozen=True)
 class Reschedule:
+    """Decision: not finished (or not readable now); look again after `wait` seconds."""
+
     wait: float
     reason: str | None = None
 
 
 @dataclass(frozen=True)
 class Finish:
+    """Decision: the prediction completed; copy its outputs out."""
+
     prediction: Prediction
 
 
 @dataclass(frozen=True)
 class Fail:
+    """Decision: the prediction failed for good (or cannot be used): fail the job."""
+
     reason: str
     code: str
     message: str
 
 
-Decision = Reschedule | Finish | Fail
+Decision = Reschedule | Finish | Fail  # what one result lookup means for a job
 
 
 def fetch_and_decide(deps: Deps, prediction_id: str) -> Decision:
@@ -65,7 +74,7 @@ def fetch_and_decide(deps: Deps, prediction_id: str) -> Decision:
     try:
         prediction = deps.provider.result(prediction_id)
     except ProviderAuthError as exc:
-        deps.limits.trip_breaker(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
+        deps.breaker.trip(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
         return Reschedule(s.breaker_open_seconds + jittered(0, s.poll_interval, deps.rng), str(exc))
     except TransientProviderError as exc:
         note_failure(deps, exc)
@@ -75,7 +84,7 @@ def fetch_and_decide(deps: Deps, prediction_id: str) -> Decision:
         )
     except PermanentProviderError as exc:
         return Fail(f"result lookup refused: {exc}", code_of(exc.code, ErrorCode.REJECTED), exc.message)
-    deps.limits.record_success()
+    deps.breaker.record_success()
     crashpoint("mid_poll")
     if not prediction.status.terminal:
         return Reschedule(jittered(s.poll_interval, s.poll_jitter, deps.rng))
@@ -114,7 +123,7 @@ def apply_decision(deps: Deps, target: PollTarget, decision: Decision, *, chain:
                 extra={"job_id": target.job_id, "prediction_id": target.prediction_id},
             )
         return Next(Step.POLL, target.job_id, countdown=decision.wait, poll_seq=target.seq + 1) if chain else None
-    deps.limits.release(target.job_id)
+    deps.limiter.release(target.job_id)
     if isinstance(decision, Fail):
         fail_job(deps, target.job_id, State.PROCESSING, decision.reason, decision.code, decision.message)
         return None
@@ -124,7 +133,7 @@ def apply_decision(deps: Deps, target: PollTarget, decision: Decision, *, chain:
 def _breaker_pause(deps: Deps) -> Reschedule | None:
     # While the breaker is open (an outage, revoked credentials) polls wait too: no storm of
     # failing calls during the outage, and a jittered spread when it ends.
-    paused = deps.limits.breaker_wait()
+    paused = deps.breaker.wait()
     return Reschedule(paused + jittered(0, deps.settings.poll_interval, deps.rng)) if paused > 0 else None
 
 
@@ -291,7 +300,7 @@ def _observe_inference(deps: Deps, predictions: list[Prediction]) -> None:
     if not samples or not deps.settings.adaptive_first_poll:
         return
     try:
-        deps.limits.observe_inference(samples[len(samples) // 2] / 1000.0)
+        deps.fleet.observe_inference(samples[len(samples) // 2] / 1000.0)
     except Exception:  # Redis down: keep the last known value
         pass
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import Enum
 
 from sqlalchemy import and_, exists, func, or_, select
 
@@ -25,6 +26,22 @@ from worker.engine.wakeups import poller_wakeup, submitter_wakeup
 from worker.errors import InvalidJobOperation, JobNotFound, ProviderError
 
 log = logging.getLogger(__name__)
+
+
+class Resolution(str, Enum):
+    """What became of a submit stuck in `submitting` (the sweep's counts, `edit-worker resolve`)."""
+
+    ADOPTED = "adopted"  # the provider's task is now the job's; polling it
+    GONE = "gone"  # the job had moved on meanwhile: nothing adopted
+    RESUBMITTED = "resubmitted"  # the provider holds no task for it: back to queued
+    WAITING = "waiting"  # too early to tell: the provider's task list may still show it
+    NEEDS_OPERATOR = "needs_operator"  # more than one candidate: parked for `edit-worker resolve`
+    UNKNOWN_JOB = "unknown_job"  # (webhook) no job has that id
+    NOT_SUBMITTING = "not_submitting"  # (webhook) the job is not waiting for its task
+    CLAIMED_ELSEWHERE = "claimed_elsewhere"  # (webhook) another job holds that prediction
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def relay_outbox(deps: Deps, *, older_than: float = 0.0, limit: int = 1000) -> int:
@@ -80,7 +97,7 @@ def sweep(deps: Deps, *, limit: int = 500) -> SweepReport:
         state = State(job.state)
         try:
             if state is State.SUBMITTING:
-                report.count(report.ambiguous, resolve_ambiguous(deps, job))
+                report.count(report.ambiguous, resolve_ambiguous(deps, job).value)
             elif job.deadline_at < now:
                 if fail_deadline(deps, job.id, state, job.prediction_id):
                     report.deadline_failed += 1
@@ -122,7 +139,7 @@ def _redrive(deps: Deps, job: Job, state: State) -> None:
     schedule(deps.publisher, Next(step, job.id))
 
 
-def resolve_ambiguous(deps: Deps, job: Job) -> str:
+def resolve_ambiguous(deps: Deps, job: Job) -> Resolution:
     """A job stuck in `submitting` (a submit that timed out, a worker that died around the call):
     find out whether the provider created a task before doing anything that could pay twice.
 
@@ -133,7 +150,7 @@ def resolve_ambiguous(deps: Deps, job: Job) -> str:
                                                     -> adopt it.
     4. Anything else                                -> leave it for an operator (`edit-worker resolve`).
     """
-    journaled = deps.limits.recall_submission(job.id)
+    journaled = deps.journal.recall(job.id)
     if journaled:
         return _adopt(deps, job, journaled, "journaled by the submitting worker")
 
@@ -143,7 +160,7 @@ def resolve_ambiguous(deps: Deps, job: Job) -> str:
     window_start = started - skew
     window_end = started + timedelta(seconds=s.http_timeout) + skew
     if deps.clock() < window_end + timedelta(seconds=s.ambiguous_list_grace_seconds):
-        return "waiting"
+        return Resolution.WAITING
     candidates = _unclaimed_predictions(deps, window_start, window_end)
     if not candidates:
         with deps.sessions() as session:
@@ -159,10 +176,10 @@ def resolve_ambiguous(deps: Deps, job: Job) -> str:
                 next_attempt_at=None,
             )
             session.commit()
-        deps.limits.release(job.id)
+        deps.limiter.release(job.id)
         if moved:
             schedule(deps.publisher, Next(Step.SUBMIT, job.id))
-        return "resubmitted"
+        return Resolution.RESUBMITTED
     with deps.sessions() as session:
         competitors = session.scalar(
             select(func.count())
@@ -185,7 +202,7 @@ def resolve_ambiguous(deps: Deps, job: Job) -> str:
         update_if(session, job.id, State.SUBMITTING, clock=deps.clock, error_code=ErrorCode.NEEDS_OPERATOR.value, error_message=message)
         session.commit()
     log.error("ambiguous submit needs an operator: %s", message, extra={"job_id": job.id})
-    return "needs_operator"
+    return Resolution.NEEDS_OPERATOR
 
 
 def _unclaimed_predictions(deps: Deps, start: datetime, end: datetime, max_pages: int = 20) -> list[Prediction]:
@@ -202,33 +219,33 @@ def _unclaimed_predictions(deps: Deps, start: datetime, end: datetime, max_pages
     return [p for p in found if p.id not in claimed]
 
 
-def _adopt(deps: Deps, job: Job, prediction_id: str, why: str) -> str:
+def _adopt(deps: Deps, job: Job, prediction_id: str, why: str) -> Resolution:
     nxt = record_submission(deps, job.id, Prediction(id=prediction_id, status=PredictionStatus.PROCESSING))
     schedule(deps.publisher, Next(Step.POLL, job.id, poll_seq=nxt.poll_seq) if nxt else None)
     log.info("adopted provider task %s (%s)", prediction_id, why, extra={"job_id": job.id})
-    return "adopted" if nxt else "gone"
+    return Resolution.ADOPTED if nxt else Resolution.GONE
 
 
-def adopt_from_webhook(deps: Deps, job_id: str, prediction_id: str) -> str:
+def adopt_from_webhook(deps: Deps, job_id: str, prediction_id: str) -> Resolution:
     """The provider called this job's own webhook URL (token checked) about `prediction_id`: the task
     is certainly this job's. Adopt it if the job is still waiting in `submitting` without one."""
 
     try:
         job = get_job(deps.sessions, job_id)
     except JobNotFound:
-        return "unknown_job"
+        return Resolution.UNKNOWN_JOB
     if job.state != State.SUBMITTING.value or job.prediction_id:
-        return "not_submitting"
+        return Resolution.NOT_SUBMITTING
     with deps.sessions() as session:
         if session.scalar(select(Job.id).where(Job.prediction_id == prediction_id)):
-            return "claimed_elsewhere"
+            return Resolution.CLAIMED_ELSEWHERE
     outcome = _adopt(deps, job, prediction_id, "named by the provider's webhook for this job")
     if job.error_code == ErrorCode.NEEDS_OPERATOR.value:
         reexamine_parked(deps)  # it was parked with others: they may be decidable now
     return outcome
 
 
-def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, resubmit: bool = False) -> str:
+def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, resubmit: bool = False) -> Resolution:
     """The operator's answer for a submit the reconciler could not settle."""
 
     job = get_job(deps.sessions, job_id)
@@ -258,15 +275,15 @@ def resolve_by_operator(deps: Deps, job_id: str, *, adopt: str | None = None, re
                 next_attempt_at=None,
             )
             session.commit()
-        deps.limits.release(job_id)
+        deps.limiter.release(job_id)
         if moved:
             schedule(deps.publisher, Next(Step.SUBMIT, job_id))
-        outcome = "resubmitted"
+        outcome = Resolution.RESUBMITTED
     reexamine_parked(deps)
     return outcome
 
 
-def reexamine_parked(deps: Deps) -> dict[str, str]:
+def reexamine_parked(deps: Deps) -> dict[str, Resolution]:
     """Settling one of several competing ambiguous submits can make the others decidable (one job
     and one unclaimed task left in a window): look at every job parked for an operator again."""
     with deps.sessions() as session:
@@ -277,7 +294,7 @@ def reexamine_parked(deps: Deps) -> dict[str, str]:
                 .limit(100)
             )
         )
-    outcomes: dict[str, str] = {}
+    outcomes: dict[str, Resolution] = {}
     for job in parked:
         try:
             outcomes[job.id] = resolve_ambiguous(deps, job)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import undefer
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from models import Job
-from worker.adapters.limits import Gate
+from worker.adapters.breaker import Gate
 from worker.adapters.storage import Storage, sniff_content_type, split_uri
 from worker.adapters.wavespeed import EditRequest, Prediction
 from worker.core.backoff import compute_backoff
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Ticket:
-    """A job just moved queued -> submitting (committed), with what the provider call needs."""
+    """A job just moved queued -> submitting (committed), with what the provider call needs: the
+    submit's attempt number, the request, and whether it is the half-open breaker's one probe."""
 
     job_id: str
     attempt: int
@@ -65,17 +66,17 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
             session.commit()
             return Next(Step.SUBMIT, job_id, countdown=wait)
 
-        gate = deps.limits.check_breaker()
+        gate = deps.breaker.check()
         probe = gate.probe  # this call holds the half-open breaker's single probe
         moved = False
         try:
-            if gate.open and not probe:
-                taken, pace_wait = deps.limits.pace(1)
+            if gate.go and not probe:
+                taken, pace_wait = deps.limiter.pace(1)
                 if not taken:
                     gate = Gate(pace_wait, "submissions paced (submit_pace_per_second)")
-            if gate.open:
-                gate = deps.limits.acquire(job_id)
-            if not gate.open:
+            if gate.go:
+                gate = deps.limiter.acquire(job_id)
+            if not gate.go:
                 # Wait in `queued`, not in a retry storm: no attempt is spent.
                 update_if(session, job_id, State.QUEUED, clock=deps.clock, next_attempt_at=now + timedelta(seconds=gate.wait))
                 session.commit()
@@ -85,7 +86,7 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
                 image = input_image(deps, job.image_uri, job.image_sha256, job.image_payload)
             except StorageError as exc:
                 # Never submitted without its image, never failed for it: S3 will come back.
-                deps.limits.release(job_id)
+                deps.limiter.release(job_id)
                 wait = input_retry_delay(deps)
                 update_if(
                     session,
@@ -114,14 +115,14 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
             )
             if not moved:
                 session.rollback()
-                deps.limits.release(job_id)
+                deps.limiter.release(job_id)
                 return None
             session.commit()
         finally:
             if probe and not moved:
                 # The probe was not used (deferred, lost a race, or an error): hand it back at once,
                 # or every submission would wait for a probe that never reports.
-                deps.limits.release_probe()
+                deps.breaker.release_probe()
         ticket = Ticket(
             job_id,
             attempt,
@@ -189,8 +190,8 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
         log.warning("ambiguous submit, left for the reconciler: %s", exc, extra={"job_id": job_id})
         return None
     except ProviderAuthError as exc:
-        deps.limits.release(job_id)
-        deps.limits.trip_breaker(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
+        deps.limiter.release(job_id)
+        deps.breaker.trip(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
         log.error(
             "provider refused the credentials; circuit breaker open for %.0fs: %s", s.breaker_open_seconds, exc, extra={"job_id": job_id}
         )
@@ -209,9 +210,9 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
         return Next(Step.SUBMIT, job_id, countdown=wait)
     except TransientProviderError as exc:
         # The provider answered an error or was not reached: provably no task, so retry later.
-        deps.limits.release(job_id)
+        deps.limiter.release(job_id)
         if probe:
-            deps.limits.release_probe()  # the next submit probes again (or the failure re-trips the breaker)
+            deps.breaker.release_probe()  # the next submit probes again (or the failure re-trips the breaker)
         note_failure(deps, exc)
         wait = compute_backoff(attempt - 1, base=s.backoff_base, maximum=s.backoff_max, retry_after=exc.retry_after, rng=deps.rng)
         with deps.sessions() as session:
@@ -230,9 +231,9 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
         log.warning("submit failed (transient), retry in %.1fs: %s", wait, exc, extra={"job_id": job_id})
         return Next(Step.SUBMIT, job_id, countdown=wait)
     except PermanentProviderError as exc:
-        deps.limits.release(job_id)
+        deps.limiter.release(job_id)
         if probe:
-            deps.limits.release_probe()
+            deps.breaker.release_probe()
         with deps.sessions() as session:
             transition(
                 session,
@@ -257,15 +258,15 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
 def settle_breaker(deps: Deps) -> None:
     """A submit went through: the provider is healthy again (closes a half-open breaker)."""
     try:
-        deps.limits.record_success()
-        deps.limits.reset_breaker()
+        deps.breaker.record_success()
+        deps.breaker.reset()
     except Exception as exc:  # Redis down: the breaker state catches up on the next call
         log.warning("could not update the breaker after a submit: %s", type(exc).__name__)
 
 
 def note_failure(deps: Deps, exc: TransientProviderError) -> None:
     s = deps.settings
-    if deps.limits.record_failure(
+    if deps.breaker.record_failure(
         threshold=s.outage_failure_threshold, window=s.outage_failure_window, open_seconds=s.outage_open_seconds, reason=str(exc)[:120]
     ):
         log.error("provider outage: circuit breaker open for %.0fs (%s)", s.outage_open_seconds, exc)
@@ -279,7 +280,7 @@ def first_poll_delay(deps: Deps) -> float:
     if not s.adaptive_first_poll:
         return s.first_poll_delay
     try:
-        typical = deps.limits.typical_inference()
+        typical = deps.fleet.typical_inference()
     except Exception:  # Redis down: the configured delay is always a safe answer
         typical = None
     return s.first_poll_delay if typical is None else min(typical, s.first_poll_max)
@@ -334,7 +335,7 @@ def record_submission(deps: Deps, job_id: str, prediction: Prediction, *, wake: 
     in Redis so that if this process dies now the reconciler adopts the task instead of guessing.
     `wake`: publish what polls it next (the batch submitter wakes the poller once per batch)."""
     try:
-        deps.limits.remember_submission(job_id, prediction.id)
+        deps.journal.remember(job_id, prediction.id)
     except Exception:  # the journal is a second line of defence; the database is the record
         log.warning("could not journal prediction %s in Redis", prediction.id, extra={"job_id": job_id})
     crashpoint("after_journal")
@@ -343,7 +344,7 @@ def record_submission(deps: Deps, job_id: str, prediction: Prediction, *, wake: 
     if seq is None:
         log.info("job left submitting meanwhile; cancelling provider task %s", prediction.id, extra={"job_id": job_id})
         cancel_at_provider(deps, prediction.id)
-        deps.limits.release(job_id)
+        deps.limiter.release(job_id)
         return None
     if deps.settings.poll_mode == "batch":
         return poller_wakeup(deps, first_poll) if wake else Next(Step.POLL_DUE, countdown=first_poll)

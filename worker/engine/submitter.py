@@ -18,10 +18,11 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from enum import Enum
 
 from sqlalchemy import bindparam, func, select, update
 
-from worker.adapters.limits import Gate
+from worker.adapters.breaker import Gate
 from worker.adapters.wavespeed import EditRequest
 from worker.core.codes import ErrorCode
 from worker.core.jobs import JOBS, as_utc, transition_now
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Lease:
+    """A queued job leased by one submitter pass: still `queued`, due again after the lease unless
+    the pass starts its submit first (a CAS on `seq`, the row's claim version)."""
+
     job_id: str
     seq: int  # the row's poll_seq after leasing: the CAS that starts the submit checks it
     attempts: int
@@ -47,6 +51,19 @@ class Lease:
     image_uri: str | None = None
     image_sha256: str | None = None
     image_payload: str | None = None  # rows from before revision 0003 only
+
+
+class Start(str, Enum):
+    """How a leased job's submit began."""
+
+    HELD = "held"  # not sent: an earlier submit of the batch opened the breaker; back to queued
+    LOST = "lost"  # someone else moved the job between lease and submit
+    STARTED = "started"  # moved to submitting and sent (whatever the provider answered)
+    ACCEPTED = "accepted"  # ... and the provider created a task
+    DEFERRED = "deferred"  # not sent: its input image could not be read; back to queued with a backoff
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -135,7 +152,7 @@ def _unlease(deps: Deps, leases: list[Lease], wait: float) -> None:
 def _defer_unreadable(deps: Deps, lease: Lease, why: str) -> None:
     """A leased job whose input S3 could not serve: its limiter slot back, due again after a
     backoff, still queued (the lease's claim version guards the update)."""
-    deps.limits.release(lease.job_id)
+    deps.limiter.release(lease.job_id)
     c = JOBS.c
     now = deps.clock()
     stmt = (
@@ -174,7 +191,7 @@ class _Batch:
         self.inputs_down = threading.Event()  # S3 could not serve an input: the rest wait too
 
 
-def start_leased(deps: Deps, lease: Lease, probe: bool = False, batch: _Batch | None = None) -> tuple[str, Next | None]:
+def start_leased(deps: Deps, lease: Lease, probe: bool = False, batch: _Batch | None = None) -> tuple[Start, Next | None]:
     """Submit one leased job: queued -> submitting (a CAS on the lease's version), then the provider
     call. Returns (outcome, what to schedule next); outcome is "accepted" (the provider created a
     task), "started" (sent, whatever the answer), "held" (an earlier submit of `batch` opened the
@@ -192,13 +209,13 @@ def start_leased(deps: Deps, lease: Lease, probe: bool = False, batch: _Batch | 
         _submit_seconds = 0.8 * _submit_seconds + 0.2 * (time.monotonic() - began)
 
 
-def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[str, Next | None]:
+def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[Start, Next | None]:
     """In a pool thread: queued -> submitting (CAS on the lease), then the provider call."""
     if not probe and batch.trouble.is_set() and _breaker_opened(deps):
-        return "held", None  # an earlier submit of this batch opened the breaker
+        return Start.HELD, None  # an earlier submit of this batch opened the breaker
     if batch.inputs_down.is_set():
         _defer_unreadable(deps, lease, "S3 could not serve another input of this batch")
-        return "deferred", None
+        return Start.DEFERRED, None
     try:
         # Before queued -> submitting: a job whose image cannot be read stays queued (no attempt
         # spent) and is never sent without it.
@@ -209,7 +226,7 @@ def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[st
         batch.inputs_down.set()
         _defer_unreadable(deps, lease, str(exc))
         log.warning("input image unreadable, submit retried later: %s", exc, extra={"job_id": lease.job_id})
-        return "deferred", None
+        return Start.DEFERRED, None
     attempt = lease.attempts + 1
     try:
         moved = transition_now(
@@ -226,20 +243,20 @@ def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[st
         )
     except Exception as exc:  # database down: the job is still queued and its lease runs out
         log.warning("could not start a leased submit: %s", type(exc).__name__, extra={"job_id": lease.job_id})
-        deps.limits.release(lease.job_id)
-        return "lost", None
+        deps.limiter.release(lease.job_id)
+        return Start.LOST, None
     if moved is None:
-        deps.limits.release(lease.job_id)
-        return "lost", None
+        deps.limiter.release(lease.job_id)
+        return Start.LOST, None
     try:
         nxt = send_submit(deps, Ticket(lease.job_id, attempt, lease.request, probe), batch=True)
     except Exception as exc:
         # The job is in `submitting`: whether a task exists is for the reconciler to find out (the
         # journal, then the provider's task list) — never a blind resubmit.
         log.warning("submit ended with %s; the reconciler settles it", type(exc).__name__, extra={"job_id": lease.job_id})
-        return "started", None
+        return Start.STARTED, None
     accepted = nxt is not None and nxt.step in (Step.POLL_DUE, Step.POLL)
-    return ("accepted" if accepted else "started"), nxt
+    return (Start.ACCEPTED if accepted else Start.STARTED), nxt
 
 
 def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -> SubmitBatchReport:
@@ -253,8 +270,8 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
     waits: list[float] = []
     polls: list[float] = []
     while time.monotonic() - started < limit:
-        gate = deps.limits.check_breaker()
-        if not gate.open:
+        gate = deps.breaker.check()
+        if not gate.go:
             waits.append(gate.wait)
             break
         probe = gate.probe
@@ -262,14 +279,14 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             report.backpressure = True
             waits.append(BACKPRESSURE_RECHECK)
             break
-        room = 1 if probe else deps.limits.capacity()
+        room = 1 if probe else deps.limiter.capacity()
         if isinstance(room, Gate):
             waits.append(room.wait)
             break
         # No more than the pass can send before its time is up (and well inside the lease).
         want = min(s.submit_batch_size, room, _batch_that_fits(s.submit_threads, limit))
         if not probe:
-            want, pace_wait = deps.limits.pace(want)
+            want, pace_wait = deps.limiter.pace(want)
             if want == 0:
                 waits.append(pace_wait)
                 break
@@ -278,11 +295,11 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             leases = lease_queued(deps, want)
         finally:
             if probe and not leases:
-                deps.limits.release_probe()  # an unused probe goes back at once
+                deps.breaker.release_probe()  # an unused probe goes back at once
         report.leased += len(leases)
         if not leases:
             break
-        granted, gate = deps.limits.acquire_many([lease.job_id for lease in leases])
+        granted, gate = deps.limiter.acquire_many([lease.job_id for lease in leases])
         go, back = leases[:granted], leases[granted:]
         if back:
             _unlease(deps, back, gate.wait)
@@ -290,10 +307,10 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             waits.append(gate.wait)
             log.info("%d submit(s) deferred %.1fs: %s", len(back), gate.wait, gate.reason)
         if probe and not go:
-            deps.limits.release_probe()
+            deps.breaker.release_probe()
         batch = _Batch()
         outcomes = list(pool.map(lambda lease: start_leased(deps, lease, probe, batch), go))
-        held = [lease for lease, (status, _) in zip(go, outcomes) if status == "held"]
+        held = [lease for lease, (status, _) in zip(go, outcomes) if status is Start.HELD]
         if held:
             # The breaker opened mid-batch (a 401, or an outage): the rest wait in `queued`, no
             # attempt spent, and are due when the breaker lets submissions through again.
@@ -303,16 +320,16 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
             report.deferred += len(held)
             waits.append(wait)
         for status, nxt in outcomes:
-            if status == "held":
+            if status is Start.HELD:
                 continue
-            if status == "deferred":  # its input could not be read: back to queued with a backoff
+            if status is Start.DEFERRED:  # its input could not be read: back to queued with a backoff
                 report.deferred += 1
                 if probe:
-                    deps.limits.release_probe()  # the probe was not used
+                    deps.breaker.release_probe()  # the probe was not used
                 continue
-            report.lost += status == "lost"
-            report.started += status != "lost"
-            report.accepted += status == "accepted"
+            report.lost += status is Start.LOST
+            report.started += status is not Start.LOST
+            report.accepted += status is Start.ACCEPTED
             if nxt is None:
                 continue
             if nxt.step == Step.POLL_DUE:
@@ -349,7 +366,7 @@ def _breaker_opened(deps: Deps) -> float:
     """Seconds the shared breaker stays open (0: closed); a Redis error counts as closed, as in
     the per-job path (the provider's own answer is the final word)."""
     try:
-        return deps.limits.breaker_wait()
+        return deps.breaker.wait()
     except Exception:
         return 0.0
 

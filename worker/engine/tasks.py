@@ -182,7 +182,7 @@ def _node_pass(deps: Deps, loop: str, node: str, when_busy: Callable[[], Next | 
     try:
         for slot in range(slots):
             key = pass_lock_name(loop, node, slot)
-            if deps.limits.once(key, ttl=loop_lock_ttl(deps.settings)):
+            if deps.fleet.once(key, ttl=loop_lock_ttl(deps.settings)):
                 lock = key
                 break
     except redis.RedisError:
@@ -208,7 +208,7 @@ def _schedule_all(deps: Deps, steps: list[Next | None]) -> None:
 
 def _unlock(deps: Deps, lock: str) -> None:
     try:
-        deps.limits.forget(lock)
+        deps.fleet.forget(lock)
     except redis.RedisError:
         pass  # it lapses on its own
 
@@ -242,7 +242,7 @@ def _clear_node_locks(sender=None, **_kw) -> None:
         deps = task_deps()
         for loop, slots in (("poller", deps.settings.poll_passes_per_node), ("submitter", deps.settings.submit_passes_per_node)):
             for slot in range(slots):
-                deps.limits.forget(pass_lock_name(loop, sender.hostname, slot))
+                deps.fleet.forget(pass_lock_name(loop, sender.hostname, slot))
     except Exception:  # Redis not up yet: the locks lapse on their own
         pass
     finally:

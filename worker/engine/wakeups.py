@@ -22,7 +22,7 @@ def _wakeup(deps: Deps, step: Step, delay: float, *, dedupe: bool = True) -> Nex
     bucket = math.ceil((now + max(0.0, delay)) / WAKEUP_BUCKET)
     if dedupe:
         try:
-            if not deps.limits.once(wakeup_name(step.value, bucket), ttl=max(delay, 0.0) + 60):
+            if not deps.fleet.once(wakeup_name(step.value, bucket), ttl=max(delay, 0.0) + 60):
                 return None
         except Exception:  # Redis down: publish anyway (a duplicate pass finds nothing; a lost wake-up is late)
             pass

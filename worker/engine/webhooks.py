@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,11 +21,22 @@ from worker.core.steps import Publisher, Step
 log = logging.getLogger(__name__)
 
 
+class NudgeOutcome(str, Enum):
+    POLLED = "polled"  # a poll was published
+    UNKNOWN_PREDICTION = "unknown_prediction"  # no job holds that prediction (yet)
+    NOT_PROCESSING = "not_processing"  # the job is not waiting on the provider
+    RACED = "raced"  # another poller took the job over meanwhile: a chain is alive
+    PUBLISH_FAILED = "publish_failed"  # broker down: the sweep picks the job up from next_poll_at
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Nudge:
     """What a webhook did: `polled` (a poll was published), or why not."""
 
-    outcome: str  # "polled" | "unknown_prediction" | "not_processing" | "raced" | "publish_failed"
+    outcome: NudgeOutcome
     job_id: str | None = None
     poll_seq: int | None = None
 
@@ -43,14 +55,14 @@ def nudge_poll(
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.prediction_id == prediction_id))
         if job is None:
-            return Nudge("unknown_prediction")
+            return Nudge(NudgeOutcome.UNKNOWN_PREDICTION)
         if job.state != State.PROCESSING.value:
-            return Nudge("not_processing", job.id)
+            return Nudge(NudgeOutcome.NOT_PROCESSING, job.id)
         job_id = job.id
         seq = take_over_poll(session, job_id, job.poll_seq, clock=clock)
         session.commit()
     if seq is None:
-        return Nudge("raced", job_id)  # another poller took the job over meanwhile: a chain is alive
+        return Nudge(NudgeOutcome.RACED, job_id)
     try:
         publisher_factory().publish(Step.POLL, job_id, poll_seq=seq)
     except Exception as exc:  # broker down: the sweep picks the job up from next_poll_at
@@ -59,6 +71,6 @@ def nudge_poll(
             type(exc).__name__,
             extra={"job_id": job_id, "prediction_id": prediction_id},
         )
-        return Nudge("publish_failed", job_id, seq)
+        return Nudge(NudgeOutcome.PUBLISH_FAILED, job_id, seq)
     log.info("webhook: poll published", extra={"job_id": job_id, "prediction_id": prediction_id})
-    return Nudge("polled", job_id, seq)
+    return Nudge(NudgeOutcome.POLLED, job_id, seq)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import redis
 
-from worker.adapters.limits import MemoryLimits
+from worker.adapters.limiter import MemoryLimiter
 from worker.core.jobs import job_events
 from worker.core.states import State
 from worker.engine import bookkeeping
@@ -87,16 +87,16 @@ def test_fail_deadline_leaves_a_job_that_moved_on_alone(deps, new_job, load, fak
 
 
 def test_fail_job_records_the_code_and_message_and_hands_back_the_slot(deps, new_job, load, clock):
-    deps.limits.max_concurrency = 1
+    deps.limiter.max_concurrency = 1
     job_id = new_job()
-    assert deps.limits.acquire(job_id).open
-    assert not deps.limits.acquire("another job").open  # the job holds the only slot
+    assert deps.limiter.acquire(job_id).go
+    assert not deps.limiter.acquire("another job").go  # the job holds the only slot
     bookkeeping.fail_job(deps, job_id, State.QUEUED, "the input was refused", "c" * 80, "prompt too long")
     job = load(job_id)
     assert (job.state, job.error_code, job.error_message) == ("failed", "c" * 64, "prompt too long")
     assert job.finished_at == clock.now()
     assert job_events(deps.sessions, job_id)[-1].reason == "the input was refused"
-    assert deps.limits.acquire("another job").open
+    assert deps.limiter.acquire("another job").go
 
 
 def test_fail_job_does_not_move_a_job_that_is_not_in_the_expected_state(deps, new_job, load):
@@ -114,7 +114,7 @@ def test_cancel_at_provider_reports_a_provider_error_instead_of_raising(deps, fa
     assert fake_provider.cancelled == [task.id]
 
 
-class LimiterDown(MemoryLimits):
+class LimiterDown(MemoryLimiter):
     calls = 0
 
     def release_many(self, tokens: list[str]) -> None:
@@ -123,20 +123,20 @@ class LimiterDown(MemoryLimits):
 
 
 def test_release_slots_logs_a_limiter_outage_instead_of_raising(deps, clock, caplog):
-    deps.limits = LimiterDown(clock=clock.monotonic)
+    deps.limiter = LimiterDown(clock=clock.monotonic)
     bookkeeping.release_slots(deps, [])
-    assert deps.limits.calls == 0  # nothing to hand back: no Redis call
+    assert deps.limiter.calls == 0  # nothing to hand back: no Redis call
     bookkeeping.release_slots(deps, ["job-a", "job-b"])
-    assert deps.limits.calls == 1  # one call for the lot
+    assert deps.limiter.calls == 1  # one call for the lot
     assert "could not release 2 limiter slot(s)" in caplog.text
 
 
 def test_release_slots_hands_back_every_slot_in_one_call(deps):
-    deps.limits.max_concurrency = 2
-    assert deps.limits.acquire("job-a").open and deps.limits.acquire("job-b").open
-    assert not deps.limits.acquire("job-c").open
+    deps.limiter.max_concurrency = 2
+    assert deps.limiter.acquire("job-a").go and deps.limiter.acquire("job-b").go
+    assert not deps.limiter.acquire("job-c").go
     bookkeeping.release_slots(deps, ["job-a", "job-b"])
-    assert deps.limits.acquire("job-c").open and deps.limits.acquire("job-d").open
+    assert deps.limiter.acquire("job-c").go and deps.limiter.acquire("job-d").go
 
 
 def test_a_log_context_names_the_job_and_never_its_payload(deps, new_job, load):

@@ -42,7 +42,7 @@ def test_cancelling_a_job_whose_submit_answered_but_never_committed_cancels_the_
         transition(session, job_id, State.QUEUED, State.SUBMITTING, "submit attempt 1", clock=deps.clock, attempts=1)
         session.commit()
     task = fake_provider.create_task({"prompt": "make the sky purple"}, via_submit=True)
-    deps.limits.remember_submission(job_id, task.id)  # ... and died before its commit
+    deps.journal.remember(job_id, task.id)  # ... and died before its commit
     job = cancel_job(deps, job_id)
     assert job.state == "cancelled" and job.prediction_id == task.id
     assert fake_provider.cancelled == [task.id]

@@ -90,19 +90,21 @@ def test_a_transient_poll_error_reschedules_without_failing(deps, new_job, load,
     assert load(job_id).state == "processing"
 
 
-def test_a_poll_auth_error_trips_the_breaker_and_keeps_polling_later(deps, new_job, load, fake_provider, limits, submitted):
+def test_a_poll_auth_error_trips_the_breaker_and_keeps_polling_later(
+    deps, new_job, load, fake_provider, breaker, journal, limiter, submitted
+):
     job_id = new_job()
     first = submitted(deps, job_id)
     fake_provider.script("result", httpx.Response(401, json={"code": 401, "message": "bad key"}))
     nxt = run_poll(deps, job_id, first.poll_seq)
-    assert limits.breaker_state()["open"]
+    assert breaker.state()["open"]
     assert nxt.step == "poll" and nxt.countdown >= deps.settings.breaker_open_seconds
     assert load(job_id).state == "processing"
     # While the breaker is open, polls of other jobs wait too, without calling the provider.
     other = new_job(prompt="other")
-    limits.reset_breaker()
+    breaker.reset()
     other_first = submitted(deps, other)
-    limits.trip_breaker(60, "test")
+    breaker.trip(60, "test")
     calls = fake_provider.calls["result"]
     assert run_poll(deps, other, other_first.poll_seq).countdown >= 60
     assert fake_provider.calls["result"] == calls
@@ -157,7 +159,7 @@ def test_due_jobs_are_copied_to_s3_by_the_poller_itself(batch_deps, new_job, fak
             ("uploading", "succeeded"),
         ]
     assert fake_provider.calls["result"] == 5 and fake_provider.calls["download"] == 5
-    assert batch_deps.limits.breaker_state()["active"] == 0  # every provider slot handed back
+    assert batch_deps.limiter.slots_held() == 0  # every provider slot handed back
     assert report.next_due_in is None
 
 
@@ -180,7 +182,7 @@ def test_the_first_poll_learns_the_models_typical_inference_time(batch_deps, new
     _processing(batch_deps, new_job, 3)
     clock.advance(0.5)
     poller.poll_due(batch_deps, executor=executor)  # the fake provider reports 1234 ms of inference
-    assert batch_deps.limits.typical_inference() == pytest.approx(1.234)
+    assert batch_deps.fleet.typical_inference() == pytest.approx(1.234)
     later = new_job(prompt="after learning")
     nxt = submit.run_submit(batch_deps, later)
     assert (load(later).next_poll_at - clock.now()).total_seconds() == pytest.approx(1.234, abs=0.01)
@@ -298,7 +300,7 @@ def test_past_deadline_jobs_fail_in_the_batch(batch_deps, new_job, clock, load, 
 def test_an_open_breaker_pauses_polls_without_calling_the_provider(batch_deps, new_job, clock, fake_provider, load, executor):
     ids = _processing(batch_deps, new_job, 3)
     clock.advance(batch_deps.settings.first_poll_delay)
-    batch_deps.limits.trip_breaker(20, "test outage")
+    batch_deps.breaker.trip(20, "test outage")
     report = poller.poll_due(batch_deps, executor=executor)
     assert report.rescheduled == 3
     assert fake_provider.calls["result"] == 0

@@ -204,7 +204,7 @@ def test_ambiguous_submit_is_not_resubmitted_when_provider_has_the_task(deps, ne
 
 
 def test_a_journaled_prediction_is_adopted_without_asking_the_provider(
-    deps, new_job, fake_provider, limits, load, publisher, sessions, clock
+    deps, new_job, fake_provider, journal, load, publisher, sessions, clock
 ):
     # The worker died right after the provider answered and the id was journaled (before the commit).
     job_id = new_job()
@@ -214,7 +214,7 @@ def test_a_journaled_prediction_is_adopted_without_asking_the_provider(
         )
         s.commit()
     task = fake_provider.create_task({"prompt": "make the sky purple"}, via_submit=True)
-    limits.remember_submission(job_id, task.id)
+    journal.remember(job_id, task.id)
 
     assert resolve_ambiguous(deps, load(job_id)) == "adopted"
     job = load(job_id)

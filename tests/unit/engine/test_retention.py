@@ -33,7 +33,7 @@ def age(sessions, job_id: str, finished_at) -> None:
 
 
 @pytest.fixture
-def fleet(deps, new_job, drive, sessions, clock, storage, make_image):
+def finished_mix(deps, new_job, drive, sessions, clock, storage, make_image):
     """Jobs of every kind, with inputs in S3: three finished 40 days ago (succeeded with an output,
     failed after a partial copy, cancelled), one succeeded just now, one still queued from long ago."""
 
@@ -65,12 +65,12 @@ def keys_of(list_keys, job_id: str) -> list[str]:
 
 
 def test_prune_deletes_finished_jobs_older_than_the_cutoff_with_their_events_and_outbox_rows_but_keeps_objects(
-    deps, fleet, sessions, clock, list_keys
+    deps, finished_mix, sessions, clock, list_keys
 ):
     before_keys = list_keys()
     with sessions() as s:
-        events = s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id.in_(fleet["old"])))
-        outbox = s.scalar(select(func.count()).select_from(Outbox).where(Outbox.job_id.in_(fleet["old"])))
+        events = s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id.in_(finished_mix["old"])))
+        outbox = s.scalar(select(func.count()).select_from(Outbox).where(Outbox.job_id.in_(finished_mix["old"])))
     jobs_before = counts(sessions)
 
     report = prune_finished(deps, clock.now() - timedelta(days=30))
@@ -78,28 +78,28 @@ def test_prune_deletes_finished_jobs_older_than_the_cutoff_with_their_events_and
     assert (report.jobs, report.events, report.outbox, report.objects) == (3, events, outbox, 0)
     assert counts(sessions) == (jobs_before[0] - 3, jobs_before[1] - events, jobs_before[2] - outbox)
     with sessions() as s:
-        assert sorted(s.scalars(select(Job.id))) == sorted(fleet["kept"])
-        assert s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id.in_(fleet["old"]))) == 0
+        assert sorted(s.scalars(select(Job.id))) == sorted(finished_mix["kept"])
+        assert s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id.in_(finished_mix["old"]))) == 0
     assert list_keys() == before_keys  # without --with-objects S3 is not touched
 
 
-def test_prune_with_objects_deletes_the_inputs_outputs_and_partial_copies_of_pruned_jobs_only(deps, fleet, clock, list_keys):
-    old_ok, old_failed, old_cancelled = fleet["old"]
+def test_prune_with_objects_deletes_the_inputs_outputs_and_partial_copies_of_pruned_jobs_only(deps, finished_mix, clock, list_keys):
+    old_ok, old_failed, old_cancelled = finished_mix["old"]
     assert len(keys_of(list_keys, old_cancelled)) == 1  # its input
     assert len(keys_of(list_keys, old_ok)) == 2  # its input and its output
     assert len(keys_of(list_keys, old_failed)) == 2  # its input and a partial copy
-    kept = {job_id: keys_of(list_keys, job_id) for job_id in fleet["kept"]}
+    kept = {job_id: keys_of(list_keys, job_id) for job_id in finished_mix["kept"]}
 
     report = prune_finished(deps, clock.now() - timedelta(days=30), with_objects=True)
 
     assert report.jobs == 3 and report.objects == 5  # 3 inputs, 1 output, 1 partial copy
-    for job_id in fleet["old"]:
+    for job_id in finished_mix["old"]:
         assert keys_of(list_keys, job_id) == []
-    assert {job_id: keys_of(list_keys, job_id) for job_id in fleet["kept"]} == kept
-    assert f"{PREFIX}/inputs/{fleet['kept'][0]}" in kept[fleet["kept"][0]]
+    assert {job_id: keys_of(list_keys, job_id) for job_id in finished_mix["kept"]} == kept
+    assert f"{PREFIX}/inputs/{finished_mix['kept'][0]}" in kept[finished_mix["kept"][0]]
 
 
-def test_a_dry_run_counts_what_prune_would_delete_and_deletes_nothing(deps, fleet, sessions, clock, list_keys):
+def test_a_dry_run_counts_what_prune_would_delete_and_deletes_nothing(deps, finished_mix, sessions, clock, list_keys):
     before = (counts(sessions), list_keys())
     cutoff = clock.now() - timedelta(days=30)
 
@@ -111,14 +111,14 @@ def test_a_dry_run_counts_what_prune_would_delete_and_deletes_nothing(deps, flee
     assert dry.dry_run and not real.dry_run
 
 
-def test_nothing_finished_before_the_cutoff_means_nothing_deleted(deps, fleet, sessions, clock):
+def test_nothing_finished_before_the_cutoff_means_nothing_deleted(deps, finished_mix, sessions, clock):
     before = counts(sessions)
     report = prune_finished(deps, clock.now() - timedelta(days=60), with_objects=True)
     assert (report.jobs, report.events, report.outbox, report.objects) == (0, 0, 0, 0)
     assert counts(sessions) == before
 
 
-def test_s3_down_while_pruning_with_objects_deletes_no_row(deps, fleet, sessions, clock, down_storage):
+def test_s3_down_while_pruning_with_objects_deletes_no_row(deps, finished_mix, sessions, clock, down_storage):
     before = counts(sessions)
     deps.storage = down_storage
 
@@ -128,10 +128,10 @@ def test_s3_down_while_pruning_with_objects_deletes_no_row(deps, fleet, sessions
     assert counts(sessions) == before  # rows stay, so the objects are never orphaned
 
 
-def test_a_failed_job_replayed_by_retry_is_not_finished_any_more_and_is_kept(deps, fleet, sessions, clock):
+def test_a_failed_job_replayed_by_retry_is_not_finished_any_more_and_is_kept(deps, finished_mix, sessions, clock):
     from worker.engine.operator import retry_job
 
-    old_failed = fleet["old"][1]
+    old_failed = finished_mix["old"][1]
     retry_job(deps, old_failed)
 
     report = prune_finished(deps, clock.now() - timedelta(days=30))

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import update
 
 from models import Job
-from worker.adapters.limits import MemoryLimits
+from worker.adapters.limiter import MemoryLimiter
 from worker.core.codes import ErrorCode
 from worker.core.jobs import job_events, transition
 from worker.core.states import State
@@ -76,7 +76,9 @@ def test_a_local_image_is_sent_to_the_provider_as_its_data_uri(deps, new_job, fa
     assert fake_provider.submissions[0].body["image"] == PNG_DATA_URI
 
 
-def test_the_prediction_id_is_committed_when_the_job_enters_processing(deps, new_job, load, fake_provider, limits, clock, submitted):
+def test_the_prediction_id_is_committed_when_the_job_enters_processing(
+    deps, new_job, load, fake_provider, breaker, journal, limiter, clock, submitted
+):
     job_id = new_job()
     nxt = submitted(deps, job_id)
     job = load(job_id)
@@ -86,7 +88,7 @@ def test_the_prediction_id_is_committed_when_the_job_enters_processing(deps, new
     assert nxt == Next("poll", job_id, countdown=3.0, poll_seq=job.poll_seq)
     assert job.next_poll_at == clock.now() + timedelta(seconds=3)
     # Also journaled, so a crash right after the submit is settled without guessing.
-    assert limits.recall_submission(job_id) == task.id
+    assert journal.recall(job_id) == task.id
 
 
 def test_submit_in_batch_mode_wakes_the_poller_instead_of_chaining_a_poll(batch_deps, new_job, load):
@@ -206,12 +208,12 @@ def test_a_permanent_submit_error_fails_the_job_with_the_providers_code_and_mess
 
 
 def test_a_401_opens_the_breaker_keeps_the_job_queued_and_defers_the_next_submit_without_calling_the_provider(
-    deps, new_job, load, fake_provider, limits, clock, states
+    deps, new_job, load, fake_provider, breaker, journal, limiter, clock, states
 ):
     fake_provider.script("submit", httpx.Response(401, json={"code": 401, "message": "invalid api key"}))
     first_job = new_job()
     nxt = run_submit(deps, first_job)
-    assert limits.breaker_state()["open"] and limits.breaker_state()["tripped"]
+    assert breaker.state()["open"] and breaker.state()["tripped"]
     job = load(first_job)
     assert job.state == "queued" and job.attempts == 1
     assert states(deps.sessions, first_job) == ["queued", "submitting", "queued"]
@@ -234,7 +236,7 @@ def test_a_401_opens_the_breaker_keeps_the_job_queued_and_defers_the_next_submit
     clock.advance(51)
     assert run_submit(deps, first_job).step == "poll"
     assert fake_provider.calls["submit"] == 2
-    assert not limits.breaker_state()["tripped"]
+    assert not breaker.state()["tripped"]
     assert run_submit(deps, other).step == "poll"
     assert len(fake_provider.submissions) == 2
 
@@ -242,17 +244,17 @@ def test_a_401_opens_the_breaker_keeps_the_job_queued_and_defers_the_next_submit
 def test_an_unused_breaker_probe_is_handed_back_at_once(deps, new_job, clock, load):
     """A half-open breaker grants one probe; if that job is deferred (here: the concurrency limit),
     the probe must be released, or every submission would wait for it."""
-    deps.limits.max_concurrency = 1
+    deps.limiter.max_concurrency = 1
     busy = new_job(prompt="holds the only slot")
-    assert deps.limits.acquire(busy).open
-    deps.limits.trip_breaker(5, "test")
+    assert deps.limiter.acquire(busy).go
+    deps.breaker.trip(5, "test")
     clock.advance(6)  # half-open now
     waiting = new_job(prompt="takes the probe but is deferred")
     nxt = submit.run_submit(deps, waiting)
     assert nxt is not None and nxt.step == Step.SUBMIT and load(waiting).state == "queued"
-    deps.limits.release(busy)
+    deps.limiter.release(busy)
     # The next submission gets the probe straight away instead of waiting ~30 s.
-    assert deps.limits.check_breaker().probe
+    assert deps.breaker.check().probe
 
 
 def test_an_ambiguous_submit_stays_in_submitting_and_is_not_resubmitted(deps, new_job, load, fake_provider, sessions, states):
@@ -271,7 +273,7 @@ def test_an_ambiguous_submit_stays_in_submitting_and_is_not_resubmitted(deps, ne
 
 
 def test_over_the_rate_limit_a_job_waits_in_queued_without_spending_an_attempt(deps, new_job, load, fake_provider, clock):
-    deps.limits = MemoryLimits(rate_per_minute=1, clock=clock.monotonic)
+    deps.limiter = MemoryLimiter(rate_per_minute=1, clock=clock.monotonic)
     a, b = new_job(prompt="a"), new_job(prompt="b")
     assert run_submit(deps, a).step == "poll"
     nxt = run_submit(deps, b)
@@ -358,7 +360,7 @@ def test_a_row_from_before_inputs_in_s3_is_submitted_with_its_stored_payload(dep
 
 @pytest.mark.parametrize("delivery", ["base64", "presigned_url"])
 def test_s3_down_at_submit_keeps_the_job_queued_and_retries_it_without_sending_or_failing(
-    deps, stored_job, png, load, fake_provider, limits, down_storage, clock, delivery
+    deps, stored_job, png, load, fake_provider, breaker, journal, limiter, down_storage, clock, delivery
 ):
     deps.settings = deps.settings.model_copy(update={"input_delivery": delivery})
     working = deps.storage
@@ -372,7 +374,7 @@ def test_s3_down_at_submit_keeps_the_job_queued_and_retries_it_without_sending_o
     assert "super-secret-s3-key" not in job.error_message
     assert job.next_attempt_at > clock.now()
     assert fake_provider.calls["submit"] == 0  # never sent without its image
-    assert limits._active == set()  # its limiter slot is free for others
+    assert limiter.slots_held() == 0  # its limiter slot is free for others
 
     deps.storage = working  # S3 is back
     clock.advance(nxt.countdown)
@@ -396,13 +398,13 @@ def test_an_input_whose_bytes_changed_in_s3_is_not_submitted(deps, stored_job, s
 
 
 def test_an_unused_half_open_probe_is_handed_back_when_the_input_cannot_be_read(
-    deps, stored_job, limits, down_storage, fake_provider, clock
+    deps, stored_job, breaker, journal, limiter, down_storage, fake_provider, clock
 ):
-    limits.trip_breaker(1.0, "test outage")
+    breaker.trip(1.0, "test outage")
     clock.advance(2)  # the open period is over: half-open, the next submit is the probe
     deps.storage = down_storage
 
     assert run_submit(deps, stored_job).step == Step.SUBMIT
 
-    assert limits.check_breaker().probe  # the probe is free again for the next submit
+    assert breaker.check().probe  # the probe is free again for the next submit
     assert fake_provider.calls["submit"] == 0

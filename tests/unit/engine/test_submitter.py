@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from worker.adapters.limits import MemoryLimits
+from worker.adapters.limiter import MemoryLimiter
 from worker.core import jobs
 from worker.core.steps import Step
 from worker.engine import poller, submitter
@@ -53,7 +53,7 @@ def test_a_pass_submits_every_due_job_exactly_once_and_wakes_the_poller_once(sub
         job = load(job_id)
         assert job.state == "processing" and job.prediction_id and job.attempts == 1
         assert _path(sessions, job_id) == [(None, "queued"), ("queued", "submitting"), ("submitting", "processing")]
-        assert sub_deps.limits.recall_submission(job_id) == job.prediction_id  # journaled
+        assert sub_deps.journal.recall(job_id) == job.prediction_id  # journaled
     # The poller was woken for the batch at once, in time for the first job's first poll.
     assert [(step, countdown) for step, _, countdown, _ in sub_deps.publisher.sent if step == Step.POLL_DUE] == [
         (Step.POLL_DUE, pytest.approx(sub_deps.settings.first_poll_delay, abs=0.5))
@@ -66,7 +66,7 @@ def test_a_pass_submits_every_due_job_exactly_once_and_wakes_the_poller_once(sub
 
 
 def test_jobs_beyond_the_rate_limit_wait_in_queued_without_spending_an_attempt(sub_deps, new_job, fake_provider, load, clock, executor):
-    sub_deps.limits = MemoryLimits(rate_per_minute=3, clock=clock.monotonic)
+    sub_deps.limiter = MemoryLimiter(rate_per_minute=3, clock=clock.monotonic)
     ids = _queued(new_job, 5)
     report = submitter.submit_due(sub_deps, executor=executor)
     assert report.started == 3 and len(fake_provider.submissions) == 3
@@ -83,14 +83,14 @@ def test_an_open_breaker_leases_nothing_and_a_half_open_one_lets_exactly_one_pro
     sub_deps, new_job, fake_provider, load, clock, executor
 ):
     ids = _queued(new_job, 4)
-    sub_deps.limits.trip_breaker(30, "provider unavailable")
+    sub_deps.breaker.trip(30, "provider unavailable")
     report = submitter.submit_due(sub_deps, executor=executor)
     assert report.leased == 0 and fake_provider.calls["submit"] == 0
     assert report.next_due_in == pytest.approx(30.0, abs=0.1)
     clock.advance(31)
     probe = submitter.submit_due(sub_deps, executor=executor)
     assert probe.started == 1 and len(fake_provider.submissions) == 1
-    assert not sub_deps.limits.breaker_state()["tripped"]  # the probe went through: closed
+    assert not sub_deps.breaker.state()["tripped"]  # the probe went through: closed
     rest = submitter.submit_due(sub_deps, executor=executor)
     assert rest.started == 3 and {load(i).state for i in ids} == {"processing"}
 
@@ -169,7 +169,7 @@ def test_the_submitter_holds_back_while_the_pollers_are_behind(sub_deps, new_job
 
 
 def test_pacing_spreads_a_burst_at_the_configured_rate(sub_deps, new_job, fake_provider, clock, load, executor):
-    sub_deps.limits = MemoryLimits(clock=clock.monotonic, pace_per_second=10)  # a burst of 5 every half second
+    sub_deps.limiter = MemoryLimiter(clock=clock.monotonic, pace_per_second=10)  # a burst of 5 every half second
     ids = _queued(new_job, 12)
     first = submitter.submit_due(sub_deps, executor=executor)
     assert first.started == 5 and first.next_due_in == pytest.approx(0.1, abs=0.01)
@@ -188,15 +188,15 @@ def test_a_401_mid_batch_stops_the_batch_and_the_rest_wait_queued(sub_deps, new_
     report = submitter.submit_due(sub_deps, executor=ThreadPoolExecutor(max_workers=1))
     assert fake_provider.calls["submit"] == 1  # the first 401 opened the breaker; nobody else tried
     assert report.started == 1 and report.deferred == 4
-    assert sub_deps.limits.breaker_state()["open"]
+    assert sub_deps.breaker.state()["open"]
     assert report.next_due_in == pytest.approx(sub_deps.settings.breaker_open_seconds, abs=1)
     assert {load(i).state for i in ids} == {"queued"}
     assert sorted(load(i).attempts for i in ids) == [0, 0, 0, 0, 1]
-    assert sub_deps.limits.breaker_state()["active"] == 0  # no limiter slot kept by waiting jobs
+    assert sub_deps.limiter.slots_held() == 0  # no limiter slot kept by waiting jobs
 
 
 def test_s3_down_at_submit_leaves_leased_jobs_queued_and_a_later_pass_sends_them_with_their_images(
-    sub_deps, new_job, fake_provider, load, limits, down_storage, clock, executor, make_image
+    sub_deps, new_job, fake_provider, load, limiter, down_storage, clock, executor, make_image
 ):
     import base64
 
@@ -213,7 +213,7 @@ def test_s3_down_at_submit_leaves_leased_jobs_queued_and_a_later_pass_sends_them
     for job_id in ids:
         job = load(job_id)
         assert (job.state, job.attempts, job.error_code) == ("queued", 0, ErrorCode.INPUT_UNAVAILABLE.value)
-    assert limits._active == set()  # every slot handed back
+    assert limiter.slots_held() == 0  # every slot handed back
     assert report.next_due_in is not None and report.next_due_in > 0
 
     sub_deps.storage = working  # S3 is back

@@ -23,8 +23,8 @@ from celery.signals import after_setup_logger, worker_process_init, worker_ready
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError
 
+from worker.adapters.breaker import MemoryBreaker
 from worker.adapters.database import get_engine
-from worker.adapters.limits import MemoryLimits
 from worker.adapters.redis_keys import pass_lock_name
 from worker.adapters.storage import Storage
 from worker.core.backoff import compute_backoff
@@ -80,8 +80,8 @@ class StorageDown(Storage):
         return super().put(key, body, content_type)
 
 
-class RedisDown(MemoryLimits):
-    def check_breaker(self):
+class RedisDown(MemoryBreaker):
+    def check(self):
         raise redis.ConnectionError("redis unreachable")
 
 
@@ -182,7 +182,7 @@ def test_a_retried_step_runs_again_and_finishes_once_the_outage_is_over(deps, ne
 
 def test_a_redis_outage_during_a_submit_is_retried_without_calling_the_provider(deps, new_job, load, fake_provider, clock):
     job_id = new_job()
-    deps.limits = RedisDown(clock=clock.monotonic)
+    deps.breaker = RedisDown(clock=clock.monotonic)
     with pytest.raises(Retry) as retry:
         as_worker(tasks.submit, job_id)
     assert isinstance(retry.value.exc, redis.ConnectionError)
@@ -361,10 +361,10 @@ def test_a_restarted_worker_clears_its_own_pass_locks_only(deps):
     held = [pass_lock_name(loop, "node-a", 0) for loop in ("poller", "submitter")]
     other = pass_lock_name("poller", "node-b", 0)
     for key in [*held, other]:
-        assert deps.limits.once(key, ttl=ttl)
+        assert deps.fleet.once(key, ttl=ttl)
     worker_ready.send(sender=node)
-    assert all(deps.limits.once(key, ttl=ttl) for key in held)  # free again
-    assert not deps.limits.once(other, ttl=ttl)  # another node's lock is not ours to clear
+    assert all(deps.fleet.once(key, ttl=ttl) for key in held)  # free again
+    assert not deps.fleet.once(other, ttl=ttl)  # another node's lock is not ours to clear
 
 
 def test_worker_logs_carry_the_job_context():

@@ -9,7 +9,7 @@ import math
 import pytest
 import redis
 
-from worker.adapters.limits import MemoryLimits
+from worker.adapters.fleet import MemoryFleet
 from worker.core.steps import Step
 from worker.engine import wakeups
 
@@ -54,13 +54,13 @@ def test_a_shared_wakeup_is_published_again_once_its_mark_has_lapsed(deps, clock
     assert wakeups.poller_wakeup(deps, 0.0) is not None
 
 
-class RedisDown(MemoryLimits):
+class RedisDown(MemoryFleet):
     def once(self, key: str, ttl: float) -> bool:
         raise redis.ConnectionError("redis unreachable")
 
 
 def test_without_redis_a_wakeup_is_published_anyway(deps, clock):
-    deps.limits = RedisDown(clock=clock.monotonic)
+    deps.fleet = RedisDown(clock=clock.monotonic)
     first = wakeups.poller_wakeup(deps, 1.0)
     assert first is not None and first.step == Step.POLL_DUE
     assert wakeups.poller_wakeup(deps, 1.0) is not None  # no de-duplication: a duplicate pass finds nothing

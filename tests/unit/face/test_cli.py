@@ -282,3 +282,49 @@ def test_submit_with_s3_down_exits_non_zero_with_one_line_and_writes_no_job(cli,
     assert "super-secret-s3-key" not in result.output
     assert result.stdout == ""
     assert job_count(sessions) == (0, 0)
+
+
+# --- worker start ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def old_redis_url():
+    """A socket that speaks just enough RESP to say it is Redis 6.0.16 (no server process)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while not stop.is_set():
+                data = conn.recv(65536)
+                if not data:
+                    return
+                if b"INFO" in data.upper():
+                    body = b"# Server\r\nredis_version:6.0.16\r\nredis_mode:standalone\r\n"
+                    conn.sendall(b"$%d\r\n%s\r\n" % (len(body), body))
+                else:
+                    conn.sendall(b"+OK\r\n")
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    stop.set()
+    listener.close()
+
+
+def test_the_worker_refuses_a_redis_older_than_6_2_in_one_line(cli, monkeypatch, old_redis_url):
+    monkeypatch.setenv("CELERY_BROKER_URL", old_redis_url)
+    monkeypatch.delenv("EDIT_WORKER_REDIS_URL", raising=False)
+    monkeypatch.setenv("EDIT_WORKER_SUPERVISE", "0")  # nothing may start: the check comes first
+    get_settings.cache_clear()
+    assert_one_line_error(cli("worker"), "Redis 6.0.16 is not supported", "6.2 or newer")
