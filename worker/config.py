@@ -6,10 +6,13 @@ Secrets are `SecretStr`, so a repr, a log line or an error message never shows t
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AfterValidator, AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,18 +20,66 @@ def _env(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
 
 
+_SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])(?:password|passwd|pwd|secret|token|access_?key|secret_?key)=)[^&;#]*")
+
+
+def redact_url(url: str) -> str:
+    """`url` fit to show: a password in its userinfo or query replaced by `***`."""
+    text = str.__str__(url)
+    try:
+        parts = urlsplit(text)
+        has_password = parts.password is not None
+    except ValueError:
+        return "<unparsable url>"
+    if has_password:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{hostport}")
+    if parts.query:
+        parts = parts._replace(query=_SECRET_QUERY.sub(r"\1***", parts.query))
+    return parts.geturl() if (has_password or parts.query) else text
+
+
+class DisplayURL(str):
+    """A URL that is the real string to every consumer (SQLAlchemy, redis, Celery, f-strings) but
+    shows no credentials in a repr: `repr(settings)`, `str(settings)` and `str(model_dump())`
+    print field values with repr, so they stay free of passwords."""
+
+    def __repr__(self) -> str:
+        return repr(redact_url(self))
+
+
+def _display(value: str | None) -> str | None:
+    return None if value is None else DisplayURL(value)
+
+
+URL = Annotated[str, AfterValidator(_display)]
+OptionalURL = Annotated[str | None, AfterValidator(_display)]
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
     # env_ignore_empty: `S3_ENDPOINT_URL=` in a .env means "unset" (AWS), not an empty endpoint.
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True, validate_default=True
     )
 
     # --- the contract (DESIGN §4) ---
     wavespeed_api_key: SecretStr | None = Field(default=None, validation_alias=_env("WAVESPEED_API_KEY"))
-    wavespeed_base_url: str = Field(default="https://api.wavespeed.ai", validation_alias=_env("WAVESPEED_BASE_URL"))
-    database_url: str = Field(default="sqlite:///edit-worker.db", validation_alias=_env("DATABASE_URL"))
-    celery_broker_url: str = Field(default="redis://localhost:6379/0", validation_alias=_env("CELERY_BROKER_URL"))
-    s3_endpoint_url: str | None = Field(default=None, validation_alias=_env("S3_ENDPOINT_URL"))
+    wavespeed_base_url: URL = Field(default="https://api.wavespeed.ai", validation_alias=_env("WAVESPEED_BASE_URL"))
+    database_url: URL = Field(default="sqlite:///edit-worker.db", validation_alias=_env("DATABASE_URL"))
+    celery_broker_url: URL = Field(default="redis://localhost:6379/0", validation_alias=_env("CELERY_BROKER_URL"))
+    s3_endpoint_url: OptionalURL = Field(default=None, validation_alias=_env("S3_ENDPOINT_URL"))
     s3_bucket: str = Field(default="edit-worker", validation_alias=_env("S3_BUCKET"))
     s3_prefix: str = Field(default="edits", validation_alias=_env("S3_PREFIX"))
     aws_access_key_id: str | None = Field(default=None, validation_alias=_env("AWS_ACCESS_KEY_ID"))
@@ -38,11 +89,11 @@ class Settings(BaseSettings):
     # Webhooks: the secret that signs WaveSpeed's calls to `POST /webhooks/wavespeed` (edit-worker
     # api), and the public URL of that endpoint to pass on submit. Polling stays on either way.
     webhook_secret: SecretStr | None = Field(default=None, validation_alias=_env("WAVESPEED_WEBHOOK_SECRET"))
-    webhook_url: str | None = Field(default=None, validation_alias=_env("EDIT_WORKER_WEBHOOK_URL"))
+    webhook_url: OptionalURL = Field(default=None, validation_alias=_env("EDIT_WORKER_WEBHOOK_URL"))
 
     # --- tuning (EDIT_WORKER_*) ---
     # Redis for the shared limiter and circuit breaker; defaults to the broker's Redis.
-    redis_url: str | None = Field(default=None, validation_alias=_env("EDIT_WORKER_REDIS_URL"))
+    redis_url: OptionalURL = Field(default=None, validation_alias=_env("EDIT_WORKER_REDIS_URL"))
     # Provider account tier: submissions per minute and tasks running at once (lowest tier: 2 and 2).
     rate_limit_per_minute: int = Field(default=120, ge=1, validation_alias=_env("EDIT_WORKER_RATE_LIMIT_PER_MINUTE"))
     max_concurrency: int = Field(default=100, ge=1, validation_alias=_env("EDIT_WORKER_MAX_CONCURRENCY"))
@@ -124,8 +175,32 @@ class Settings(BaseSettings):
     # Input checks.
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0, validation_alias=_env("EDIT_WORKER_MAX_IMAGE_BYTES"))
     allow_private_urls: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_ALLOW_PRIVATE_URLS"))
+    # Plain http:// to a provider that is not on this machine (the docker-compose sandbox): off,
+    # because the API key and every image would cross the network in clear text.
+    allow_http_provider: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_ALLOW_HTTP_PROVIDER"))
+    # The largest webhook body taken (bytes); a larger one is refused with 413 and the job's poll
+    # reads the result instead (a webhook only nudges the poll).
+    webhook_max_bytes: int = Field(default=1024 * 1024, gt=0, validation_alias=_env("EDIT_WORKER_WEBHOOK_MAX_BYTES"))
+    # `/metrics` counts jobs by state at most this often (seconds); scrapes in between share the counts.
+    metrics_cache_seconds: float = Field(default=5.0, ge=0, validation_alias=_env("EDIT_WORKER_METRICS_CACHE_SECONDS"))
     # Ask the provider for base64 outputs instead of URLs.
     base64_output: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_BASE64_OUTPUT"))
+
+    @model_validator(mode="after")
+    def _provider_over_https(self) -> Settings:
+        try:
+            parts = urlsplit(self.wavespeed_base_url)
+            host = parts.hostname
+        except ValueError:
+            raise ValueError(f"WAVESPEED_BASE_URL {redact_url(self.wavespeed_base_url)!r} is not a URL") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError(f"WAVESPEED_BASE_URL {redact_url(self.wavespeed_base_url)!r} must be an http(s) URL with a host")
+        if parts.scheme == "http" and not is_loopback_host(host) and not self.allow_http_provider:
+            raise ValueError(
+                f"WAVESPEED_BASE_URL must use https:// for a host that is not this machine (got http://{host}); "
+                "plain http is for a local sandbox (127.0.0.1/localhost) or with EDIT_WORKER_ALLOW_HTTP_PROVIDER=true"
+            )
+        return self
 
     @property
     def limiter_redis_url(self) -> str:
