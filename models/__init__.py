@@ -88,6 +88,9 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_state_updated_at", "state", "updated_at"),
         Index("ix_jobs_state_next_poll_at", "state", "next_poll_at"),
+        # Keyset pagination of `GET /jobs` (newest first), with and without a state filter.
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_state_created_at_id", "state", "created_at", "id"),
     )
 
     def __repr__(self) -> str:

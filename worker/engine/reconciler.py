@@ -210,8 +210,10 @@ def _adopt(deps: Deps, job: Job, prediction_id: str, why: str) -> str:
 
 
 def adopt_from_webhook(deps: Deps, job_id: str, prediction_id: str) -> str:
-    """The provider called this job's own webhook URL (token checked) about `prediction_id`: the task
-    is certainly this job's. Adopt it if the job is still waiting in `submitting` without one."""
+    """The provider called this job's own webhook URL (token checked) about `prediction_id`.
+    Adopt it if the job is still waiting in `submitting` without one — once the provider confirms
+    the prediction is this model's and was created inside the job's submit window: a webhook
+    replayed from another job's URL, or one naming some other task, must not attach it."""
 
     try:
         job = get_job(deps.sessions, job_id)
@@ -222,6 +224,24 @@ def adopt_from_webhook(deps: Deps, job_id: str, prediction_id: str) -> str:
     with deps.sessions() as session:
         if session.scalar(select(Job.id).where(Job.prediction_id == prediction_id)):
             return "claimed_elsewhere"
+    try:
+        prediction = deps.provider.result(prediction_id)
+    except ProviderError as exc:
+        # Unverifiable now: the sweep's own resolution (journal, task list) settles the job.
+        log.warning("webhook adoption not verified: %s", exc, extra={"job_id": job_id, "prediction_id": prediction_id})
+        return "unverified"
+    if prediction.id != prediction_id or prediction.model != MODEL:
+        log.warning("webhook names a prediction of another model (%s); not adopted", prediction.model[:80], extra={"job_id": job_id})
+        return "wrong_model"
+    s = deps.settings
+    skew = timedelta(seconds=s.ambiguous_skew_seconds)
+    started = job.submitted_at or job.updated_at
+    if prediction.created_at is None or not started - skew <= prediction.created_at <= started + timedelta(seconds=s.http_timeout) + skew:
+        log.warning(
+            "webhook names a prediction created outside the job's submit window; not adopted",
+            extra={"job_id": job_id, "prediction_id": prediction_id},
+        )
+        return "outside_submit_window"
     outcome = _adopt(deps, job, prediction_id, "named by the provider's webhook for this job")
     if job.error_code == ErrorCode.NEEDS_OPERATOR.value:
         reexamine_parked(deps)  # it was parked with others: they may be decidable now
