@@ -15,7 +15,6 @@ import io
 import ipaddress
 import re
 import socket
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,8 @@ DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
 # 20000 x 20000 and make every later decode allocate gigabytes.
 MAX_IMAGE_PIXELS = 8192 * 8192
 IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+MAX_URL_CHARS = 4096
+_ANY_SPACE = re.compile(r"\s")
 # How long an image URL's host may take to resolve before the request is refused.
 DEFAULT_RESOLVE_TIMEOUT = 3.0
 
@@ -46,6 +47,11 @@ _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*\*\s*(\d{1,5})\s*$", re.ASCII)
 Resolver = Callable[[str], list[str]]
 
 
+# Unicode category Cc (C0, DEL, C1) except tab, newline and carriage return; a regex, not a loop
+# over characters: the API's image field may be megabytes of base64.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def _check_text(value: str, what: str) -> str:
     """Refuse what no database column, provider or log line should take: lone surrogates (not
     encodable as UTF-8), NUL and other control characters (PostgreSQL refuses NUL in text)."""
@@ -53,9 +59,9 @@ def _check_text(value: str, what: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidInput(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
-    for char in value:
-        if char not in "\t\n\r" and unicodedata.category(char) == "Cc":
-            raise InvalidInput(f"{what} must not contain control characters (found U+{ord(char):04X})")
+    found = _CONTROL.search(value)
+    if found:
+        raise InvalidInput(f"{what} must not contain control characters (found U+{ord(found.group()):04X})")
     return value
 
 
@@ -181,7 +187,13 @@ def check_url(
 ) -> str:
     """SSRF guard: http(s) only, and no private, loopback, link-local or reserved addresses.
     Refusals never name the address a host resolved to (that would map the internal network)."""
+    if len(url) > MAX_URL_CHARS:
+        raise InvalidInput(f"image URL is {len(url)} characters; the limit is {MAX_URL_CHARS}")
     _check_text(url, "image URL")
+    if _ANY_SPACE.search(url):
+        # urlsplit drops tabs and newlines inside a URL: the host checked here would not be the
+        # host another parser (the provider's, a downloader's) reads from the same text.
+        raise InvalidInput("image URL must not contain whitespace")
     try:
         parts = urlsplit(url)
         hostname, username, password = parts.hostname, parts.username, parts.password

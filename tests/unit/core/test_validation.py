@@ -281,6 +281,22 @@ def test_a_resolver_answer_that_is_not_an_address_is_refused():
         check_url("https://odd.example/cat.png", resolver=lambda _host: ["not-an-ip"])
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1\n.example.com/x.png", "http://exa\tmple.com/x.png", "http://example.com/a b.png"])
+def test_a_url_with_whitespace_inside_is_refused(url):
+    # urlsplit drops the newline: it would check 127.0.0.1.example.com, not what another parser reads.
+    with pytest.raises(InvalidInput, match="whitespace"):
+        check_url(url, resolver=public)
+
+
+def test_checking_a_large_base64_image_field_for_control_characters_is_fast(settings):
+    from worker.core.validation import load_remote_image
+
+    started = time.monotonic()
+    with pytest.raises(InvalidInput):
+        load_remote_image("A" * 12_000_000 + "\x00", max_bytes=settings.max_image_bytes)
+    assert time.monotonic() - started < 1.0
+
+
 @pytest.mark.parametrize("url", ["http://example.com:99999/x.png", "http://[::1/x.png", "http://example.com:port/x.png"])
 def test_a_malformed_url_is_refused(url):
     with pytest.raises(InvalidInput, match="malformed"):
@@ -356,3 +372,8 @@ def test_the_python_producer_shares_the_validation(settings, png_file):
 
     with pytest.raises(InvalidInput, match="prompt"):
         producer.validate_request(image=str(png_file), prompt="make it\x00 red", settings=settings)
+
+
+def test_an_overlong_url_is_refused_before_it_is_parsed():
+    with pytest.raises(InvalidInput, match="the limit is 4096"):
+        check_url("https://images.example.com/" + "a" * 5000, resolver=public)
