@@ -13,8 +13,10 @@ import concurrent.futures
 import hashlib
 import io
 import ipaddress
+import os
 import re
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,14 +165,24 @@ def _system_resolver(host: str) -> list[str]:
         raise InvalidInput(f"image URL host {host!r} does not resolve") from None
 
 
-# getaddrinfo has no timeout of its own: it runs on these threads and the caller waits at most
-# `resolve_timeout`. A stuck lookup keeps its thread until the resolver gives up, but the request
-# answers in time; with every thread stuck, new lookups time out while queued.
-_RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve")
+# getaddrinfo has no timeout of its own: it runs on a small pool of threads and the caller waits
+# at most `resolve_timeout`. A stuck lookup keeps its thread until the resolver gives up, but the
+# request answers in time; with every thread stuck, new lookups time out while queued. One pool
+# per process (threads do not survive a fork).
+_pool_lock = threading.Lock()
+_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
+def _resolver_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve"))
+        return _pool[1]
 
 
 def _resolve(resolver: Resolver, host: str, timeout: float) -> list[str]:
-    future = _RESOLVERS.submit(resolver, host)
+    future = _resolver_pool().submit(resolver, host)
     try:
         return future.result(timeout=timeout)
     except concurrent.futures.TimeoutError:
