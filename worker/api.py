@@ -429,6 +429,8 @@ def create_app(
         },
     )
     async def wavespeed_webhook(
+        # The query and headers are declared for the OpenAPI document (and the fuzzer); the
+        # handler reads them from `request`, exactly as they came, like the raw body.
         request: Request,
         job_id: str | None = Query(None, description="set by this worker on submit"),
         token: str | None = Query(None, description="set by this worker on submit"),
