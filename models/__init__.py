@@ -105,6 +105,9 @@ class Job(Base):
         Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
         # Retention (`edit-worker prune`) finds finished jobs by when they finished.
         Index("ix_jobs_finished_at", "finished_at"),
+        # Keyset pagination of `GET /jobs` (newest first), with and without a state filter.
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_state_created_at_id", "state", "created_at", "id"),
     )
 
     def __repr__(self) -> str:

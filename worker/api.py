@@ -10,36 +10,34 @@ answers 404), an admin key sees every tenant. Every refusal answers `{"error": {
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import logging
 import math
-import re
 from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.adapters import webhooks
 from worker.adapters.database import get_engine, session_factory
+from worker.adapters.redis_keys import webhook_seen_name
 from worker.config import Settings, get_settings
 from worker.core import jobs, tenants
-from worker.core.jobs import InputStore, NewJob
+from worker.core.jobs import InputStore
 from worker.core.states import State
 from worker.core.steps import Publisher
 from worker.core.tenants import Caller
-from worker.core.validation import ImageInput, Resolver, check_url, sniff_image, validate_prompt, validate_seed, validate_size
+from worker.core.validation import Resolver, validate_request
 from worker.engine import operator, reconciler
 from worker.engine.webhooks import NudgeOutcome, nudge_poll
 from worker.errors import (
@@ -58,6 +56,9 @@ from worker.views import job_view, nth_output_link
 
 log = logging.getLogger(__name__)
 
+# `offset` paging reads and drops every skipped row; `cursor` paging does not. Deep offsets are refused.
+MAX_OFFSET = 10_000
+
 
 class ErrorCode(str, Enum):
     INVALID_INPUT = "invalid_input"
@@ -73,25 +74,174 @@ class ErrorCode(str, Enum):
     HTTP_ERROR = "http_error"
 
 
-class ErrorBody(BaseModel):
+def error_response(status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code.value, "message": message}}, headers=headers)
+
+
+# --- the OpenAPI shapes (what every route answers, errors included) --------------------------
+
+
+class ErrorDetail(BaseModel):
     code: str
     message: str
 
 
-class Error(BaseModel):
+class ErrorBody(BaseModel):
     """Every refusal: `{"error": {"code", "message"}}`."""
 
-    error: ErrorBody
+    error: ErrorDetail
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Error, "description": "No API key, or an unknown or revoked one"},
-    403: {"model": Error, "description": "The key may not do this (admin only)"},
-    404: {"model": Error, "description": "No such job (or another tenant's)"},
-    409: {"model": Error, "description": "An idempotency key reused with another request, or the job's state forbids it"},
-    422: {"model": Error, "description": "Invalid input"},
-    429: {"model": Error, "description": "Over the tenant's rate or daily budget; see Retry-After"},
-}
+class CreateJob(BaseModel):
+    # Unknown fields are refused: a typo like "sead" must not silently become a random seed.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"image": "https://images.example.com/cat.png", "prompt": "make the sky purple"},
+                {
+                    "image": "https://images.example.com/cat.png",
+                    "prompt": "add a red hat",
+                    "size": "1024*768",
+                    "seed": 7,
+                    "idempotency_key": "order-1",
+                },
+            ]
+        },
+    )
+
+    image: str = Field(description="an http(s) URL, a data:image/...;base64 URI or bare base64 of a PNG, JPEG or WebP")
+    prompt: str = Field(description="1..120 characters")
+    size: str | None = Field(None, description="W*H, each side 512..2048; default 1328*1328")
+    seed: int | None = Field(None, description="-1..2147483647; -1 (default) is random")
+    idempotency_key: str | None = Field(
+        None,
+        description="1..255 characters; per tenant, for EDIT_WORKER_IDEMPOTENCY_TTL_SECONDS: the same key with the same request answers the same job (200), with another request 409",
+    )
+    priority: str | None = Field(None, description="high | normal | low: the order of your own queued jobs (default normal)")
+    tenant: str | None = Field(None, description="admin keys only: create the job for this tenant (default: the key's own)")
+
+
+class BulkFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    error_code: str | None = Field(None, description="only jobs with this error code")
+    since: datetime | None = Field(None, description="only jobs that finished (or last changed) at or after this time (ISO 8601)")
+    state: str | None = Field(None, description="cancel only: only jobs in this unfinished state")
+    tenant: str | None = Field(None, description="admin keys only: one tenant's jobs (default: every tenant's)")
+
+
+class BulkOut(BaseModel):
+    count: int
+    jobs: list[str]
+
+
+class NewKeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(description="the tenant the key acts for (created if new)")
+    admin: bool = Field(False, description="an admin key sees and acts on every tenant")
+
+
+class NewKeyOut(BaseModel):
+    id: str
+    tenant: str
+    admin: bool
+    key: str = Field(description="shown only in this answer: store it")
+    webhook_secret: str = Field(description="the tenant's callback signing secret (Standard Webhooks `whsec_…`)")
+
+
+class KeyOut(BaseModel):
+    id: str
+    tenant: str
+    admin: bool
+    created_at: str | None
+    revoked_at: str | None
+
+
+class KeyListOut(BaseModel):
+    keys: list[KeyOut]
+
+
+class UsageOut(BaseModel):
+    tenant: str
+    by_state: dict[str, int]
+    paid_today: int
+    paid_submissions_today: int
+    cost_today: float
+
+
+class UsageListOut(BaseModel):
+    tenants: list[UsageOut]
+
+
+class JobErrorOut(BaseModel):
+    code: str | None
+    message: str | None
+
+
+class JobOut(BaseModel):
+    """The job object of the contract (DESIGN §4); it may gain fields, never lose or rename one."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    state: State
+    prompt: str
+    size: str
+    seed: int
+    idempotency_key: str | None
+    prediction_id: str | None
+    attempts: int
+    outputs: list[str]
+    has_nsfw_contents: list[bool]
+    error: JobErrorOut | None
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+    tenant: str
+    priority: str
+    output_urls: list[str] = Field(description="presigned links a browser can open, one per output")
+    paid_submissions: int
+    cost: float
+
+
+class JobListOut(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: str | None = Field(alias="from")
+    to: str
+    reason: str
+    at: str
+
+
+class WebhookAck(BaseModel):
+    ok: bool
+    duplicate: bool = False
+
+
+class HealthOut(BaseModel):
+    ok: bool
+    database: bool
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        401: "no API key, or an unknown or revoked one (the webhook: not signed with our secret)",
+        403: "the key may not do this (admin keys only)",
+        404: "no such job or key (or another tenant's; or webhooks are not configured)",
+        409: "the operation does not apply to the job's state, or an idempotency key reused with another request",
+        413: "the request body is over the limit",
+        422: "invalid input",
+        429: "over the tenant's rate or daily budget; see Retry-After",
+        503: "the database, Redis or S3 is unavailable; try again",
+    }
+    return {status: {"model": ErrorBody, "description": descriptions[status]} for status in statuses}
 
 
 class _Forbidden(Exception):
@@ -115,124 +265,6 @@ def _key_json(key) -> dict:
     }
 
 
-def error_response(status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code.value, "message": message}}, headers=headers)
-
-
-# --- the image rules of the HTTP API ----------------------------------------------------------
-
-_DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.IGNORECASE | re.DOTALL)
-_WHITESPACE = re.compile(r"\s+")
-
-
-def _looks_like_path(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~", "\\")) or value.lower().startswith("file:") or bool(re.match(r"^[A-Za-z]:[\\/]", value))
-
-
-def _decode_base64_image(encoded: str, *, max_bytes: int, what: str) -> tuple[bytes, str]:
-    encoded = _WHITESPACE.sub("", encoded)
-    if not encoded:
-        raise InvalidInput(f"{what} is empty")
-    # Refuse an oversized payload before decoding it (base64 carries 3 bytes per 4 characters).
-    if len(encoded) // 4 * 3 > max_bytes + 3:
-        raise InvalidInput(f"{what} is about {len(encoded) // 4 * 3} bytes; the limit is {max_bytes} bytes")
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput(f"{what} is not valid base64") from None
-    if not data:
-        raise InvalidInput(f"{what} is empty")
-    if len(data) > max_bytes:
-        raise InvalidInput(f"{what} is {len(data)} bytes; the limit is {max_bytes} bytes")
-    return data, sniff_image(data, what=what)
-
-
-def load_api_image(value: str, *, settings: Settings, resolver: Resolver | None = None) -> ImageInput:
-    """An image as the HTTP API accepts it: an http(s) URL (SSRF-guarded), a `data:image/…;base64,`
-    URI or bare base64 of a PNG/JPEG/WebP. Never a server path: unlike the CLI and the Python API,
-    a remote caller must not make us read (or probe for) files on this machine."""
-    text_value = value.strip()
-    if not text_value:
-        raise InvalidInput("image is required")
-    if text_value[:5].lower() == "data:":
-        match = _DATA_URI.match(text_value)
-        params = [p.strip().lower() for p in (match.group("params") if match else "").split(";") if p.strip()]
-        if not match or not match.group("mime").lower().startswith("image/") or "base64" not in params:
-            raise InvalidInput("image data URI must look like data:image/<type>;base64,<data>")
-        data, mime = _decode_base64_image(match.group("data"), max_bytes=settings.max_image_bytes, what="image data")
-    elif "://" in text_value:
-        # resolver: DNS by default; tests inject one so they need no network.
-        extra = {"resolver": resolver} if resolver is not None else {}
-        url = check_url(text_value, allow_private=settings.allow_private_urls, **extra)
-        return ImageInput(ref=url, payload=url)
-    else:
-        try:
-            data, mime = _decode_base64_image(text_value, max_bytes=settings.max_image_bytes, what="image data")
-        except InvalidInput:
-            if _looks_like_path(text_value):
-                raise InvalidInput(
-                    "local file paths are not accepted over HTTP; send the image as base64 "
-                    "(or a data:image/...;base64 URI) or as an http(s) URL"
-                ) from None
-            raise
-    digest = hashlib.sha256(data).hexdigest()[:16]
-    return ImageInput(ref=f"base64:{mime}:sha256={digest}", payload=f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}")
-
-
-class CreateJob(BaseModel):
-    # Unknown fields are refused: a typo like "sead" must not silently become a random seed.
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = Field(description="An http(s) URL, a data:image/...;base64 URI or bare base64 of a PNG, JPEG or WebP.")
-    prompt: str = Field(description="What to change, at most 120 characters.")
-    size: str | None = Field(None, description="W*H, each side 512..2048 (default 1328*1328).")
-    seed: int | None = Field(None, description="-1..2147483647 (default -1: random).")
-    idempotency_key: str | None = Field(
-        None, description="The same key with the same request returns the same job (200); with another request: 409. Per tenant, expires."
-    )
-    priority: str | None = Field(None, description="high | normal | low: the order of your own queued jobs (default normal).")
-    tenant: str | None = Field(None, description="Admin keys only: create the job for this tenant (default: the key's own).")
-
-
-class BulkFilter(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    error_code: str | None = Field(None, description="Only jobs with this error code.")
-    since: datetime | None = Field(None, description="Only jobs that finished (or last changed) at or after this time (ISO 8601).")
-    state: str | None = Field(None, description="Cancel only: only jobs in this unfinished state.")
-    tenant: str | None = Field(None, description="Admin keys only: one tenant's jobs (default: every tenant's).")
-
-
-class NewKeyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    tenant: str
-    admin: bool = False
-
-
-def validate_api_request(body: CreateJob, *, settings: Settings, resolver: Resolver | None = None, tenant: str = "default") -> NewJob:
-    """producer.validate_request with the API's image rules. Raises InvalidInput; writes nothing."""
-    prompt = validate_prompt(body.prompt)
-    size = validate_size(body.size)
-    seed = validate_seed(body.seed)
-    key = body.idempotency_key
-    if key is not None:
-        key = key.strip()
-        if not key or len(key) > 255:
-            raise InvalidInput("idempotency key must be 1..255 characters")
-    image = load_api_image(body.image, settings=settings, resolver=resolver)
-    return NewJob(
-        image=image,
-        prompt=prompt,
-        size=size,
-        seed=seed,
-        idempotency_key=key,
-        enable_base64_output=settings.base64_output,
-        tenant=tenants.validate_tenant(tenant),
-        priority=tenants.validate_priority(body.priority),
-    )
-
-
 def _celery_publisher() -> Publisher:
     from worker.engine.celery_app import celery_publisher
 
@@ -250,6 +282,62 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from inside `receive` once a body passes its limit (FastAPI re-raises HTTP errors
+    met while reading a body, so the route never sees the rest)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is over the limit of {limit} bytes")
+        self.limit = limit
+
+
+class BodyLimit:
+    """ASGI middleware: a request body may not pass `limit_for(path)` bytes. A declared
+    Content-Length over it is answered 413 at once; a chunked (or lying) body is counted as it
+    streams in and cut off at the limit, never read whole."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]):
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope.get("path", ""))
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _too_large(limit)(scope, receive, send)
+                return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except BodyTooLarge as exc:  # read outside a route (no handler met it)
+            if started:
+                raise
+            await _too_large(exc.limit)(scope, receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return error_response(413, ErrorCode.INVALID_INPUT, f"request body is over the limit of {limit} bytes")
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -259,14 +347,19 @@ def create_app(
     storage: InputStore | None = None,
 ) -> FastAPI:
     """The API over `settings` (default: the environment). `publisher=None` publishes to Celery;
-    `deps_factory` builds the engine's Deps for cancel and retry (default: `deps.build_deps`);
+    `deps_factory` builds the engine's Deps for cancel, retry and webhooks (default: `deps.build_deps`);
     `storage` is where input images go at admission (default: S3 as `settings` say)."""
     settings = settings or get_settings()
     sessions = session_factory(settings.database_url)
     secret = webhooks.webhook_secret(settings)
-    metrics = Metrics(sessions)
-    # Base64 inflates by 4/3; the rest of the JSON is small. Checked on Content-Length before parsing.
+    metrics = Metrics(sessions, cache_seconds=settings.metrics_cache_seconds)
+    # Base64 inflates by 4/3; the rest of the JSON is small. A webhook only has to name its
+    # prediction: one too large to take (base64 outputs) is refused, and the poll finds the result.
     max_body = settings.max_image_bytes * 4 // 3 + 64 * 1024
+    webhook_path = "/webhooks/wavespeed"
+
+    def body_limit(path: str) -> int:
+        return settings.webhook_max_bytes if path == webhook_path else max_body
 
     if deps_factory is None:
 
@@ -283,6 +376,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.add_middleware(BodyLimit, limit_for=body_limit)
     bearer = HTTPBearer(auto_error=False, description="An API key from `edit-worker keys create`.")
     storage_box: list[Any] = []
 
@@ -316,8 +410,15 @@ def create_app(
     async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(422, ErrorCode.INVALID_INPUT, _validation_message(exc))
 
+    @app.exception_handler(BodyTooLarge)
+    async def _on_too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _too_large(exc.limit)
+
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot decode (not UTF-8): bad input like any other.
+            return error_response(422, ErrorCode.INVALID_INPUT, "request body is not valid JSON")
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 401: ErrorCode.UNAUTHORIZED}.get(
             exc.status_code, ErrorCode.HTTP_ERROR
         )
@@ -327,11 +428,14 @@ def create_app(
     async def _on_invalid(_request: Request, exc: InvalidInput) -> JSONResponse:
         return error_response(422, ErrorCode.INVALID_INPUT, str(exc))
 
+    @app.exception_handler(UnicodeError)
+    async def _on_unicode(_request: Request, exc: UnicodeError) -> JSONResponse:
+        # Validation refuses such text first; this catches any the checks missed.
+        return error_response(422, ErrorCode.INVALID_INPUT, "the request holds text that is not valid Unicode")
+
     @app.exception_handler(Unauthorized)
     async def _on_unauthorized(_request: Request, exc: Unauthorized) -> JSONResponse:
-        response = error_response(401, ErrorCode.UNAUTHORIZED, str(exc))
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
+        return error_response(401, ErrorCode.UNAUTHORIZED, str(exc), {"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(_Forbidden)
     async def _on_forbidden(_request: Request, exc: _Forbidden) -> JSONResponse:
@@ -343,9 +447,13 @@ def create_app(
 
     @app.exception_handler(QuotaExceeded)
     async def _on_quota(_request: Request, exc: QuotaExceeded) -> JSONResponse:
-        response = error_response(429, ErrorCode.QUOTA_EXCEEDED, str(exc))
-        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-        return response
+        return error_response(429, ErrorCode.QUOTA_EXCEEDED, str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+
+    @app.exception_handler(StorageError)
+    async def _on_storage(_request: Request, exc: StorageError) -> JSONResponse:
+        log.warning("object storage unavailable: %s", exc)  # S3 down at admission: nothing was written
+        headers = {"Retry-After": str(AdmissionUnavailable.retry_after)}
+        return error_response(503, ErrorCode.UNAVAILABLE, "object storage is unavailable; no job was created, try again", headers)
 
     @app.exception_handler(JobNotFound)
     async def _on_not_found(_request: Request, exc: JobNotFound) -> JSONResponse:
@@ -355,17 +463,18 @@ def create_app(
     async def _on_invalid_operation(_request: Request, exc: InvalidJobOperation) -> JSONResponse:
         return error_response(409, ErrorCode.INVALID_OPERATION, str(exc))
 
+    @app.exception_handler(DataError)
+    async def _on_data(_request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value (validation should have first): the caller's input, not an
+        # outage — a 503 here would invite retrying the same request forever.
+        log.warning("database refused a value: %s", type(exc.orig).__name__)
+        return error_response(422, ErrorCode.INVALID_INPUT, "the database refused a value of this request")
+
     @app.exception_handler(SQLAlchemyError)
     async def _on_database(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
         # The driver's text can hold SQL and connection details: log the class, answer generically.
         log.error("database error: %s", type(exc).__name__)
         return error_response(503, ErrorCode.UNAVAILABLE, "the database is unavailable; try again")
-
-    @app.exception_handler(StorageError)
-    async def _on_storage(_request: Request, exc: StorageError) -> JSONResponse:
-        log.warning("object storage unavailable: %s", exc)  # S3 down at admission: nothing was written
-        headers = {"Retry-After": str(AdmissionUnavailable.retry_after)}
-        return error_response(503, ErrorCode.UNAVAILABLE, "object storage is unavailable; no job was created, try again", headers)
 
     @app.exception_handler(Exception)
     async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -373,37 +482,56 @@ def create_app(
         # gets the one JSON shape and no internals.
         return error_response(500, ErrorCode.INTERNAL, "internal error")
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body:
-            return error_response(413, ErrorCode.INVALID_INPUT, f"request body is {length} bytes; the limit is {max_body} bytes")
-        return await call_next(request)
-
     # --- jobs (sync handlers: FastAPI runs them in its thread pool; the database calls block) ---
 
-    @app.post("/jobs", status_code=201, responses=_ERRORS)
+    job_responses: dict[int | str, dict[str, Any]] = {200: {"model": JobOut, "description": "the job"}}
+
+    @app.post(
+        "/jobs",
+        status_code=201,
+        response_model=None,
+        responses={
+            201: {"model": JobOut, "description": "created"},
+            200: {"model": JobOut, "description": "an idempotent replay: the job this key made"},
+            **_errors(401, 403, 409, 413, 422, 429, 503),
+        },
+    )
     def create_job(body: CreateJob, who: Caller = Depends(caller)) -> JSONResponse:
         """Create an edit job for the key's tenant (201), or answer the job an idempotency key
         already made (200)."""
         if body.tenant is not None and not who.admin and body.tenant != who.tenant:
             raise _Forbidden("only an admin key may create jobs for another tenant")
-        tenant = body.tenant or who.tenant
-        request = validate_api_request(body, settings=settings, resolver=url_resolver, tenant=tenant)
+        request = validate_request(
+            image=body.image,
+            prompt=body.prompt,
+            size=body.size,
+            seed=body.seed,
+            idempotency_key=body.idempotency_key,
+            tenant=body.tenant or who.tenant,
+            priority=body.priority,
+            settings=settings,
+            remote=True,
+            resolver=url_resolver,
+        )
+        tenants.check_admission(sessions, request.tenant, 1, settings)
         # admit + publish_new is producer.enqueue for one request, keeping the `created` flag that
         # tells a new job (201) from an idempotent replay (200). The input image goes to S3 first.
-        tenants.check_admission(sessions, request.tenant, 1, settings)
         [(job, created)] = admit(settings, [request], storage=storage)
         if created:
             publish_new(settings, [job.id], publisher=get_publisher())
         return JSONResponse(status_code=201 if created else 200, content=view(job))
 
-    @app.get("/jobs", responses=_ERRORS)
+    @app.get(
+        "/jobs",
+        response_model=None,
+        responses={200: {"model": JobListOut, "description": "a page of jobs, newest first"}, **_errors(401, 403, 422, 503)},
+    )
     def list_jobs(
-        state: str | None = None,
+        state: str | None = Query(None, description="queued|submitting|processing|uploading|succeeded|failed|cancelled"),
         limit: int = Query(100, ge=1, le=1000),
-        offset: int = Query(0, ge=0, le=1_000_000),
-        tenant: str | None = Query(None, description="Admin keys only: one tenant's jobs."),
+        cursor: str | None = Query(None, max_length=200, description="`next_cursor` of the previous page"),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET, description="deprecated: prefer `cursor`"),
+        tenant: str | None = Query(None, max_length=64, description="admin keys only: one tenant's jobs"),
         who: Caller = Depends(caller),
     ) -> dict:
         """Your tenant's jobs, newest first (an admin key: every tenant's, or one with `tenant`)."""
@@ -412,20 +540,32 @@ def create_app(
             try:
                 wanted = State(state.strip().lower())
             except ValueError:
-                raise InvalidInput(f"unknown state {state!r}; one of: {', '.join(s.value for s in State)}") from None
-        scope = _scope(who, tenant)
-        return {"jobs": [view(job) for job in jobs.list_jobs(sessions, state=wanted, limit=limit, offset=offset, tenant=scope)]}
+                raise InvalidInput(f"unknown state {state[:40]!r}; one of: {', '.join(s.value for s in State)}") from None
+        page = jobs.list_page(sessions, state=wanted, limit=limit, offset=offset, after=cursor, tenant=_scope(who, tenant))
+        return {"jobs": [view(job) for job in page.jobs], "next_cursor": page.next_cursor}
 
-    @app.get("/jobs/{job_id}", responses=_ERRORS)
+    @app.get("/jobs/{job_id}", response_model=None, responses={**job_responses, **_errors(401, 404, 422, 503)})
     def get_job(job_id: str, who: Caller = Depends(caller)) -> dict:
         return view(jobs.get_job(sessions, job_id, tenant=who.scope))
 
-    @app.get("/jobs/{job_id}/events", responses=_ERRORS)
+    @app.get(
+        "/jobs/{job_id}/events",
+        response_model=None,
+        responses={
+            200: {"model": list[EventOut], "description": "the job's state changes, oldest first"},
+            **_errors(401, 404, 422, 503),
+        },
+    )
     def get_events(job_id: str, who: Caller = Depends(caller)) -> list[dict]:
         jobs.get_job(sessions, job_id, tenant=who.scope)  # 404 for an unknown (or another tenant's) job
         return [jobs.event_json(event) for event in jobs.job_events(sessions, job_id)]
 
-    @app.get("/jobs/{job_id}/outputs/{index}", status_code=307, responses={307: {"description": "A fresh presigned link"}, **_ERRORS})
+    @app.get(
+        "/jobs/{job_id}/outputs/{index}",
+        status_code=307,
+        response_model=None,
+        responses={307: {"description": "a redirect to a fresh presigned link to the output"}, **_errors(401, 404, 422, 503)},
+    )
     def get_output(job_id: str, index: int, who: Caller = Depends(caller)) -> RedirectResponse:
         """Redirect to a fresh presigned link to output `index` (0-based) of a finished job."""
         job = jobs.get_job(sessions, job_id, tenant=who.scope)
@@ -435,12 +575,12 @@ def create_app(
             raise JobNotFound(str(exc)) from None
         return RedirectResponse(url, status_code=307)
 
-    @app.post("/jobs/{job_id}/cancel", responses=_ERRORS)
+    @app.post("/jobs/{job_id}/cancel", response_model=None, responses={**job_responses, **_errors(401, 404, 409, 422, 503)})
     def cancel(job_id: str, who: Caller = Depends(caller)) -> dict:
         jobs.get_job(sessions, job_id, tenant=who.scope)  # 404 before building the engine's dependencies
         return view(operator.cancel_job(deps_factory(), job_id, reason="cancelled over the HTTP API"))
 
-    @app.post("/jobs/{job_id}/retry", responses=_ERRORS)
+    @app.post("/jobs/{job_id}/retry", response_model=None, responses={**job_responses, **_errors(401, 404, 409, 422, 503)})
     def retry(job_id: str, who: Caller = Depends(caller)) -> dict:
         jobs.get_job(sessions, job_id, tenant=who.scope)
         deps = deps_factory()
@@ -448,7 +588,11 @@ def create_app(
         _relay(deps, job_id)
         return view(job)
 
-    @app.post("/jobs/retry", responses=_ERRORS)
+    @app.post(
+        "/jobs/retry",
+        response_model=None,
+        responses={200: {"model": BulkOut, "description": "the replayed jobs"}, **_errors(401, 403, 422, 503)},
+    )
     def retry_many(body: BulkFilter, who: Caller = Depends(caller)) -> dict:
         """Replay every failed job of your tenant matching the filter (admin: of every tenant)."""
         if body.state is not None:
@@ -458,7 +602,11 @@ def create_app(
         _relay(deps, None)
         return {"count": len(replayed), "jobs": [job.id for job in replayed]}
 
-    @app.post("/jobs/cancel", responses=_ERRORS)
+    @app.post(
+        "/jobs/cancel",
+        response_model=None,
+        responses={200: {"model": BulkOut, "description": "the cancelled jobs"}, **_errors(401, 403, 422, 503)},
+    )
     def cancel_many(body: BulkFilter, who: Caller = Depends(caller)) -> dict:
         """Cancel every unfinished job of your tenant matching the filter (admin: of every tenant)."""
         wanted = None
@@ -466,7 +614,7 @@ def create_app(
             try:
                 wanted = State(body.state.strip().lower())
             except ValueError:
-                raise InvalidInput(f"unknown state {body.state!r}") from None
+                raise InvalidInput(f"unknown state {body.state[:40]!r}") from None
         cancelled = operator.cancel_matching(
             deps_factory(),
             tenant=_scope(who, body.tenant),
@@ -485,68 +633,135 @@ def create_app(
 
     # --- tenants and keys ---
 
-    @app.get("/usage", responses=_ERRORS)
-    def get_usage(tenant: str | None = Query(None, description="Admin keys only: one tenant."), who: Caller = Depends(caller)) -> dict:
+    @app.get("/usage", response_model=None, responses={200: {"model": UsageListOut, "description": "per tenant"}, **_errors(401, 403, 503)})
+    def get_usage(
+        tenant: str | None = Query(None, max_length=64, description="admin keys only: one tenant"), who: Caller = Depends(caller)
+    ) -> dict:
         """Per tenant: jobs by state, paid jobs admitted today, paid submissions today and their cost."""
         rows = tenants.usage(sessions, settings, tenant=_scope(who, tenant))
         return {"tenants": [vars(row) for row in rows]}
 
-    @app.post("/keys", status_code=201, responses=_ERRORS)
-    def create_key(body: NewKeyRequest, _who: Caller = Depends(admin)) -> dict:
+    @app.post(
+        "/keys",
+        status_code=201,
+        response_model=None,
+        responses={201: {"model": NewKeyOut, "description": "the new key"}, **_errors(401, 403, 422, 503)},
+    )
+    def create_key(body: NewKeyRequest, _who: Caller = Depends(admin)) -> JSONResponse:
         """Admin: a new key for a tenant (created if new). The key is shown only in this answer."""
         new = tenants.create_key(sessions, body.tenant, admin=body.admin)
-        return {
-            "id": new.key_id,
-            "tenant": new.tenant,
-            "admin": new.admin,
-            "key": new.key.get_secret_value(),
-            "webhook_secret": new.webhook_secret.get_secret_value(),
-        }
+        return JSONResponse(
+            status_code=201,
+            content={
+                "id": new.key_id,
+                "tenant": new.tenant,
+                "admin": new.admin,
+                "key": new.key.get_secret_value(),
+                "webhook_secret": new.webhook_secret.get_secret_value(),
+            },
+        )
 
-    @app.get("/keys", responses=_ERRORS)
+    @app.get(
+        "/keys",
+        response_model=None,
+        responses={200: {"model": KeyListOut, "description": "keys, never the keys themselves"}, **_errors(401, 503)},
+    )
     def list_keys(who: Caller = Depends(caller)) -> dict:
         """Your tenant's keys (an admin key: every tenant's); never the keys themselves."""
         return {"keys": [_key_json(k) for k in tenants.list_keys(sessions, tenant=who.scope)]}
 
-    @app.delete("/keys/{key_id}", responses=_ERRORS)
+    @app.delete("/keys/{key_id}", response_model=None, responses={200: {"description": "revoked"}, **_errors(401, 404, 503)})
     def revoke_key(key_id: str, who: Caller = Depends(caller)) -> dict:
         mine = {k.id for k in tenants.list_keys(sessions, tenant=who.scope)}
         if key_id not in mine or not tenants.revoke_key(sessions, key_id):
-            raise JobNotFound(f"no live key {key_id}")
+            raise JobNotFound(f"no live key {key_id[:40]}")
         return {"id": key_id, "revoked": True}
 
     # --- provider webhooks ---
 
-    @app.post("/webhooks/wavespeed")
-    async def wavespeed_webhook(request: Request) -> JSONResponse:
+    def remember_delivery(webhook_id: str) -> bool:
+        """True the first time a (verified) webhook id is seen within the replay window."""
+        return deps_factory().fleet.once(webhook_seen_name(webhook_id), webhooks.REPLAY_WINDOW_SECONDS)
+
+    def forget_delivery(webhook_id: str) -> None:
+        try:
+            deps_factory().fleet.forget(webhook_seen_name(webhook_id))
+        except Exception as exc:
+            log.warning("webhook: could not forget a delivery (%s)", type(exc).__name__)
+
+    @app.post(
+        webhook_path,
+        response_model=None,
+        responses={
+            200: {"model": WebhookAck, "description": "taken (or a duplicate delivery, ignored)"},
+            **_errors(401, 404, 413, 422, 503),
+        },
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+        },
+    )
+    async def wavespeed_webhook(
+        # The query and headers are declared for the OpenAPI document (and the fuzzer); the
+        # handler reads them from `request`, exactly as they came, like the raw body.
+        request: Request,
+        job_id: str | None = Query(None, description="set by this worker on submit"),
+        token: str | None = Query(None, description="set by this worker on submit"),
+        webhook_id: str | None = Header(None, alias="webhook-id"),
+        webhook_timestamp: str | None = Header(None, alias="webhook-timestamp"),
+        webhook_signature: str | None = Header(None, alias="webhook-signature"),
+    ) -> JSONResponse:
         if secret is None:
             return error_response(404, ErrorCode.NOT_FOUND, "webhooks are not configured")
-        body = await request.body()  # the raw bytes: the signature covers them exactly
+        body = await request.body()  # the raw bytes (the signature covers them exactly), bounded by BodyLimit
         try:
-            webhooks.verify(secret, request.headers, body)
+            delivery = webhooks.verify(secret, request.headers, body)
         except webhooks.WebhookVerificationError as exc:
             log.warning("webhook refused: %s", exc)
             return error_response(401, ErrorCode.UNAUTHORIZED, str(exc))
-        prediction_id = webhooks.prediction_id_of(body)
-        # The database work blocks: run it in the thread pool like the sync handlers.
-        nudge = await run_in_threadpool(nudge_poll, sessions, get_publisher, prediction_id)
-        outcome: NudgeOutcome | reconciler.Resolution = nudge.outcome
-        job_hint = webhooks.job_from_url(secret, request.query_params)
-        if outcome is NudgeOutcome.UNKNOWN_PREDICTION and job_hint:
-            # The job's own URL (token checked): settles a submit whose answer never arrived.
-            outcome = await run_in_threadpool(reconciler.adopt_from_webhook, deps_factory(), job_hint, prediction_id)
+        prediction_id = webhooks.prediction_id_of(body)  # parsed only once the signature holds
+        try:
+            first = await run_in_threadpool(remember_delivery, delivery)
+        except Exception as exc:  # no replay memory (Redis down): refuse, the provider redelivers
+            log.warning("webhook: cannot check for a replay (%s)", type(exc).__name__)
+            return error_response(503, ErrorCode.UNAVAILABLE, "cannot check the webhook for a replay; try again")
+        if not first:
+            log.info("webhook %s for prediction %s: duplicate delivery ignored", delivery, prediction_id)
+            return JSONResponse({"ok": True, "duplicate": True})
+        try:
+            # The database work blocks: run it in the thread pool like the sync handlers.
+            nudge = await run_in_threadpool(nudge_poll, sessions, get_publisher, prediction_id)
+            outcome: NudgeOutcome | reconciler.Resolution = nudge.outcome
+            job_hint = webhooks.job_from_url(secret, request.query_params)
+            if outcome is NudgeOutcome.UNKNOWN_PREDICTION and job_hint:
+                # The job's own URL (token checked): settles a submit whose answer never arrived,
+                # once the provider confirms the prediction could be that submit's.
+                outcome = await run_in_threadpool(reconciler.adopt_from_webhook, deps_factory(), job_hint, prediction_id)
+        except BaseException:
+            forget_delivery(delivery)  # not taken: the provider's redelivery must not count as a replay
+            raise
         log.info("webhook for prediction %s: %s", prediction_id, outcome, extra={"job_id": nudge.job_id or job_hint})
         # 200 also for predictions we do not know, or the provider would redeliver forever.
         return JSONResponse({"ok": True})
 
     # --- operations ---
 
-    @app.get("/metrics", responses=_ERRORS)
+    @app.get(
+        "/metrics",
+        response_model=None,
+        responses={
+            200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_errors(401, 403, 503),
+        },
+    )
     def prometheus_metrics(_who: Caller = Depends(admin)) -> Response:
         payload, content_type = metrics.render()
         return Response(content=payload, media_type=content_type)
 
-    @app.get("/healthz")
+    @app.get(
+        "/healthz",
+        response_model=None,
+        responses={200: {"model": HealthOut, "description": "the API is up; `database` says if SQL answers"}},
+    )
     def healthz() -> dict:
         try:
             with get_engine(settings.database_url).connect() as conn:

@@ -29,9 +29,14 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _settings():
+    from pydantic import ValidationError
+
     from worker.config import get_settings
 
-    return get_settings()
+    try:
+        return get_settings()
+    except ValidationError as exc:  # one line per bad setting, no traceback
+        _fail("; ".join(str(error.get("msg", "invalid")).removeprefix("Value error, ") for error in exc.errors()))
 
 
 def _job_json(job) -> dict:

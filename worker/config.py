@@ -6,10 +6,13 @@ Secrets are `SecretStr`, so a repr, a log line or an error message never shows t
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AfterValidator, AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,10 +20,58 @@ def _env(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
 
 
+_SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])(?:password|passwd|pwd|secret|token|access_?key|secret_?key)=)[^&;#]*")
+
+
+def redact_url(url: str) -> str:
+    """`url` fit to show: a password in its userinfo or query replaced by `***`."""
+    text = str.__str__(url)
+    try:
+        parts = urlsplit(text)
+        has_password = parts.password is not None
+    except ValueError:
+        return "<unparsable url>"
+    if has_password:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{hostport}")
+    if parts.query:
+        parts = parts._replace(query=_SECRET_QUERY.sub(r"\1***", parts.query))
+    return parts.geturl() if (has_password or parts.query) else text
+
+
+class DisplayURL(str):
+    """A URL that is the real string to every consumer (SQLAlchemy, redis, Celery, f-strings) but
+    shows no credentials in a repr: `repr(settings)`, `str(settings)` and `str(model_dump())`
+    print field values with repr, so they stay free of passwords."""
+
+    def __repr__(self) -> str:
+        return repr(redact_url(self))
+
+
+def _display(value: str | None) -> str | None:
+    return None if value is None else DisplayURL(value)
+
+
+URL = Annotated[str, AfterValidator(_display)]
+OptionalURL = Annotated[str | None, AfterValidator(_display)]
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
     # env_ignore_empty: `S3_ENDPOINT_URL=` in a .env means "unset" (AWS), not an empty endpoint.
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True, validate_default=True
     )
 
     # --- the contract (DESIGN §4) ---
@@ -29,22 +80,22 @@ class Settings(BaseSettings):
         description="WaveSpeed API key, sent as `Authorization: Bearer …`. A secret: never logged, stored or echoed. Unset: no key (the demo then uses the local sandbox).",
         validation_alias=_env("WAVESPEED_API_KEY"),
     )
-    wavespeed_base_url: str = Field(
+    wavespeed_base_url: URL = Field(
         default="https://api.wavespeed.ai",
         description="The provider's base URL; point it at `edit-worker sandbox` for local work.",
         validation_alias=_env("WAVESPEED_BASE_URL"),
     )
-    database_url: str = Field(
+    database_url: URL = Field(
         default="sqlite:///edit-worker.db",
         description="SQLAlchemy URL of the job database, the source of truth. PostgreSQL in production: `postgresql+psycopg://USER:PASSWORD@HOST:5432/DB`.",
         validation_alias=_env("DATABASE_URL"),
     )
-    celery_broker_url: str = Field(
+    celery_broker_url: URL = Field(
         default="redis://localhost:6379/0",
         description="Celery broker (Redis). Also holds the shared limiter, breaker and journal unless `EDIT_WORKER_REDIS_URL` is set.",
         validation_alias=_env("CELERY_BROKER_URL"),
     )
-    s3_endpoint_url: str | None = Field(
+    s3_endpoint_url: OptionalURL = Field(
         default=None,
         description="Endpoint of an S3-compatible server (MinIO, SeaweedFS, moto, rclone …). Unset: AWS S3.",
         validation_alias=_env("S3_ENDPOINT_URL"),
@@ -74,7 +125,7 @@ class Settings(BaseSettings):
         description="Secret (`whsec_…`) that verifies the provider's webhook calls to `POST /webhooks/wavespeed` of `edit-worker api`. Unset: the webhook endpoint is off.",
         validation_alias=_env("WAVESPEED_WEBHOOK_SECRET"),
     )
-    webhook_url: str | None = Field(
+    webhook_url: OptionalURL = Field(
         default=None,
         description="Public URL of `edit-worker api`'s `POST /webhooks/wavespeed`. With `WAVESPEED_WEBHOOK_SECRET` set, every submit carries its job's signed webhook URL: completions arrive at once and ambiguous submits are settled with certainty. Polling stays on either way.",
         validation_alias=_env("EDIT_WORKER_WEBHOOK_URL"),
@@ -82,7 +133,7 @@ class Settings(BaseSettings):
 
     # --- tuning (EDIT_WORKER_*) ---
     # Redis for the shared limiter and circuit breaker; defaults to the broker's Redis.
-    redis_url: str | None = Field(
+    redis_url: OptionalURL = Field(
         default=None,
         description="Redis for the shared limiter, circuit breaker and submit journal. Unset: the broker's Redis (`CELERY_BROKER_URL`).",
         validation_alias=_env("EDIT_WORKER_REDIS_URL"),
@@ -346,6 +397,23 @@ class Settings(BaseSettings):
         description="How long a presigned input URL given to the provider stays valid, in seconds.",
         validation_alias=_env("EDIT_WORKER_INPUT_URL_EXPIRY_SECONDS"),
     )
+    allow_http_provider: bool = Field(
+        default=False,
+        description="Allow plain http:// to a provider that is not on this machine (the docker-compose sandbox). Off: the API key and every image would cross the network in clear text.",
+        validation_alias=_env("EDIT_WORKER_ALLOW_HTTP_PROVIDER"),
+    )
+    webhook_max_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="The largest provider webhook body taken, in bytes; a larger one is refused with 413 and the job's poll reads the result instead.",
+        validation_alias=_env("EDIT_WORKER_WEBHOOK_MAX_BYTES"),
+    )
+    metrics_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="`/metrics` counts jobs by state at most this often (seconds); scrapes in between share the counts.",
+        validation_alias=_env("EDIT_WORKER_METRICS_CACHE_SECONDS"),
+    )
     # Ask the provider for base64 outputs instead of URLs.
     base64_output: bool = Field(
         default=False,
@@ -397,6 +465,22 @@ class Settings(BaseSettings):
         le=604800,
         validation_alias=_env("EDIT_WORKER_RESULT_LINK_SECONDS"),
     )
+
+    @model_validator(mode="after")
+    def _provider_over_https(self) -> Settings:
+        try:
+            parts = urlsplit(self.wavespeed_base_url)
+            host = parts.hostname
+        except ValueError:
+            raise ValueError(f"WAVESPEED_BASE_URL {redact_url(self.wavespeed_base_url)!r} is not a URL") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError(f"WAVESPEED_BASE_URL {redact_url(self.wavespeed_base_url)!r} must be an http(s) URL with a host")
+        if parts.scheme == "http" and not is_loopback_host(host) and not self.allow_http_provider:
+            raise ValueError(
+                f"WAVESPEED_BASE_URL must use https:// for a host that is not this machine (got http://{host}); "
+                "plain http is for a local sandbox (127.0.0.1/localhost) or with EDIT_WORKER_ALLOW_HTTP_PROVIDER=true"
+            )
+        return self
 
     @property
     def limiter_redis_url(self) -> str:

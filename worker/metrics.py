@@ -1,11 +1,14 @@
-"""Prometheus metrics: a per-app registry with job counts by state (read from SQL at scrape time)
-and the counters the pipeline can increment (provider requests, transitions, breaker state).
+"""Prometheus metrics: a per-app registry with job counts by state (read from SQL, at most once
+per `cache_seconds`) and the counters the pipeline can increment (provider requests, transitions,
+breaker state).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -23,11 +26,17 @@ DATABASE_UP = "edit_worker_database_up"
 
 
 class JobStateCollector(Collector):
-    """`edit_worker_jobs{state=…}` from one GROUP BY per scrape: no background thread, no stale
-    numbers, and every state is present (zeros included) so dashboards never see gaps."""
+    """`edit_worker_jobs{state=…}` from one GROUP BY at most every `cache_seconds`: scrapes in
+    between (or at once, from several scrapers) share the last counts, so scraping faster cannot
+    load the database. No background thread, and every state is present (zeros included) so
+    dashboards never see gaps."""
 
-    def __init__(self, sessions: sessionmaker[Session]):
+    def __init__(self, sessions: sessionmaker[Session], *, cache_seconds: float = 5.0, clock: Callable[[], float] = time.monotonic):
         self.sessions = sessions
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, int] | None] | None = None  # (when, counts; None: database down)
 
     def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         return (
@@ -39,13 +48,25 @@ class JobStateCollector(Collector):
         # Defined so that registering the collector does not query the database.
         return self._families()
 
+    def _counts(self) -> dict[str, int] | None:
+        # One query at a time: concurrent scrapes wait for it and share its answer.
+        with self._lock:
+            now = self.clock()
+            if self._cached is not None and now - self._cached[0] < self.cache_seconds:
+                return self._cached[1]
+            try:
+                counts: dict[str, int] | None = count_by_state(self.sessions)
+            except SQLAlchemyError as exc:
+                # A scrape must not fail because the database is down: report that instead.
+                log.warning("metrics: cannot count jobs (%s)", type(exc).__name__)
+                counts = None
+            self._cached = (now, counts)
+            return counts
+
     def collect(self) -> Iterable[Metric]:
         jobs, up = self._families()
-        try:
-            counts = count_by_state(self.sessions)
-        except SQLAlchemyError as exc:
-            # A scrape must not fail because the database is down: report that instead.
-            log.warning("metrics: cannot count jobs (%s)", type(exc).__name__)
+        counts = self._counts()
+        if counts is None:
             up.add_metric([], 0)
             return [up]
         for state in State:
@@ -57,7 +78,14 @@ class JobStateCollector(Collector):
 class Metrics:
     """One registry per app, so tests (and several apps in one process) never collide on names."""
 
-    def __init__(self, sessions: sessionmaker[Session] | None = None, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        sessions: sessionmaker[Session] | None = None,
+        registry: CollectorRegistry | None = None,
+        *,
+        cache_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.registry = registry or CollectorRegistry()
         self.provider_requests = Counter(
             "edit_worker_provider_requests_total",
@@ -78,7 +106,7 @@ class Metrics:
             registry=self.registry,
         )
         if sessions is not None:
-            self.registry.register(JobStateCollector(sessions))
+            self.registry.register(JobStateCollector(sessions, cache_seconds=cache_seconds, clock=clock))
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""

@@ -18,12 +18,12 @@ from models import Job
 from worker.adapters.database import session_factory
 from worker.adapters.storage import Storage
 from worker.config import Settings, get_settings
+from worker.core import validation
 from worker.core.jobs import InputStore, NewJob, create_jobs, mark_sent, pending_outbox, publish_outbox
 from worker.core.jobs import get_job as _get_job
 from worker.core.states import State
 from worker.core.steps import Publisher
-from worker.core.tenants import DEFAULT_TENANT, check_admission, validate_priority, validate_tenant
-from worker.core.validation import load_image, validate_prompt, validate_seed, validate_size
+from worker.core.tenants import DEFAULT_TENANT, check_admission
 from worker.errors import AdmissionUnavailable, EditWorkerError, InvalidInput, StorageError
 
 log = logging.getLogger(__name__)
@@ -74,25 +74,18 @@ def validate_request(
     priority: str | None = None,
     settings: Settings,
 ) -> NewJob:
-    """Every check, before anything is written. Raises InvalidInput (a ValueError)."""
-    prompt = validate_prompt(prompt)
-    size = validate_size(size)
-    seed = validate_seed(seed)
-    if idempotency_key is not None:
-        idempotency_key = str(idempotency_key).strip()
-        if not idempotency_key or len(idempotency_key) > 255:
-            raise InvalidInput("idempotency key must be 1..255 characters")
-    image_input = load_image(image, max_bytes=settings.max_image_bytes, allow_private_urls=settings.allow_private_urls)
-    base64_output = settings.base64_output if enable_base64_output is None else bool(enable_base64_output)
-    return NewJob(
-        image=image_input,
+    """Every check, before anything is written (core/validation.validate_request with the
+    producer's image rules: a local file or a URL). Raises InvalidInput (a ValueError)."""
+    return validation.validate_request(
+        image=image,
         prompt=prompt,
         size=size,
         seed=seed,
         idempotency_key=idempotency_key,
-        enable_base64_output=base64_output,
-        tenant=validate_tenant(tenant),
-        priority=validate_priority(priority),
+        enable_base64_output=enable_base64_output,
+        tenant=tenant,
+        priority=priority,
+        settings=settings,
     )
 
 

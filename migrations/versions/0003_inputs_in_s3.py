@@ -5,7 +5,7 @@ the provider fetches, and leave image_payload NULL. Existing rows keep their pay
 submit reads it when a row has no image_uri.
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-28 18:50:00
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 
 revision = '0003'
-down_revision = '0001'
+down_revision = '0002'
 branch_labels = None
 depends_on = None
 

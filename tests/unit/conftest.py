@@ -86,6 +86,23 @@ def make_image() -> Callable[..., bytes]:
     return image_bytes
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but carries (almost) no pixels: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def decompression_bomb() -> bytes:
+    return png_header_only(20000, 20000)
+
+
 @pytest.fixture
 def png_file(tmp_path):
     path = tmp_path / "input.png"

@@ -2,7 +2,8 @@
 every module says what it owns in its docstring, and the unit tests mirror the modules.
 
 The mirror rule: a test module `tests/unit/<area>/test_<module>.py` tests `worker/<area>/<module>.py`,
-where <area> is a subpackage of worker/ (core, engine, adapters, devtools); the face — the modules
+or `test_<module>_<topic>.py` for one concern of that module (test_api_fuzz.py), where <area> is a
+subpackage of worker/ (core, engine, adapters, devtools); the face — the modules
 directly in worker/ (config, api, cli, producer, ...) — has its tests in `tests/unit/face/`. Tests
 about the project as a whole sit directly in tests/unit/ and are listed in CROSS_CUTTING.
 """
@@ -69,12 +70,18 @@ def mirrored_module(test_file: Path) -> Path | None:
     if len(relative.parts) != 2:
         return None  # directly in tests/unit (cross-cutting) or nested deeper
     area, name = relative.parts
-    module = name.removeprefix("test_")
-    if area == FACE:
-        return PACKAGE / module
-    if area in areas():
-        return PACKAGE / area / module
-    return None
+    folder = PACKAGE if area == FACE else PACKAGE / area if area in areas() else None
+    if folder is None:
+        return None
+    # test_<module>.py, or test_<module>_<topic>.py for one module's tests on one concern
+    # (test_api_fuzz.py: the API, fuzzed); the longest module name that exists wins.
+    stem = name.removeprefix("test_").removesuffix(".py")
+    parts = stem.split("_")
+    for cut in range(len(parts), 0, -1):
+        candidate = folder / ("_".join(parts[:cut]) + ".py")
+        if candidate.is_file():
+            return candidate
+    return folder / (stem + ".py")
 
 
 @pytest.mark.parametrize("role", sorted(HOMES))

@@ -5,6 +5,7 @@ per-node pass locks) are named here too, so no module spells a key by hand.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "edit-worker"
@@ -63,6 +64,11 @@ class RedisKeys:
 def wakeup_name(step: str, bucket: int) -> str:
     """The `once` name that de-duplicates a loop's wake-ups due in one half-second bucket."""
     return f"{step.replace('_', '-')}:{bucket}"
+
+
+def webhook_seen_name(webhook_id: str) -> str:
+    """The `once` name that remembers a delivered webhook (by a digest: the id is the sender's text)."""
+    return f"webhook-seen:{hashlib.sha256(webhook_id.encode('utf-8', 'surrogatepass')).hexdigest()[:40]}"
 
 
 def pass_lock_name(loop: str, node: str, slot: int) -> str:

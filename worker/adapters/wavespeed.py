@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -30,6 +31,28 @@ log = logging.getLogger(__name__)
 MODEL = "bytedance/dreamina-v3.0/edit"
 SUBMIT_PATH = f"/api/v3/{MODEL}"
 DEFAULT_BASE_URL = "https://api.wavespeed.ai"
+
+# What a prediction id may look like before it goes into a URL path (the provider's ids are hex):
+# letters, digits, `-` and `_`, at most the column's 128 characters. An id from the provider, a
+# webhook, the Redis journal or an operator that is not of this form never reaches a path, where
+# `../`, `?` or `#` could turn a poll into some other request.
+PREDICTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def valid_prediction_id(value: object) -> bool:
+    return isinstance(value, str) and PREDICTION_ID.fullmatch(value) is not None
+
+
+class InvalidPredictionId(PermanentProviderError):
+    """A prediction id that cannot be the provider's: refused before any request is made."""
+
+
+def _id_path(prediction_id: str) -> str:
+    if not valid_prediction_id(prediction_id):
+        shown = repr(prediction_id)[:40] if isinstance(prediction_id, str) else type(prediction_id).__name__
+        raise InvalidPredictionId(f"prediction id {shown} is not of the provider's form", code="invalid_prediction_id")
+    return prediction_id
+
 
 # Envelope codes the provider uses for permanent refusals (besides HTTP 4xx).
 CODE_MODERATION = 1200
@@ -200,11 +223,11 @@ class WaveSpeedClient:
         return self._prediction(self._data(response))
 
     def result(self, prediction_id: str) -> Prediction:
-        response = self._call("GET", f"/api/v3/predictions/{prediction_id}/result")
+        response = self._call("GET", f"/api/v3/predictions/{_id_path(prediction_id)}/result")
         return self._prediction(self._data(response))
 
     def cancel(self, prediction_id: str) -> None:
-        self._call("DELETE", f"/api/v3/predictions/{prediction_id}")
+        self._call("DELETE", f"/api/v3/predictions/{_id_path(prediction_id)}")
 
     def list_predictions(
         self,

@@ -4,8 +4,8 @@ transitions with an audit event each, and the queries and JSON shape the CLI and
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import json
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +21,8 @@ from sqlalchemy.sql import ClauseElement
 from models import IdempotencyKey, Job, JobEvent, Outbox
 from worker.core.states import State, can_transition
 from worker.core.steps import Publisher, Step
-from worker.core.validation import ImageInput
-from worker.errors import IdempotencyConflict, IdempotencyMismatch, IllegalTransition, JobNotFound
+from worker.core.validation import ImageInput, NewJob  # NewJob re-exported: the validated request lives with its checks
+from worker.errors import IdempotencyConflict, IdempotencyMismatch, IllegalTransition, InvalidInput, JobNotFound
 
 Clock = Callable[[], datetime]
 
@@ -37,35 +37,6 @@ def as_utc(value: datetime | str) -> datetime:
     if isinstance(value, datetime) and value.tzinfo is not None:
         return value
     return datetime.fromisoformat(str(value)).replace(tzinfo=timezone.utc)
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """A validated request (see validation.py): nothing here is checked again."""
-
-    image: ImageInput
-    prompt: str
-    size: str
-    seed: int
-    idempotency_key: str | None = None
-    enable_base64_output: bool = False
-    tenant: str = "default"
-    priority: str = "normal"
-
-    def fingerprint(self) -> str:
-        """What makes two requests "the same request" for an idempotency key: every field that
-        changes the work (the image by its content digest, not its name)."""
-        data = self.image.data if self.image.data is not None else self.image.payload.encode("utf-8", "surrogatepass")
-        image = hashlib.sha256(data).hexdigest()
-        fields = {
-            "image": image,
-            "prompt": self.prompt,
-            "size": self.size,
-            "seed": self.seed,
-            "priority": self.priority,
-            "base64": self.enable_base64_output,
-        }
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 JOBS = Job.__table__
@@ -406,6 +377,9 @@ def take_over_poll(session: Session, job_id: str, poll_seq: int, *, clock: Clock
 def get_job(sessions: sessionmaker[Session], job_id: str, *, with_payloads: bool = False, tenant: str | None = None) -> Job:
     """The job; JobNotFound if there is none — or if `tenant` is given and the job is another
     tenant's (a caller cannot even learn that another tenant's job exists)."""
+    if not isinstance(job_id, str) or not 0 < len(job_id) <= 36 or not job_id.isascii() or not job_id.isprintable():
+        # Job ids are UUIDs: text that cannot be one is not looked up (PostgreSQL refuses NUL).
+        raise JobNotFound(f"no job {str(job_id)[:40]!r}")
     with sessions() as session:
         options = [undefer(Job.image_payload), undefer(Job.provider_outputs)] if with_payloads else []
         job = session.get(Job, job_id, options=options)
@@ -414,17 +388,68 @@ def get_job(sessions: sessionmaker[Session], job_id: str, *, with_payloads: bool
         return job
 
 
+@dataclass(frozen=True)
+class JobPage:
+    jobs: list[Job]
+    next_cursor: str | None  # pass as `after` for the next page; None on the last page
+
+
+def encode_cursor(job: Job) -> str:
+    """An opaque page cursor: the position (created_at, id) of the last job shown."""
+    raw = f"{as_utc(job.created_at).isoformat()}|{job.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor.strip() + "=" * (-len(cursor.strip()) % 4)).decode()
+        when, job_id = raw.split("|", 1)
+        created_at = datetime.fromisoformat(when)
+    except (ValueError, UnicodeError):
+        raise InvalidInput("cursor is not one this API gave out") from None
+    if created_at.tzinfo is None or not job_id or len(job_id) > 36:
+        raise InvalidInput("cursor is not one this API gave out")
+    return created_at, job_id
+
+
 def list_jobs(
-    sessions: sessionmaker[Session], *, state: State | None = None, limit: int = 100, offset: int = 0, tenant: str | None = None
+    sessions: sessionmaker[Session],
+    *,
+    state: State | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    after: str | None = None,
+    tenant: str | None = None,
 ) -> list[Job]:
-    """Jobs newest first, optionally of one state and of one tenant (None: every tenant)."""
+    return list_page(sessions, state=state, limit=limit, offset=offset, after=after, tenant=tenant).jobs
+
+
+def list_page(
+    sessions: sessionmaker[Session],
+    *,
+    state: State | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    after: str | None = None,
+    tenant: str | None = None,
+) -> JobPage:
+    """Jobs newest first, by keyset: `after` (a cursor from the previous page) seeks into the
+    (created_at, id) index, so page N costs what page 1 costs. `offset` stays for old callers. `tenant`: one tenant's jobs (None: every tenant's)."""
     with sessions() as session:
-        query = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+        query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
         if state is not None:
             query = query.where(Job.state == state.value)
         if tenant is not None:
             query = query.where(Job.tenant == tenant)
-        return list(session.scalars(query))
+        if after:
+            created_at, job_id = decode_cursor(after)
+            query = query.where(tuple_(Job.created_at, Job.id) < tuple_(bindparam("c_at", created_at, type_=Job.created_at.type), job_id))
+        if offset:
+            query = query.offset(offset)
+        rows = list(session.scalars(query))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return JobPage(jobs=rows, next_cursor=encode_cursor(rows[-1]) if more and rows else None)
 
 
 def count_by_state(sessions: sessionmaker[Session]) -> dict[str, int]:

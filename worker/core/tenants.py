@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,27 +21,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import ApiKey, Job, Tenant
 from worker.core.jobs import Clock, utcnow
 from worker.core.states import State
+from worker.core.validation import DEFAULT_TENANT, PRIORITIES, validate_priority, validate_tenant
 from worker.errors import InvalidInput, QuotaExceeded
 
-DEFAULT_TENANT = "default"
+__all__ = ["DEFAULT_TENANT", "PRIORITIES", "validate_priority", "validate_tenant"]
+
 KEY_PREFIX = "ewk_"
-_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-PRIORITIES = ("high", "normal", "low")
-
-
-def validate_tenant(name: str | None) -> str:
-    """A tenant name: 1-64 of a-z 0-9 _ . - (lower case), starting with a letter or digit."""
-    value = (name or "").strip()
-    if not _TENANT_RE.fullmatch(value):
-        raise InvalidInput("tenant must be 1-64 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit")
-    return value
-
-
-def validate_priority(value: str | None) -> str:
-    priority = (value or "normal").strip().lower()
-    if priority not in PRIORITIES:
-        raise InvalidInput(f"priority must be one of {', '.join(PRIORITIES)}")
-    return priority
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,11 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         ["input_delivery", "input_url_expiry_seconds"],
     ),
     (
+        "HTTP API hardening",
+        "Limits `edit-worker api` applies to what callers and the provider send it.",
+        ["allow_http_provider", "webhook_max_bytes", "metrics_cache_seconds"],
+    ),
+    (
         "Provider",
         "WaveSpeed itself, and its webhooks.",
         ["wavespeed_api_key", "wavespeed_base_url", "webhook_secret", "webhook_url", "http_connect_timeout", "http_timeout"],

@@ -39,6 +39,9 @@ class Resolution(str, Enum):
     UNKNOWN_JOB = "unknown_job"  # (webhook) no job has that id
     NOT_SUBMITTING = "not_submitting"  # (webhook) the job is not waiting for its task
     CLAIMED_ELSEWHERE = "claimed_elsewhere"  # (webhook) another job holds that prediction
+    UNVERIFIED = "unverified"  # (webhook) the provider could not confirm the prediction now; the sweep decides
+    WRONG_MODEL = "wrong_model"  # (webhook) the prediction is another model's: not adopted
+    OUTSIDE_SUBMIT_WINDOW = "outside_submit_window"  # (webhook) created outside the job's submit window
 
     def __str__(self) -> str:
         return self.value
@@ -227,8 +230,10 @@ def _adopt(deps: Deps, job: Job, prediction_id: str, why: str) -> Resolution:
 
 
 def adopt_from_webhook(deps: Deps, job_id: str, prediction_id: str) -> Resolution:
-    """The provider called this job's own webhook URL (token checked) about `prediction_id`: the task
-    is certainly this job's. Adopt it if the job is still waiting in `submitting` without one."""
+    """The provider called this job's own webhook URL (token checked) about `prediction_id`.
+    Adopt it if the job is still waiting in `submitting` without one — once the provider confirms
+    the prediction is this model's and was created inside the job's submit window: a webhook
+    replayed from another job's URL, or one naming some other task, must not attach it."""
 
     try:
         job = get_job(deps.sessions, job_id)
@@ -239,6 +244,24 @@ def adopt_from_webhook(deps: Deps, job_id: str, prediction_id: str) -> Resolutio
     with deps.sessions() as session:
         if session.scalar(select(Job.id).where(Job.prediction_id == prediction_id)):
             return Resolution.CLAIMED_ELSEWHERE
+    try:
+        prediction = deps.provider.result(prediction_id)
+    except ProviderError as exc:
+        # Unverifiable now: the sweep's own resolution (journal, task list) settles the job.
+        log.warning("webhook adoption not verified: %s", exc, extra={"job_id": job_id, "prediction_id": prediction_id})
+        return Resolution.UNVERIFIED
+    if prediction.id != prediction_id or prediction.model != MODEL:
+        log.warning("webhook names a prediction of another model (%s); not adopted", prediction.model[:80], extra={"job_id": job_id})
+        return Resolution.WRONG_MODEL
+    s = deps.settings
+    skew = timedelta(seconds=s.ambiguous_skew_seconds)
+    started = job.submitted_at or job.updated_at
+    if prediction.created_at is None or not started - skew <= prediction.created_at <= started + timedelta(seconds=s.http_timeout) + skew:
+        log.warning(
+            "webhook names a prediction created outside the job's submit window; not adopted",
+            extra={"job_id": job_id, "prediction_id": prediction_id},
+        )
+        return Resolution.OUTSIDE_SUBMIT_WINDOW
     outcome = _adopt(deps, job, prediction_id, "named by the provider's webhook for this job")
     if job.error_code == ErrorCode.NEEDS_OPERATOR.value:
         reexamine_parked(deps)  # it was parked with others: they may be decidable now

@@ -4,6 +4,7 @@ Every refusal is an InvalidInput (a ValueError) whose message names the field.""
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 
@@ -13,7 +14,9 @@ from worker.core.validation import (
     check_url,
     load_image,
     sniff_image,
+    validate_idempotency_key,
     validate_prompt,
+    validate_request,
     validate_seed,
     validate_size,
 )
@@ -61,6 +64,24 @@ def test_surrounding_whitespace_is_trimmed_before_counting():
     assert validate_prompt("  " + "a" * 120 + "  ") == "a" * 120
 
 
+@pytest.mark.parametrize("prompt", ["a\x00b", "make it \ud800 purple", "bell\x07", "esc\x1b[31m"])
+def test_a_prompt_with_nul_control_characters_or_lone_surrogates_is_refused(prompt):
+    # PostgreSQL refuses NUL in text and no database encodes a lone surrogate: both must be a
+    # 4xx refusal here, not a database error (which the API answered as 503 "unavailable").
+    with pytest.raises(InvalidInput, match="prompt"):
+        validate_prompt(prompt)
+
+
+def test_a_prompt_may_span_lines():
+    assert validate_prompt("line one\nline two\tend") == "line one\nline two\tend"
+
+
+@pytest.mark.parametrize("key", ["order\x00-1", "\udfff", "k\x7f"])
+def test_an_idempotency_key_with_nul_control_characters_or_lone_surrogates_is_refused(key):
+    with pytest.raises(InvalidInput, match="idempotency key"):
+        validate_idempotency_key(key)
+
+
 # --- size -----------------------------------------------------------------------------------
 
 
@@ -85,7 +106,7 @@ def test_sizes_outside_the_range_are_refused_naming_the_side(size, fragment):
         validate_size(size)
 
 
-@pytest.mark.parametrize("size", ["abc", "1024x1024", "1024", "1024*", "*1024", "-512*512", "1024*1024*1", "1e3*1e3"])
+@pytest.mark.parametrize("size", ["١٠٢٤*١٠٢٤", "abc", "1024x1024", "1024", "1024*", "*1024", "-512*512", "1024*1024*1", "1e3*1e3"])
 def test_malformed_sizes_are_refused(size):
     with pytest.raises(InvalidInput, match="W\\*H"):
         validate_size(size)
@@ -105,7 +126,7 @@ def test_seeds_out_of_range_are_refused(seed):
         validate_seed(seed)
 
 
-@pytest.mark.parametrize("seed", ["abc", "1.5", 1.5, [1], "0x10"])
+@pytest.mark.parametrize("seed", ["abc", "1.5", 1.5, [1], "0x10", float("inf"), float("nan"), True, "9" * 5000])
 def test_non_integer_seeds_are_refused(seed):
     with pytest.raises(InvalidInput, match="seed must be an integer"):
         validate_seed(seed)
@@ -156,6 +177,17 @@ def test_a_png_with_a_corrupted_chunk_is_refused(make_image):
     data[40] ^= 0xFF  # inside IHDR/IDAT: the CRC no longer matches
     with pytest.raises(InvalidInput):
         sniff_image(bytes(data))
+
+
+def test_a_png_claiming_20000_by_20000_pixels_is_refused_as_input_not_a_crash(decompression_bomb):
+    # Pillow raises DecompressionBombError (not an OSError) for it: the API answered 500.
+    with pytest.raises(InvalidInput, match="pixels"):
+        sniff_image(decompression_bomb)
+
+
+def test_a_png_over_the_pixel_limit_but_under_pillows_is_refused(make_image):
+    with pytest.raises(InvalidInput, match=r"64x64 pixels; the limit is 4095 pixels"):
+        sniff_image(make_image("PNG", size=(64, 64)), max_pixels=4095)
 
 
 def test_a_gif_is_refused_naming_the_accepted_formats(tmp_path, make_image):
@@ -225,7 +257,7 @@ def test_only_http_and_https_urls_are_accepted(url):
     ],
 )
 def test_private_loopback_and_link_local_addresses_are_refused(url):
-    with pytest.raises(InvalidInput, match="non-public address"):
+    with pytest.raises(InvalidInput, match="private address"):
         check_url(url)  # IP literals resolve to themselves without DNS
 
 
@@ -234,10 +266,51 @@ def test_private_addresses_are_accepted_when_allowed(url):
     assert check_url(url, allow_private=True) == url
 
 
-def test_a_hostname_resolving_to_a_private_address_is_refused():
+def test_a_hostname_resolving_to_a_private_address_is_refused_without_naming_the_address():
+    # The caller learns the host is refused, not where it points: echoing resolved addresses
+    # would let anyone map the internal network through the API.
     resolve = resolver_for({"images.internal.example": ["10.20.30.40"]})
-    with pytest.raises(InvalidInput, match=r"images.internal.example.*10.20.30.40"):
+    with pytest.raises(InvalidInput, match=r"images.internal.example.*resolves to a private address") as refused:
         check_url("https://images.internal.example/cat.png", resolver=resolve)
+    assert "10.20.30.40" not in str(refused.value)
+
+
+def test_a_host_that_resolves_slowly_is_refused_within_the_timeout():
+    def stuck(_host: str) -> list[str]:
+        time.sleep(3)
+        return ["93.184.216.34"]
+
+    started = time.monotonic()
+    with pytest.raises(InvalidInput, match=r"did not resolve within 0\.2s"):
+        check_url("https://slow.example/cat.png", resolver=stuck, resolve_timeout=0.2)
+    assert time.monotonic() - started < 2
+
+
+def test_a_resolver_answer_that_is_not_an_address_is_refused():
+    with pytest.raises(InvalidInput, match="does not resolve to an IP address"):
+        check_url("https://odd.example/cat.png", resolver=lambda _host: ["not-an-ip"])
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1\n.example.com/x.png", "http://exa\tmple.com/x.png", "http://example.com/a b.png"])
+def test_a_url_with_whitespace_inside_is_refused(url):
+    # urlsplit drops the newline: it would check 127.0.0.1.example.com, not what another parser reads.
+    with pytest.raises(InvalidInput, match="whitespace"):
+        check_url(url, resolver=public)
+
+
+def test_checking_a_large_base64_image_field_for_control_characters_is_fast(settings):
+    from worker.core.validation import load_remote_image
+
+    started = time.monotonic()
+    with pytest.raises(InvalidInput):
+        load_remote_image("A" * 12_000_000 + "\x00", max_bytes=settings.max_image_bytes)
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("url", ["http://example.com:99999/x.png", "http://[::1/x.png", "http://example.com:port/x.png"])
+def test_a_malformed_url_is_refused(url):
+    with pytest.raises(InvalidInput, match="malformed"):
+        check_url(url, resolver=public)
 
 
 def test_a_hostname_is_refused_if_any_of_its_addresses_is_private():
@@ -276,3 +349,42 @@ def test_load_image_applies_the_ssrf_guard_to_urls():
     with pytest.raises(InvalidInput):
         load_image("http://169.254.169.254/latest/meta-data/")
     assert load_image("http://169.254.169.254/x", allow_private_urls=True).payload == "http://169.254.169.254/x"
+
+
+# --- the one request validation (CLI, Python producer, HTTP API) ----------------------------
+
+
+@pytest.mark.parametrize("remote", [False, True])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"prompt": "a\x00b"}, "prompt"),
+        ({"prompt": "\ud800"}, "prompt"),
+        ({"idempotency_key": "k\x00"}, "idempotency key"),
+        ({"seed": float("inf")}, "seed"),
+        ({"image": "https://images.example.com/\x00.png"}, "image"),
+        ({"image": 12}, "image"),
+    ],
+)
+def test_validate_request_refuses_hostile_fields_on_every_path(settings, remote, overrides, field):
+    request = {"image": "https://images.example.com/cat.png", "prompt": "ok", **overrides}
+    with pytest.raises(InvalidInput, match=field):
+        validate_request(settings=settings, remote=remote, resolver=public, **request)
+
+
+def test_validate_request_applies_the_remote_image_rules_only_when_asked(settings, png_file):
+    assert validate_request(image=str(png_file), prompt="ok", settings=settings).image.ref == f"file:{png_file.name}"
+    with pytest.raises(InvalidInput, match="local file paths are not accepted"):
+        validate_request(image=str(png_file), prompt="ok", settings=settings, remote=True)
+
+
+def test_the_python_producer_shares_the_validation(settings, png_file):
+    from worker import producer
+
+    with pytest.raises(InvalidInput, match="prompt"):
+        producer.validate_request(image=str(png_file), prompt="make it\x00 red", settings=settings)
+
+
+def test_an_overlong_url_is_refused_before_it_is_parsed():
+    with pytest.raises(InvalidInput, match="the limit is 4096"):
+        check_url("https://images.example.com/" + "a" * 5000, resolver=public)

@@ -15,7 +15,9 @@ import ipaddress
 import json
 import logging
 import time
+import uuid
 import warnings
+from datetime import timedelta
 
 import pytest
 from PIL import Image
@@ -256,9 +258,9 @@ def test_a_local_file_path_is_refused_and_the_file_is_never_read(client, session
         ({"image": "data:text/plain;base64,aGVsbG8="}, "data:image"),
         ({"image": "data:image/png," + b64_image()}, "data:image"),
         ({"image": base64.b64encode(b"\0" * (1024 * 1024 + 1)).decode()}, "limit"),
-        ({"image": "http://127.0.0.1/cat.png"}, "non-public"),
-        ({"image": "http://intranet.example.com/cat.png"}, "non-public"),
-        ({"image": "http://metadata.example.com/latest/meta-data"}, "non-public"),
+        ({"image": "http://127.0.0.1/cat.png"}, "private address"),
+        ({"image": "http://intranet.example.com/cat.png"}, "private address"),
+        ({"image": "http://metadata.example.com/latest/meta-data"}, "private address"),
         ({"image": "ftp://images.example.com/cat.png"}, "http"),
         ({"image": "https://user:pw@images.example.com/cat.png"}, "credentials"),
         ({"sead": 5}, "sead"),
@@ -287,6 +289,88 @@ def test_an_oversized_body_is_refused_before_it_is_parsed(client, sessions):
 
     assert "limit" in assert_error(response, 413, "invalid_input")
     assert count(sessions, Job) == 0
+
+
+def chunks(total: int, size: int = 64 * 1024):
+    """A body sent chunked (Transfer-Encoding: chunked): no Content-Length to check up front."""
+    sent = 0
+    while sent < total:
+        piece = min(size, total - sent)
+        sent += piece
+        yield b" " * piece
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(client, sessions):
+    # No Content-Length: the old check (the header only) let 2.6 MB through to the JSON parser.
+    response = client.post("/jobs", content=chunks(2_600_000), headers={"content-type": "application/json"})
+
+    assert "limit" in assert_error(response, 413, "invalid_input")
+    assert count(sessions, Job) == 0
+
+
+def test_a_chunked_body_under_the_limit_is_taken(client):
+    raw = json.dumps(body()).encode()
+    response = client.post("/jobs", content=iter([raw[:100], raw[100:]]), headers={"content-type": "application/json"})
+
+    assert response.status_code == 201, response.text
+
+
+def test_a_webhook_body_over_its_own_limit_is_refused_before_it_is_verified(make_client, settings, publisher):
+    client = make_client(app_settings=settings.model_copy(update={"webhook_max_bytes": 4096}))
+    raw, headers = signed(prediction("pred-0001") | {"padding": "x" * 8000})
+    headers.pop("content-type")
+
+    assert_error(client.post("/webhooks/wavespeed", content=iter([raw]), headers=headers), 413, "invalid_input")
+    assert_error(client.post("/webhooks/wavespeed", content=raw, headers=headers), 413, "invalid_input")
+    assert publisher.sent == []
+
+
+def test_a_png_claiming_20000_by_20000_pixels_answers_422(client, sessions, decompression_bomb):
+    response = client.post("/jobs", json=body(image=base64.b64encode(decompression_bomb).decode()))
+
+    assert "pixels" in assert_error(response, 422, "invalid_input")
+    assert count(sessions, Job) == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"prompt": "make the sky\x00 purple"}, "prompt"),
+        ({"prompt": "make the sky \ud800 purple"}, "prompt"),
+        ({"idempotency_key": "order\x00-1"}, "idempotency key"),
+        ({"idempotency_key": "order-\udc80"}, "idempotency key"),
+        ({"size": "1024\x00*1024"}, "size"),
+        ({"image": "https://images.example.com/\ud800.png"}, "image"),
+        ({"image": "http://images.example.com:99999/cat.png"}, "image"),
+    ],
+)
+def test_nul_bytes_and_lone_surrogates_answer_422_not_a_database_error(client, sessions, publisher, overrides, field):
+    # Before: NUL answered 503 "database unavailable" on PostgreSQL (inviting retries) and a lone
+    # surrogate 500 (no database can encode it). json.dumps escapes them (\\u0000, \\ud800), as a client would.
+    response = client.post("/jobs", content=json.dumps(body(**overrides)), headers={"content-type": "application/json"})
+
+    assert field in assert_error(response, 422, "invalid_input")
+    assert count(sessions, Job) == 0
+    assert publisher.sent == []
+
+
+def test_a_database_refusing_a_value_answers_422_not_503(make_client, settings, monkeypatch):
+    from sqlalchemy.exc import DataError
+
+    client = make_client()
+
+    def refuse(*_args, **_kwargs):
+        raise DataError("INSERT ...", {}, ValueError("A string literal cannot contain NUL (0x00) characters."))
+
+    from worker import producer
+
+    monkeypatch.setattr(producer, "create_jobs", refuse)
+    assert_error(client.post("/jobs", json=body()), 422, "invalid_input")
+
+
+@pytest.mark.parametrize("job_id", ["a%00b", "x" * 37, "\u00e9t\u00e9", "%ED%A0%80", "%FF"])
+def test_job_ids_that_cannot_be_ids_answer_404(client, job_id):
+    assert_error(client.get(f"/jobs/{job_id}"), 404, "not_found")
 
 
 def test_private_urls_are_accepted_when_the_setting_allows_them(make_client, settings):
@@ -332,7 +416,54 @@ def test_list_filters_by_state_newest_first_with_limit_and_offset(client):
     assert set(client.get("/jobs").json()["jobs"][0]) == JOB_KEYS
 
 
-@pytest.mark.parametrize("query", ["state=bogus", "limit=0", "limit=abc", "offset=-1"])
+def test_list_pages_by_cursor_newest_first_until_next_cursor_is_null(client):
+    made = [create(client)["id"] for _ in range(5)]
+    client.post(f"/jobs/{made[1]}/cancel")
+
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = client.get("/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+        assert set(page) == {"jobs", "next_cursor"}
+        seen += [j["id"] for j in page["jobs"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == made[::-1]
+    assert pages == 3
+    # With a state filter too.
+    queued = client.get("/jobs", params={"state": "queued", "limit": 3}).json()
+    rest = client.get("/jobs", params={"state": "queued", "limit": 3, "cursor": queued["next_cursor"]}).json()
+    assert [j["id"] for j in queued["jobs"] + rest["jobs"]] == [i for i in made[::-1] if i != made[1]]
+    assert rest["next_cursor"] is None
+
+
+def test_the_list_query_seeks_the_created_at_id_index(client, sessions):
+    from sqlalchemy import text
+
+    create(client)
+    with sessions() as session:
+        [(plan,)] = [
+            (row[-1],) for row in session.execute(text("EXPLAIN QUERY PLAN SELECT * FROM jobs ORDER BY created_at DESC, id DESC LIMIT 3"))
+        ]
+    assert "ix_jobs_created_at_id" in plan
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "state=bogus",
+        "limit=0",
+        "limit=abc",
+        "offset=-1",
+        "offset=1e20",
+        f"offset={10**20}",
+        "offset=10001",
+        "cursor=bogus",
+        "cursor=%00",
+        "limit=1001",
+    ],
+)
 def test_bad_list_parameters_answer_422_json(client, query):
     assert_error(client.get(f"/jobs?{query}"), 422, "invalid_input")
 
@@ -389,9 +520,10 @@ def test_retry_of_a_failed_job_requeues_it_and_publishes_the_submit(client, deps
 
 
 def signed(
-    payload: dict | bytes, *, secret: str = WEBHOOK_SECRET, timestamp: int | None = None, webhook_id: str = "evt-1"
+    payload: dict | bytes, *, secret: str = WEBHOOK_SECRET, timestamp: int | None = None, webhook_id: str | None = None
 ) -> tuple[bytes, dict]:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    webhook_id = webhook_id or f"evt-{uuid.uuid4().hex}"
     timestamp = int(time.time()) if timestamp is None else timestamp
     key = secret.removeprefix("whsec_").encode()
     digest = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
@@ -515,6 +647,126 @@ def test_without_a_configured_secret_the_webhook_endpoint_answers_404(make_clien
     assert publisher.sent == []
 
 
+def test_a_replayed_webhook_inside_the_window_has_no_second_effect(client, deps, publisher, sessions):
+    job = processing_job(client, deps)
+    publisher.sent.clear()
+    raw, headers = signed(prediction(job["prediction_id"]))
+
+    first = client.post("/webhooks/wavespeed", content=raw, headers=headers)
+    seq = jobs.get_job(sessions, job["id"]).poll_seq
+    replay = client.post("/webhooks/wavespeed", content=raw, headers=headers)
+
+    assert first.json() == {"ok": True}
+    assert replay.status_code == 200 and replay.json() == {"ok": True, "duplicate": True}
+    assert [step for step, *_ in publisher.sent] == ["poll"]
+    assert jobs.get_job(sessions, job["id"]).poll_seq == seq
+    # Another delivery (its own id) is taken.
+    raw, headers = signed(prediction(job["prediction_id"]))
+    assert client.post("/webhooks/wavespeed", content=raw, headers=headers).json() == {"ok": True}
+    assert [step for step, *_ in publisher.sent] == ["poll", "poll"]
+
+
+def test_a_webhook_that_failed_midway_is_taken_again_when_redelivered(make_client, deps, publisher, sessions, monkeypatch):
+    authorised = make_client()
+    client = TestClient(authorised.app, raise_server_exceptions=False, headers=dict(authorised.headers))
+    job = processing_job(client, deps)
+    publisher.sent.clear()
+    raw, headers = signed(prediction(job["prediction_id"]))
+    import worker.api
+
+    real = worker.api.nudge_poll
+    monkeypatch.setattr(worker.api, "nudge_poll", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("db gone")))
+    assert client.post("/webhooks/wavespeed", content=raw, headers=headers).status_code == 500
+    monkeypatch.setattr(worker.api, "nudge_poll", real)
+
+    assert client.post("/webhooks/wavespeed", content=raw, headers=headers).json() == {"ok": True}
+    assert [step for step, *_ in publisher.sent] == ["poll"]
+
+
+def test_without_replay_memory_a_webhook_answers_503(make_client, settings, publisher, monkeypatch):
+    class NoRedis:
+        def once(self, *_args):
+            raise ConnectionError("redis down")
+
+    client = TestClient(
+        create_app(
+            with_secret(settings, monkeypatch, WEBHOOK_SECRET),
+            deps_factory=lambda: type("D", (), {"fleet": NoRedis()})(),
+            publisher=publisher,
+            url_resolver=resolver,
+        )
+    )
+    raw, headers = signed(prediction("pred-0001"))
+
+    assert_error(client.post("/webhooks/wavespeed", content=raw, headers=headers), 503, "unavailable")
+    assert publisher.sent == []
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"job_id": "j\u00e9b", "token": "t"},
+        {"job_id": "job", "token": "t\u00f6ken"},
+        {"job_id": "job", "token": "\u2603" * 40},
+        {"job_id": "\u2603" * 100, "token": "abc"},
+    ],
+)
+def test_a_non_ascii_job_id_or_token_is_ignored_not_a_500(client, deps, publisher, query):
+    raw, headers = signed(prediction("pred-unknown"))
+
+    response = client.post("/webhooks/wavespeed", params=query, content=raw, headers=headers)
+
+    assert response.status_code == 200, response.text
+    assert publisher.sent == []
+
+
+@pytest.mark.parametrize(
+    "header, value",
+    [
+        ("webhook-id", "\u00e9v\u00e9nement".encode("latin-1")),
+        ("webhook-id", "\u2603".encode()),
+        ("webhook-timestamp", "\u0661\u0662\u0663".encode()),
+        ("webhook-timestamp", b"9" * 400),
+        ("webhook-signature", "v3,\u00e9".encode("latin-1")),
+        ("webhook-signature", "v3,\u2603".encode()),
+    ],
+)
+def test_non_ascii_or_absurd_webhook_headers_answer_401(client, publisher, header, value):
+    raw, headers = signed(prediction("pred-0001"))
+    headers[header] = value
+
+    assert_error(client.post("/webhooks/wavespeed", content=raw, headers=headers), 401, "unauthorized")
+    assert publisher.sent == []
+
+
+def test_a_signed_webhook_naming_a_prediction_id_of_an_unexpected_form_answers_422(client):
+    raw, headers = signed(prediction("../../api/v3/balance"))
+
+    assert_error(client.post("/webhooks/wavespeed", content=raw, headers=headers), 422, "invalid_input")
+
+
+def test_a_signed_webhook_on_a_jobs_url_adopts_only_a_prediction_the_provider_confirms(client, deps, fake_provider, clock, sessions):
+    import httpx
+
+    from worker.adapters.webhooks import job_webhook_url
+
+    fake_provider.script("submit", fake_provider.After(httpx.ReadTimeout("read timed out")))
+    job = create(client)
+    submit.run_submit(deps, job["id"])
+    assert client.get(f"/jobs/{job['id']}").json()["state"] == "submitting"
+    old = fake_provider.create_task(created_at=clock.now() - timedelta(hours=1))
+    url = job_webhook_url("http://testserver/webhooks/wavespeed", SecretStr(WEBHOOK_SECRET), job["id"])
+
+    raw, headers = signed(prediction(old.id))
+    assert client.post(url, content=raw, headers=headers).status_code == 200
+    assert jobs.get_job(sessions, job["id"]).prediction_id is None
+
+    [own] = fake_provider.submissions
+    raw, headers = signed(prediction(own.id))
+    assert client.post(url, content=raw, headers=headers).status_code == 200
+    assert jobs.get_job(sessions, job["id"]).prediction_id == own.id
+
+
 def test_a_signed_webhook_that_names_no_prediction_answers_422(client):
     raw, headers = signed({"hello": "world"})
 
@@ -539,6 +791,24 @@ def test_metrics_expose_job_counts_per_state_and_the_pipeline_counters(client):
     assert "edit_worker_database_up 1.0" in text
     for name in ("edit_worker_provider_requests_total", "edit_worker_transitions_total", "edit_worker_breaker_open"):
         assert f"# TYPE {name} " in text
+
+
+def test_metrics_count_jobs_at_most_once_per_cache_period(make_client, settings, sessions):
+    from sqlalchemy import event
+
+    from worker.adapters.database import get_engine
+
+    client = make_client(app_settings=settings.model_copy(update={"metrics_cache_seconds": 60.0}))
+    create(client)
+    queries = []
+    event.listen(get_engine(settings.database_url), "before_cursor_execute", lambda *a: queries.append(a[2]))
+
+    texts = [client.get("/metrics").text for _ in range(20)]
+    create(client)
+
+    assert sum("GROUP BY" in q for q in queries) == 1
+    assert all('edit_worker_jobs{state="queued"} 1.0' in t for t in texts)
+    assert 'edit_worker_jobs{state="queued"} 1.0' in client.get("/metrics").text  # still the cached count
 
 
 def test_each_app_has_its_own_metrics_registry(make_client):

@@ -67,6 +67,8 @@ def assert_one_line_error(result, *fragments: str) -> None:
         (["--prompt", "ok", "--size", "abc"], ["W*H"]),
         (["--prompt", "ok", "--seed", "-7"], ["seed -7"]),
         (["--prompt", ""], ["prompt is required"]),
+        (["--prompt", "make it \x1b[31mred"], ["control characters"]),
+        (["--prompt", "ok", "--idempotency-key", "k\x07"], ["idempotency key"]),
     ],
 )
 def test_submit_with_bad_input_exits_2_with_one_line_and_writes_no_job(cli, sessions, png_file, extra, fragments):
@@ -86,8 +88,23 @@ def test_submit_with_a_missing_file_exits_2(cli, sessions, tmp_path):
 )
 def test_submit_with_a_private_url_exits_2(cli, sessions, url):
     result = cli("submit", "--image", url, "--prompt", "ok")
-    assert_one_line_error(result, "non-public address")
+    assert_one_line_error(result, "private address")
     assert job_count(sessions) == (0, 0)
+
+
+def test_submit_with_a_decompression_bomb_exits_2(cli, sessions, tmp_path, decompression_bomb):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(decompression_bomb)
+    result = cli("submit", "--image", str(bomb), "--prompt", "ok")
+    assert_one_line_error(result, "pixels")
+    assert job_count(sessions) == (0, 0)
+
+
+def test_a_plain_http_remote_provider_is_a_one_line_error(cli, monkeypatch, png_file):
+    monkeypatch.setenv("WAVESPEED_BASE_URL", "http://api.wavespeed.ai")
+    get_settings.cache_clear()
+    result = cli("submit", "--image", str(png_file), "--prompt", "ok")
+    assert_one_line_error(result, "WAVESPEED_BASE_URL must use https://")
 
 
 def test_submit_with_a_gif_exits_2(cli, sessions, tmp_path, make_image):
