@@ -265,6 +265,7 @@ def submit(
         _fail("--image is required")
     if prompt is None:
         _fail("--prompt is required")
+    assert image is not None and prompt is not None  # _fail exited otherwise
     job = _guard(
         lambda: producer.submit_edit(
             image, prompt, size=size, seed=seed, idempotency_key=idempotency_key, tenant=tenant, priority=priority, settings=settings

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, AliasChoices, Field, SecretStr, model_validator
@@ -497,4 +497,5 @@ def settings_from_env(env: dict[str, str]) -> Settings:
     """Settings built from an explicit environment mapping (for a child process's env, in tests,
     benchmarks and the demo), ignoring this process's environment and any .env file."""
     names = {str(choice).lower() for info in Settings.model_fields.values() for choice in getattr(info.validation_alias, "choices", [])}
-    return Settings(_env_file=None, **{k.lower(): v for k, v in env.items() if k.isupper() and k.lower() in names})
+    values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k.isupper() and k.lower() in names}
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]  # pydantic-settings' init option

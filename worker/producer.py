@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job
@@ -36,12 +37,12 @@ def _sessions(settings: Settings) -> sessionmaker[Session]:
 @lru_cache(maxsize=8)
 def _cached_storage(endpoint: str | None, region: str, key_id: str | None, secret: str | None, bucket: str, prefix: str) -> Storage:
     # One boto3 client per S3 configuration and process (creating one costs ~0.1 s).
-    settings = Settings(
+    settings = Settings(  # type: ignore[call-arg]  # _env_file: pydantic-settings' init option
         _env_file=None,
         s3_endpoint_url=endpoint,
         aws_region=region,
         aws_access_key_id=key_id,
-        aws_secret_access_key=secret,
+        aws_secret_access_key=SecretStr(secret) if secret else None,
         s3_bucket=bucket,
         s3_prefix=prefix,
     )

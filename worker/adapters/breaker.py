@@ -49,6 +49,10 @@ class Breaker(Protocol):
     def record_success(self) -> None: ...
 
 
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
 def _outage_reason(count: int, window: float, reason: str) -> str:
     return f"provider unavailable: {count} failures in {window:.0f}s ({reason})"
 
@@ -79,7 +83,7 @@ class RedisBreaker:
     def check(self) -> Gate:
         ttl = self.r.pttl(self.k_breaker)
         if ttl and ttl > 0:
-            return Gate(ttl / 1000.0, f"circuit breaker open: {self.r.get(self.k_breaker) or 'provider refused'}")
+            return Gate(ttl / 1000.0, f"circuit breaker open: {_text(self.r.get(self.k_breaker)) or 'provider refused'}")
         if self.r.exists(self.k_tripped):
             # Half-open: exactly one probe submission goes through; the rest wait for its outcome.
             if self.r.set(self.k_probe, "1", nx=True, px=int(PROBE_SECONDS * 1000)):

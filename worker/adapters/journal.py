@@ -32,7 +32,8 @@ class RedisJournal:
         self.r.set(self.keys.journal(job_id), prediction_id, ex=JOURNAL_SECONDS)
 
     def recall(self, job_id: str) -> str | None:
-        return self.r.get(self.keys.journal(job_id))
+        value = self.r.get(self.keys.journal(job_id))
+        return value.decode() if isinstance(value, bytes) else value
 
 
 class MemoryJournal:

@@ -18,9 +18,9 @@ def compute_backoff(
     Full jitter (uniform in [0, min(max, base * 2**attempt)]) spreads a fleet's retries after an
     outage; a provider's Retry-After is a floor, never shortened by the jitter.
     """
-    rng = rng or random
+    uniform = (rng or random).uniform
     ceiling = min(maximum, base * (2 ** max(0, min(attempt, 30))))
-    delay = rng.uniform(0, ceiling)
+    delay = uniform(0, ceiling)
     if retry_after is not None:
         delay = max(delay, float(retry_after))
     return delay

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from sqlalchemy import Row, bindparam, delete, func, insert, literal, select, tuple_, update
+from sqlalchemy import CursorResult, Row, Table, bindparam, delete, func, insert, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker, undefer
 from sqlalchemy.sql import ClauseElement
@@ -39,8 +39,8 @@ def as_utc(value: datetime | str) -> datetime:
     return datetime.fromisoformat(str(value)).replace(tzinfo=timezone.utc)
 
 
-JOBS = Job.__table__
-EVENTS = JobEvent.__table__
+JOBS = cast(Table, Job.__table__)
+EVENTS = cast(Table, JobEvent.__table__)
 
 
 def _event(session: Session, job_id: str, src: State | None, dst: State, reason: str, at: datetime) -> None:
@@ -360,7 +360,9 @@ def update_if(
     session: Session, job_id: str, state: State, *, clock: Clock = utcnow, where: dict[str, Any] | None = None, **fields: Any
 ) -> bool:
     """Compare-and-set column updates that keep the state (poll bookkeeping, deferrals)."""
-    result = session.execute(update(JOBS).where(*_conditions(job_id, state, where)).values(updated_at=clock(), **fields))
+    result = cast(
+        CursorResult, session.execute(update(JOBS).where(*_conditions(job_id, state, where)).values(updated_at=clock(), **fields))
+    )
     return result.rowcount == 1
 
 

@@ -12,9 +12,10 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
 from pydantic import SecretStr
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -104,7 +105,9 @@ def revoke_key(sessions: sessionmaker[Session], key_id: str, *, clock: Clock = u
     if key_id.startswith(KEY_PREFIX):
         key_id = key_id[len(KEY_PREFIX) :].split("_", 1)[0]
     with sessions() as session:
-        done = session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=clock()))
+        done = cast(
+            CursorResult, session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=clock()))
+        )
         session.commit()
         return done.rowcount == 1
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -117,7 +118,7 @@ def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, consol
         from worker.core.jobs import get_job
 
         sessions = session_factory(settings.database_url)
-        final = {}
+        final: dict[str, Any] = {}
         deadline = time.monotonic() + timeout
         with Progress(
             SpinnerColumn(),

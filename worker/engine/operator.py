@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -75,7 +76,8 @@ def retry_job(deps: Deps, job_id: str) -> Job:
         else:
             target, step, extra = State.QUEUED, Step.SUBMIT, {"prediction_id": None, "next_attempt_at": None}
             reason = "retry: submit again" + (f" (previous prediction {job.prediction_id} failed)" if job.prediction_id else "")
-        if not transition(session, job_id, State.FAILED, target, reason, clock=deps.clock, **common, **extra):
+        fields: dict[str, Any] = {**common, **extra}
+        if not transition(session, job_id, State.FAILED, target, reason, clock=deps.clock, **fields):
             raise InvalidJobOperation(f"job {job_id} changed state meanwhile; try again")
         add_outbox(session, job_id, step, now)
         session.commit()

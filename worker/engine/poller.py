@@ -17,7 +17,7 @@ from models import Job
 from worker.adapters.wavespeed import Prediction, PredictionStatus, prediction_error
 from worker.core.backoff import compute_backoff, jittered
 from worker.core.codes import ErrorCode, code_of
-from worker.core.jobs import as_utc, update_if
+from worker.core.jobs import JOBS, as_utc, update_if
 from worker.core.states import State
 from worker.core.steps import Next, Step
 from worker.engine.bookkeeping import fail_deadline, fail_job, past_deadline, release_slots
@@ -199,11 +199,11 @@ def _reschedule_many(deps: Deps, items: list[tuple[PollTarget, Reschedule]]) -> 
         return 0
     now = deps.clock()
     stmt = (
-        update(Job.__table__)
+        update(JOBS)
         .where(
-            Job.__table__.c.id == bindparam("b_id"),
-            Job.__table__.c.state == State.PROCESSING.value,
-            Job.__table__.c.poll_seq == bindparam("b_seq"),
+            JOBS.c.id == bindparam("b_id"),
+            JOBS.c.state == State.PROCESSING.value,
+            JOBS.c.poll_seq == bindparam("b_seq"),
         )
         .values(poll_seq=bindparam("b_new"), next_poll_at=bindparam("b_due"), updated_at=now)
     )
@@ -238,6 +238,7 @@ def poll_due(deps: Deps, *, max_seconds: float = 10.0, executor=None) -> PollBat
             else:
                 live.append(target)
         pause = _breaker_pause(deps)
+        outcomes: list[tuple[Decision, Next | None]]
         if pause is not None:
             outcomes = [(Reschedule(pause.wait + jittered(0, s.poll_interval, deps.rng)), None) for _ in live]
         else:

@@ -115,7 +115,7 @@ def lease_queued(deps: Deps, limit: int) -> list[Lease]:
         )
     )
     with deps.sessions() as session:
-        rows = session.execute(stmt).all()
+        rows = list(session.execute(stmt).all())
         session.commit()
     order = {job_id: i for i, job_id in enumerate(wanted)}
     rows.sort(key=lambda r: order[r.id])
