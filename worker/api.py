@@ -352,7 +352,7 @@ def create_app(
     settings = settings or get_settings()
     sessions = session_factory(settings.database_url)
     secret = webhooks.webhook_secret(settings)
-    metrics = Metrics(sessions, cache_seconds=settings.metrics_cache_seconds)
+    metrics = Metrics(sessions, cache_seconds=settings.metrics_cache_seconds, cost_per_submission=settings.cost_per_submission)
     # Base64 inflates by 4/3; the rest of the JSON is small. A webhook only has to name its
     # prediction: one too large to take (base64 outputs) is refused, and the poll finds the result.
     max_body = settings.max_image_bytes * 4 // 3 + 64 * 1024

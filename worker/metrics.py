@@ -18,11 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.core.jobs import count_by_state
 from worker.core.states import State
+from worker.core.tenants import paid_submissions_today
 
 log = logging.getLogger(__name__)
 
 JOBS = "edit_worker_jobs"
 DATABASE_UP = "edit_worker_database_up"
+PAID_TODAY = "edit_worker_tenant_paid_submissions_today"
+COST_TODAY = "edit_worker_tenant_cost_today"
 
 
 class JobStateCollector(Collector):
@@ -75,6 +78,61 @@ class JobStateCollector(Collector):
         return [jobs, up]
 
 
+class TenantSpendCollector(Collector):
+    """`edit_worker_tenant_paid_submissions_today{tenant}` and `edit_worker_tenant_cost_today{tenant}`
+    from one GROUP BY at most every `cache_seconds` (tenants come from `edit-worker keys`, so the
+    label's values are bounded by configuration)."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        cost_per_submission: float,
+        cache_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.sessions = sessions
+        self.cost = cost_per_submission
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, int] | None] | None = None
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(PAID_TODAY, "Provider submissions paid today (UTC) by tenant.", labels=["tenant"]),
+            GaugeMetricFamily(
+                COST_TODAY, "What today's paid submissions cost (EDIT_WORKER_COST_PER_SUBMISSION each) by tenant.", labels=["tenant"]
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def _paid(self) -> dict[str, int] | None:
+        with self._lock:
+            now = self.clock()
+            if self._cached is not None and now - self._cached[0] < self.cache_seconds:
+                return self._cached[1]
+            try:
+                paid: dict[str, int] | None = paid_submissions_today(self.sessions)
+            except SQLAlchemyError as exc:
+                log.warning("metrics: cannot count paid submissions (%s)", type(exc).__name__)
+                paid = None
+            self._cached = (now, paid)
+            return paid
+
+    def collect(self) -> Iterable[Metric]:
+        paid_family, cost_family = self._families()
+        paid = self._paid()
+        if paid is None:
+            return []
+        for tenant, count in sorted(paid.items()):
+            paid_family.add_metric([tenant], count)
+            cost_family.add_metric([tenant], round(count * self.cost, 6))
+        return [paid_family, cost_family]
+
+
 class Metrics:
     """One registry per app, so tests (and several apps in one process) never collide on names."""
 
@@ -85,6 +143,7 @@ class Metrics:
         *,
         cache_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        cost_per_submission: float = 0.0,
     ):
         self.registry = registry or CollectorRegistry()
         self.provider_requests = Counter(
@@ -107,6 +166,9 @@ class Metrics:
         )
         if sessions is not None:
             self.registry.register(JobStateCollector(sessions, cache_seconds=cache_seconds, clock=clock))
+            self.registry.register(
+                TenantSpendCollector(sessions, cost_per_submission=cost_per_submission, cache_seconds=cache_seconds, clock=clock)
+            )
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""

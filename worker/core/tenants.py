@@ -233,6 +233,17 @@ def check_admission(sessions: sessionmaker[Session], tenant: str, count: int, se
                 raise QuotaExceeded(f"tenant {tenant} has used {used} of its daily budget of {quotas.daily_budget} paid jobs", wait)
 
 
+def paid_submissions_today(sessions: sessionmaker[Session], *, clock: Clock = utcnow) -> dict[str, int]:
+    """Provider submissions paid today (UTC, by submit time) per tenant: one GROUP BY."""
+    with sessions() as session:
+        rows = session.execute(
+            select(Job.tenant, func.coalesce(func.sum(Job.paid_submissions), 0))
+            .where(Job.submitted_at >= _day_start(clock()), Job.paid_submissions > 0)
+            .group_by(Job.tenant)
+        ).all()
+    return {tenant: int(count) for tenant, count in rows}
+
+
 @dataclass(frozen=True)
 class Usage:
     tenant: str

@@ -917,3 +917,18 @@ def test_the_openapi_document_names_every_route_with_its_bearer_auth(client):
     assert spec["paths"]["/jobs"]["post"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in spec["paths"]["/healthz"]["get"]
     assert "429" in spec["paths"]["/jobs"]["post"]["responses"]
+
+
+def test_metrics_show_each_tenants_paid_submissions_and_cost_today(make_client, settings, deps, drive, sessions):
+    client = make_client(app_settings=settings.model_copy(update={"cost_per_submission": 0.03}))
+    shop = make_client(
+        app_settings=settings.model_copy(update={"cost_per_submission": 0.03}),
+        key=tenants.create_key(sessions, "shop").key.get_secret_value(),
+    )
+    for _ in range(2):
+        drive(create(shop)["id"])
+    job = client.get(f"/jobs/{create(shop)['id']}").json()
+    assert job["cost"] == 0 and job["tenant"] == "shop"
+    text = client.get("/metrics").text
+    assert 'edit_worker_tenant_paid_submissions_today{tenant="shop"} 2.0' in text
+    assert 'edit_worker_tenant_cost_today{tenant="shop"} 0.06' in text
