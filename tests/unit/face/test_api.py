@@ -806,7 +806,10 @@ def test_metrics_count_jobs_at_most_once_per_cache_period(make_client, settings,
     texts = [client.get("/metrics").text for _ in range(20)]
     create(client)
 
-    assert sum("GROUP BY" in q for q in queries) == 1
+    # One GROUP BY per collector (jobs by state, paid submissions by tenant) for 20 scrapes.
+    assert sum("GROUP BY jobs.state" in q for q in queries) == 1
+    assert sum("GROUP BY jobs.tenant" in q for q in queries) == 1
+    assert sum("GROUP BY" in q for q in queries) == 2
     assert all('edit_worker_jobs{state="queued"} 1.0' in t for t in texts)
     assert 'edit_worker_jobs{state="queued"} 1.0' in client.get("/metrics").text  # still the cached count
 
