@@ -123,9 +123,24 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(default=5.0, gt=0, validation_alias=_env("EDIT_WORKER_SWEEP_INTERVAL"))
     # Input checks.
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0, validation_alias=_env("EDIT_WORKER_MAX_IMAGE_BYTES"))
+    # Input image URLs and callback URLs only: output downloads have their own rule (below).
     allow_private_urls: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_ALLOW_PRIVATE_URLS"))
+    # Output downloads: every hop (redirects included) passes the private-address guard, except
+    # hosts the operator trusts: WAVESPEED_BASE_URL's host:port and these ("host" = its default
+    # http/https ports, "host:port" = that port only; comma-separated). A local sandbox on
+    # 127.0.0.1 keeps working while a redirect from it to another private address is refused.
+    output_hosts: str = Field(default="", validation_alias=_env("EDIT_WORKER_OUTPUT_HOSTS"))
+    # Caps on one output: its bytes (a download, or decoded base64), and the whole download's
+    # time, redirects included (not only each read).
+    max_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0, validation_alias=_env("EDIT_WORKER_MAX_OUTPUT_BYTES"))
+    download_timeout: float = Field(default=120.0, gt=0, validation_alias=_env("EDIT_WORKER_DOWNLOAD_TIMEOUT"))
     # Ask the provider for base64 outputs instead of URLs.
     base64_output: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_BASE64_OUTPUT"))
+
+    @property
+    def trusted_output_hosts(self) -> list[str]:
+        """WAVESPEED_BASE_URL's origin, then EDIT_WORKER_OUTPUT_HOSTS, one entry each."""
+        return [self.wavespeed_base_url, *(h.strip() for h in self.output_hosts.split(",") if h.strip())]
 
     @property
     def limiter_redis_url(self) -> str:

@@ -17,6 +17,7 @@ class ErrorCode(str, Enum):
     DOWNLOAD_FAILED = "download_failed"  # an output could not be fetched, for good
     OUTPUT_FORBIDDEN = "output_forbidden"
     OUTPUT_TOO_LARGE = "output_too_large"
+    OUTPUT_NOT_IMAGE = "output_not_image"  # an output's bytes (or declared type) are not an image
 
     def __str__(self) -> str:
         return self.value

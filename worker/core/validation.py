@@ -90,28 +90,80 @@ def _system_resolver(host: str) -> list[str]:
     try:
         return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
     except socket.gaierror:
-        raise InvalidInput(f"image URL host {host!r} does not resolve") from None
+        raise InvalidInput(f"URL host {host!r} does not resolve") from None
 
 
-def check_url(url: str, *, allow_private: bool = False, resolver: Resolver = _system_resolver) -> str:
+def check_url(url: str, *, allow_private: bool = False, resolver: Resolver = _system_resolver, what: str = "image URL") -> str:
     """SSRF guard: http(s) only, and no private, loopback, link-local or reserved addresses."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise InvalidInput(f"image URL must be http or https, got {parts.scheme or 'no'} scheme")
+        raise InvalidInput(f"{what} must be http or https, got {parts.scheme or 'no'} scheme")
     if not parts.hostname:
-        raise InvalidInput("image URL has no host")
+        raise InvalidInput(f"{what} has no host")
     if parts.username or parts.password:
-        raise InvalidInput("image URL must not carry credentials")
+        raise InvalidInput(f"{what} must not carry credentials")
     if allow_private:
         return url
-    for address in resolver(parts.hostname):
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if not ip.is_global or ip.is_multicast:
-            raise InvalidInput(
-                f"image URL host {parts.hostname!r} resolves to a non-public address {ip}; "
-                "set EDIT_WORKER_ALLOW_PRIVATE_URLS=true to allow it"
-            )
+    _refuse_private(parts.hostname, resolver, what, "; set EDIT_WORKER_ALLOW_PRIVATE_URLS=true to allow it")
     return url
+
+
+def _refuse_private(host: str, resolver: Resolver, what: str, hint: str = "") -> None:
+    try:
+        addresses = [ipaddress.ip_address(host.strip("[]"))]  # an address literal: no lookup
+    except ValueError:
+        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in resolver(host)]
+    for ip in addresses:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+        if not ip.is_global or ip.is_multicast:
+            raise InvalidInput(f"{what} host {host!r} resolves to a non-public address {ip}{hint}")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _trusted_origin(entry: str) -> tuple[str, int | None] | None:
+    """("host", port) from "https://host:port/...", "host:port" or "host" (port None: the
+    scheme's default port)."""
+    parts = urlsplit(entry if "://" in entry else f"//{entry}")
+    if not parts.hostname:
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if port is None and parts.scheme in _DEFAULT_PORTS:
+        port = _DEFAULT_PORTS[parts.scheme]
+    return parts.hostname.lower(), port
+
+
+def output_url_guard(trusted: list[str], *, resolver: Resolver = _system_resolver) -> Callable[[str], None]:
+    """The guard for every hop of an output download (EDIT_WORKER_ALLOW_PRIVATE_URLS does not
+    apply): http(s) only, no credentials in the URL, and a public address unless the URL's
+    host:port is one the operator trusts (`trusted`: WAVESPEED_BASE_URL and
+    EDIT_WORKER_OUTPUT_HOSTS). Raises InvalidInput (a ValueError) to refuse."""
+    origins = {origin for origin in map(_trusted_origin, trusted) if origin is not None}
+
+    def guard(url: str) -> None:
+        parts = urlsplit(url)
+        what = "output URL"
+        if parts.scheme not in _DEFAULT_PORTS:
+            raise InvalidInput(f"{what} must be http or https, got {parts.scheme or 'no'} scheme")
+        if not parts.hostname:
+            raise InvalidInput(f"{what} has no host")
+        if parts.username or parts.password:
+            raise InvalidInput(f"{what} must not carry credentials")
+        try:
+            port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        except ValueError:
+            raise InvalidInput(f"{what} has an invalid port") from None
+        host = parts.hostname.lower()
+        if (host, port) in origins or ((host, None) in origins and port == _DEFAULT_PORTS[parts.scheme]):
+            return
+        _refuse_private(host, resolver, what)
+
+    return guard
 
 
 def load_image(
