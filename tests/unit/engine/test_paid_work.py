@@ -17,6 +17,7 @@ from worker.adapters.limits import MemoryLimits
 from worker.core.steps import Next, RecordingPublisher
 from worker.engine.copier import finish_inline, run_upload
 from worker.engine.deps import Deps, make_provider
+from worker.engine.operator import retry_job
 from worker.engine.paid_work import may_end_paid_job
 from worker.engine.poller import Fail, Finish, Reschedule, fetch_and_decide, run_poll
 from worker.engine.submit import run_submit
@@ -267,3 +268,27 @@ def test_a_job_past_its_deadline_in_processing_is_still_failed_by_the_deadline(d
     clock.advance(timedelta(seconds=301).total_seconds())
     assert run_poll(deps, job_id, nxt.poll_seq) is None
     assert (load(job_id).state, load(job_id).error_code) == ("failed", "deadline_exceeded")
+
+
+def test_retry_of_a_job_whose_outputs_missed_the_deadline_copies_them_without_resubmitting(
+    deps, new_job, load, fake_provider, clock, list_keys
+):
+    # Replaces the old rule's test (a CDN 404 failed the job at once): now the deadline does it.
+    job_id = new_job(deadline_seconds=600)
+    to_upload(deps, job_id)
+    url = load(job_id).provider_outputs[0]
+    fake_provider.missing_outputs.add(url)  # the CDN answers 404 (text, not the provider's word)
+    with pytest.raises(TransientProviderError):
+        run_upload(deps, job_id)
+    clock.advance(601)
+    assert run_upload(deps, job_id) is None
+    failed = load(job_id)
+    assert (failed.state, failed.error_code) == ("failed", "deadline_exceeded") and failed.provider_outputs == [url]
+
+    fake_provider.missing_outputs.clear()
+    job = retry_job(deps, job_id)
+    assert job.state == "uploading"
+    assert run_upload(deps, job_id) is None
+    assert load(job_id).state == "succeeded"
+    assert list_keys() == [f"edits/{job_id}/0.png"]
+    assert len(fake_provider.submissions) == 1
