@@ -80,14 +80,17 @@ class SandboxConfig:
 
 _RATE_FIELDS = ("fail_rate", "submit_error_rate", "result_error_rate", "slow_submit_rate", "download_fail_rate", "hostile_rate")
 
-# What a hostile provider (or a broken path to it) answers, per endpoint. Submits get only answered
-# errors (nothing created), so no hostile answer is ever billed twice.
+# What a hostile provider (or a broken path to it) answers, per endpoint. By default submits get
+# only answered errors (nothing created). "duplicate_id" is opt-in (name it in hostile_kinds): it
+# creates the task but answers another task's id, so the client cannot name what it paid for and
+# the reconciler must find it in the task list (with concurrent submits, only an operator can).
 HOSTILE_KINDS: dict[str, tuple[str, ...]] = {
-    "submit": ("html_4xx",),
+    "submit": ("html_4xx", "duplicate_id"),
     "result": ("html_4xx", "proxy_json_404", "garbage_json", "truncated_json", "wrong_id", "malformed_id", "endless_body", "slow_drip"),
     "download": ("redirect_private", "redirect_loop", "html_4xx", "wrong_type", "disguised_html", "endless_body", "slow_drip"),
 }
 ALL_HOSTILE_KINDS = frozenset(kind for kinds in HOSTILE_KINDS.values() for kind in kinds)
+OPT_IN_HOSTILE_KINDS = frozenset({"duplicate_id"})
 # Hostile bodies end by themselves eventually (a client that never hangs up cannot pin the sandbox).
 HOSTILE_BODY_MAX_BYTES = 1024 * 1024 * 1024
 HOSTILE_DRIP_SECONDS = 120.0
@@ -271,7 +274,7 @@ class SandboxState:
         """The hostile answer this request gets (None: an honest one). Kinds are taken in turn."""
         if not self.draw(self.config.hostile_rate):
             return None
-        allowed = set(_kinds(self.config.hostile_kinds)) or ALL_HOSTILE_KINDS
+        allowed = set(_kinds(self.config.hostile_kinds)) or ALL_HOSTILE_KINDS - OPT_IN_HOSTILE_KINDS
         kinds = [kind for kind in HOSTILE_KINDS[endpoint] if kind in allowed]
         if not kinds:
             return None
@@ -678,7 +681,8 @@ def create_app(
         cfg = state.config
         if state.draw(cfg.submit_error_rate):
             return _injected_submit_error(cfg.submit_error_status)
-        if (kind := state.hostile("submit")) is not None:
+        kind = state.hostile("submit")
+        if kind == "html_4xx":
             return await _hostile_answer(state, "submit", kind, request, None)
         try:
             edit = _validate_edit(await _json_body(request))
@@ -688,6 +692,10 @@ def create_app(
         slow = state.draw(cfg.slow_submit_rate)
         task = state.create_task(prompt=edit.prompt, seed=edit.seed, width=edit.width, height=edit.height, base64_output=edit.base64_output)
         base_url = _base_url(request)
+        if kind == "duplicate_id":  # billed, but answered with another task's id
+            others = [other for other in state.tasks.values() if other.id != task.id]
+            if others:
+                return _ok(await state.prediction(state.rng.choice(others), base_url, status="created"))
         if edit.sync_mode:
             remaining = task.submitted_at + task.latency - state.clock()
             if remaining > 0:

@@ -125,3 +125,16 @@ def test_an_honest_sandbox_stays_honest():
     assert isinstance(classify_result(prediction_id, response.status_code, response.headers, response.content), Prediction)
     assert client.get(f"/outputs/{prediction_id}/0.png").content.startswith(b"\x89PNG")
     assert client.get("/_sandbox/stats").json()["hostile"] == {}
+
+
+def test_duplicate_id_is_opt_in_and_bills_a_task_answered_with_another_tasks_id():
+    client, _ = sandbox(hostile_rate=1.0)
+    first = client.post(SUBMIT, json={"prompt": "first", "image": "https://example.com/cat.png"}, headers=AUTH)
+    assert first.status_code in (400, 403, 404)  # the default mix: answered errors only
+    assert client.put("/_sandbox/config", json={"hostile_rate": 0.0}).status_code == 200
+    honest = client.post(SUBMIT, json={"prompt": "first", "image": "https://example.com/cat.png"}, headers=AUTH).json()["data"]["id"]
+    go_hostile(client, "duplicate_id")
+    answer = client.post(SUBMIT, json={"prompt": "second", "image": "https://example.com/cat.png"}, headers=AUTH)
+    assert answer.status_code == 200 and answer.json()["data"]["id"] == honest
+    tasks = client.get("/_sandbox/stats").json()["tasks"]
+    assert sorted(t["prompt"] for t in tasks) == ["first", "second"]  # the second was created (billed)
