@@ -96,3 +96,30 @@ def test_every_job_ends_correctly_against_a_hostile_provider_and_nothing_interna
         assert len(kinds_met) >= len(all_kinds) - 3, (sorted(all_kinds - kinds_met), hostile)
         logs = cluster.all_logs()
         assert "output URL refused" in logs
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.worker_env(EDIT_WORKER_AMBIGUOUS_SKEW_SECONDS="2", EDIT_WORKER_AMBIGUOUS_LIST_GRACE_SECONDS="2")
+def test_a_submit_answered_with_another_jobs_prediction_id_is_settled_by_the_reconciler(cluster, sample_image):
+    """The provider bills a new task but answers with an id another job already holds. The worker
+    must not take it (nor crash on the unique id), must not resubmit blindly: the reconciler finds
+    the job's real task in the provider's list and adopts it. One at a time, so the list decides."""
+    cluster.start_worker("w1", concurrency=2)
+    cluster.start_beat()
+    cluster.submit(str(sample_image), "duplicate id #0", size="512*512", seed=0)
+    cluster.wait_all_terminal(1, timeout=60)
+    cluster.sandbox_config(hostile_rate=1.0, hostile_kinds="duplicate_id")
+    try:
+        cluster.submit(str(sample_image), "duplicate id #1", size="512*512", seed=1)
+        cluster.wait_until(lambda: cluster.sandbox_stats()["hostile"].get("submit:duplicate_id"), 30, "a duplicate-id answer")
+    finally:
+        cluster.sandbox_config(hostile_rate=0.0, hostile_kinds="")
+    done = cluster.wait_all_terminal(2, timeout=90)
+    assert [j.state for j in done] == ["succeeded", "succeeded"], [(j.prompt, j.state, j.error_code) for j in done]
+    stats = cluster.sandbox_stats()
+    for job in done:
+        cluster.assert_outputs_byte_equal(job)
+        [task] = [t for t in stats["tasks"] if t["id"] == job.prediction_id]
+        assert task["prompt"] == job.prompt  # each job holds its own task
+    cluster.assert_one_submission_per_job(done)
+    assert "ambiguous submit, left for the reconciler" in cluster.all_logs()
