@@ -14,7 +14,9 @@ Faults, in two bounded, self-reverting lanes that stop at the end of the chaos w
                   SIGKILL Redis + restart it empty; stop/start PostgreSQL; stop/start the S3 server
   provider lane : outage (503 HTML everywhere) 10-30 s; bursts of submit 429 / 500 / 502-HTML;
                   result-poll 500s; slow submits (answer after the client's timeout: ambiguous);
-                  output-download 503s
+                  output-download 503s; a hostile provider (the sandbox's hostile mode: HTML 4xx
+                  pages, garbage / truncated JSON, foreign ids, endless and slow bodies, non-image
+                  outputs, redirects to a local "internal" server that must never be fetched)
 
 Checks: every job terminal; every succeeded job's S3 objects byte-equal to the sandbox's
 /outputs/{prediction_id}/{i}.png and its prediction created for the job's own prompt; provider
@@ -22,8 +24,15 @@ submissions per prompt (duplicates = prompts submitted more than once). Prints o
 
   chaos: jobs=… succeeded=… failed=…{reason:count} paid_submissions=… duplicates=… lost=…
          needs_operator=… bytes_checked=… faults=…{kind:count} unexpected_exits=…{process:count} elapsed=…s
+         ambiguous=… answered_ambiguous=… beyond_p95=…s beyond_max=…s internal_hits=…
 
-(on one line) and exits non-zero if lost > 0 or duplicates > 0 (also on wrong outputs). Jobs the
+(on one line), then `chaos-latency: {kind:windows/jobs/ambiguous/p95/max,…}`, and exits non-zero if
+lost > 0 or duplicates > 0 (also on wrong outputs, on a job sent down the ambiguous-submit path by an
+answered HTTP error, or on any fetch of the internal server). Latency, per fault kind: `ambiguous`
+counts jobs that took the ambiguous-submit path while a window of that kind was open (flagged when
+only faults that answer with HTTP errors were open); "beyond" is how long a job took after the last
+fault window its life overlapped had ended (p95/max), attributed to that window's kind ("none": no
+fault touched the job). The table is on stderr. Jobs the
 product parks for an operator (state `submitting`, error `ambiguous_submit_needs_operator`) are
 counted in needs_operator=, not in lost=. unexpected_exits counts worker/beat processes that died
 by themselves (no fault killed them); by default they are restarted like docker-compose.yml's
@@ -35,8 +44,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -72,6 +83,7 @@ CLEAN_SANDBOX = {
     "download_fail_rate": 0.0,
     "outage": False,
     "auth_failure": False,
+    "hostile_rate": 0.0,
 }
 WEBHOOK_SECRET = "whsec_test-chaos-soak-not-a-secret"
 WORDS = (
@@ -127,12 +139,19 @@ class Stack(local.StackURLs):
     held_down: set[str] = field(default_factory=set)
     # Worker/beat processes that exited by themselves (not by a fault): name -> count.
     exits: collections.Counter = field(default_factory=collections.Counter)
+    # A stand-in internal service the hostile provider's redirects point at: it must get no hit.
+    internal: InternalServer | None = None
+
+    @property
+    def internal_url(self) -> str:
+        return self.internal.url if self.internal else "http://169.254.169.254/latest/meta-data/"
 
     def services(self) -> list[local.Service]:
         procs = [self.beat, *self.workers, self.api, self.sandbox, self.s3, self.redis, self.postgres]
         return [p for p in procs if p is not None]
 
     def start(self) -> None:
+        self.internal = InternalServer().start()
         self.redis = local.redis(self.workdir / "redis").start()
         self.s3 = local.s3_persistent(self.workdir).start()
         self.sandbox = local.sandbox(self.workdir, latency=1.0, extra_args=["--seed", str(self.seed)]).start()
@@ -223,6 +242,46 @@ class Stack(local.StackURLs):
                         service.kill()
                     except Exception:
                         pass
+            if self.internal is not None:
+                self.internal.stop()
+
+
+class InternalServer:
+    """An HTTP server on 127.0.0.1 playing an internal service (cloud metadata, an admin port);
+    counts every request it gets."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hits: list[str] = []
+        hits = self.hits
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                hits.append(f"{self.command} {self.path}")
+                body = b'{"AccessKeyId": "internal-secret"}'
+                self.send_response(200)
+                self.send_header("content-type", "image/png")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_HEAD = do_PUT = _any
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/latest/meta-data/iam/security-credentials/"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="internal-server", daemon=True)
+
+    def start(self) -> InternalServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # --- faults ------------------------------------------------------------------------------------
@@ -232,16 +291,31 @@ class Chaos:
     """Two lanes of faults; every fault reverts itself (restart / clean config) before the next."""
 
     INFRA = ("worker_kill", "worker_child_kill", "redis_restart", "postgres_restart", "s3_restart")
-    PROVIDER = ("provider_outage", "submit_429", "submit_500", "submit_502_html", "result_errors", "slow_submits", "download_failures")
+    PROVIDER = (
+        "provider_outage",
+        "submit_429",
+        "submit_500",
+        "submit_502_html",
+        "result_errors",
+        "slow_submits",
+        "download_failures",
+        "hostile_provider",
+    )
+    # Faults that answer every failed call with an HTTP error: none of them may send a job down
+    # the ambiguous-submit path (only a submit without an answer is ambiguous).
+    ANSWERED = ("provider_outage", "submit_429", "submit_500", "submit_502_html", "result_errors", "download_failures", "hostile_provider")
 
-    def __init__(self, stack: Stack, seed: int, end: float, t0: float):
+    def __init__(self, stack: Stack, seed: int, end: float, t0: float, only: set[str] | None = None):
         self.stack = stack
+        self.only = only  # fault kinds to draw from (None: all)
         self.end = end
         self.t0 = t0
         self.stop = threading.Event()
         self.counts: collections.Counter[str] = collections.Counter()
         self.errors: list[str] = []
         self.timeline: list[str] = []
+        # Each fault's window on the wall clock: [kind, start, end] (end None while it lasts).
+        self.windows: list[list] = []
         self._mutex = threading.Lock()
         self._rngs = {"infra": random.Random(f"{seed}:infra"), "provider": random.Random(f"{seed}:provider")}
         self.threads = [
@@ -261,12 +335,23 @@ class Chaos:
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _note(self, kind: str, detail: str) -> None:
+    def _note(self, kind: str, detail: str) -> list:
+        """Record a fault that starts now; returns its window, which `_end` closes when the fault
+        is reverted (a window left open is closed at the end of the run)."""
         with self._mutex:
             self.counts[kind] += 1
             line = f"t={time.monotonic() - self.t0:6.1f}s {kind}: {detail}"
             self.timeline.append(line)
+            window = [kind, time.time(), None]
+            if not kind.endswith("_skipped"):
+                self.windows.append(window)
         log("fault " + line)
+        return window
+
+    @staticmethod
+    def _end(window: list | None) -> None:
+        if window is not None and window[2] is None:
+            window[2] = time.time()
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep; False if the run is being aborted."""
@@ -274,7 +359,9 @@ class Chaos:
 
     def _lane(self, lane: str) -> None:
         rng = self._rngs[lane]
-        kinds = self.INFRA if lane == "infra" else self.PROVIDER
+        kinds = [k for k in (self.INFRA if lane == "infra" else self.PROVIDER) if self.only is None or k in self.only]
+        if not kinds:
+            return
         gap = (3.0, 8.0) if lane == "infra" else (2.0, 6.0)
         deck: list[str] = []
         try:
@@ -316,12 +403,13 @@ class Chaos:
             pid = worker.process.pid if worker.process else None
             self.stack.held_down.add(worker.name)
             worker.kill()
-        self._note(kind, f"SIGKILL process group of {worker.name} (pid {pid}), restart in {down:.1f}s")
+        window = self._note(kind, f"SIGKILL process group of {worker.name} (pid {pid}), restart in {down:.1f}s")
         self._sleep(down)
         try:
             self._restart(worker)
         finally:
             self.stack.held_down.discard(worker.name)
+            self._end(window)
 
     def _worker_child_kill(self, rng: random.Random, kind: str) -> None:
         worker = rng.choice(self.stack.workers)
@@ -340,7 +428,7 @@ class Chaos:
                 os.kill(victim.pid, signal.SIGKILL)
             except ProcessLookupError:
                 return
-        self._note(kind, f"SIGKILL pool child {victim.pid} of {worker.name} (pid {worker.process.pid})")
+        self._end(self._note(kind, f"SIGKILL pool child {victim.pid} of {worker.name} (pid {worker.process.pid})"))
 
     def _redis_restart(self, rng: random.Random, kind: str) -> None:
         down = rng.uniform(1.0, 5.0)
@@ -348,9 +436,12 @@ class Chaos:
             if self.stack.torn_down:
                 return
             self.stack.redis.kill()
-        self._note(kind, f"SIGKILL redis-server, restart empty in {down:.1f}s")
+        window = self._note(kind, f"SIGKILL redis-server, restart empty in {down:.1f}s")
         self._sleep(down)
-        self._restart(self.stack.redis)
+        try:
+            self._restart(self.stack.redis)
+        finally:
+            self._end(window)
 
     def _postgres_restart(self, rng: random.Random, kind: str) -> None:
         down = rng.uniform(2.0, 8.0)
@@ -364,9 +455,12 @@ class Chaos:
                 service.process.wait(20)
             except subprocess.TimeoutExpired:
                 service.kill()
-        self._note(kind, f"PostgreSQL stopped (fast shutdown), start in {down:.1f}s")
+        window = self._note(kind, f"PostgreSQL stopped (fast shutdown), start in {down:.1f}s")
         self._sleep(down)
-        self._restart(service)
+        try:
+            self._restart(service)
+        finally:
+            self._end(window)
 
     def _s3_restart(self, rng: random.Random, kind: str) -> None:
         down = rng.uniform(2.0, 8.0)
@@ -374,9 +468,12 @@ class Chaos:
             if self.stack.torn_down:
                 return
             self.stack.s3.stop(timeout=10)
-        self._note(kind, f"S3 server stopped, start in {down:.1f}s")
+        window = self._note(kind, f"S3 server stopped, start in {down:.1f}s")
         self._sleep(down)
-        self._restart(self.stack.s3)
+        try:
+            self._restart(self.stack.s3)
+        finally:
+            self._end(window)
 
     # --- provider (the sandbox's runtime fault injection) ---
     def _provider(self, rng: random.Random, kind: str) -> None:
@@ -392,13 +489,18 @@ class Chaos:
                 "result_errors": {"result_error_rate": rate},
                 "slow_submits": {"slow_submit_rate": round(rng.uniform(0.2, 0.5), 2), "slow_submit_seconds": 8.0},
                 "download_failures": {"download_fail_rate": rate},
+                # HTML 4xx pages, garbage/truncated JSON, foreign ids, endless and slow bodies,
+                # redirects to the soak's internal server: never definitive, never to be fetched.
+                "hostile_provider": {"hostile_rate": rate, "internal_url": self.stack.internal_url},
             }[kind]
+        window = None
         try:
             self.stack.sandbox_config(**change)
-            self._note(kind, f"{change} for {hold:.1f}s")
+            window = self._note(kind, f"{change} for {hold:.1f}s")
             self._sleep(hold)
         finally:
             self.stack.sandbox_config(**CLEAN_SANDBOX)
+            self._end(window)
 
 
 class Supervisor:
@@ -511,6 +613,120 @@ LOG_MARKERS = {
 }
 
 
+_LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})")
+_JOB_ID = re.compile(r"job_id=([0-9a-f-]{36})")
+_ANSWERED_STATUS = re.compile(r"\(HTTP [45]\d\d\)")
+
+
+def _log_time(line: str) -> float | None:
+    match = _LOG_TIME.search(line)
+    if not match:
+        return None
+    return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
+
+
+def ambiguous_paths(workdir: Path, stack: Stack, jobs) -> dict[str, tuple[float, str]]:
+    """Jobs that took the ambiguous-submit path: job_id -> (when, what). From the workers' and
+    beat's logs (a submit left for the reconciler, a task adopted), the audit trail (resubmitted
+    after the provider's list showed none) and jobs parked for an operator."""
+    found: dict[str, tuple[float, str]] = {}
+
+    def note(job_id: str, when: float | None, what: str) -> None:
+        if when is not None and (job_id not in found or when < found[job_id][0]):
+            found[job_id] = (when, what)
+
+    for path in [*workdir.glob("w*.log"), workdir / "beat.log"]:
+        if not path.exists():
+            continue
+        with open(path, errors="replace") as handle:
+            for line in handle:
+                if "ambiguous submit, left for the reconciler" in line or "adopted provider task" in line:
+                    job = _JOB_ID.search(line)
+                    if job:
+                        note(job.group(1), _log_time(line), line.split(": ", 1)[-1].strip()[:300])
+    from sqlalchemy import select
+
+    from models import JobEvent
+    from worker.adapters.database import session_factory
+
+    with session_factory(stack.settings.database_url)() as session:
+        for event in session.scalars(select(JobEvent).where(JobEvent.reason.like("%provider has no task for the ambiguous submit%"))):
+            note(event.job_id, event.at.timestamp(), event.reason)
+    for job in jobs:
+        if parked(job):
+            note(job.id, job.updated_at.timestamp(), job.error_message or NEEDS_OPERATOR)
+    return found
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else 0.0
+
+
+@dataclass
+class LatencyReport:
+    rows: dict[str, dict]  # kind -> {windows, jobs, ambiguous, suspect, p95, max}
+    ambiguous: int
+    answered_ambiguous: list[str]  # job ids whose ambiguous submit had an HTTP error answer: a bug
+    beyond_p95: float
+    beyond_max: float
+
+
+def latency_report(chaos: Chaos, jobs, paths: dict[str, tuple[float, str]], http_timeout: float) -> LatencyReport:
+    """Per fault kind: the jobs that took the ambiguous-submit path while a window of that kind was
+    open, and how long jobs spent beyond their fault windows: finished_at minus the end of the last
+    fault window their life overlapped (or minus created_at for a job no fault touched: "none"),
+    attributed to that last window's kind."""
+    now = time.time()
+    windows = [(kind, start, end if end is not None else now) for kind, start, end in chaos.windows]
+    rows: dict[str, dict] = {}
+
+    def row(kind: str) -> dict:
+        return rows.setdefault(kind, {"windows": 0, "jobs": 0, "ambiguous": 0, "suspect": 0, "beyond": []})
+
+    for kind, _, _ in windows:
+        row(kind)["windows"] += 1
+    beyond_all: list[float] = []
+    for job in jobs:
+        if job.finished_at is None:
+            continue
+        created, finished = job.created_at.timestamp(), job.finished_at.timestamp()
+        touching = [w for w in windows if w[1] <= finished and w[2] >= created]
+        last = max(touching, key=lambda w: w[2]) if touching else None
+        beyond = finished - max(created, last[2]) if last else finished - created
+        entry = row(last[0] if last else "none")
+        entry["jobs"] += 1
+        entry["beyond"].append(max(0.0, beyond))
+        beyond_all.append(max(0.0, beyond))
+    answered_ambiguous = []
+    # A submit may be left ambiguous up to http_timeout after it started, so a window counts a
+    # little past its end.
+    margin = http_timeout + 2.0
+    for job_id, (when, what) in paths.items():
+        active = {kind for kind, start, end in windows if start - 1.0 <= when <= end + margin}
+        for kind in active or {"none"}:
+            row(kind)["ambiguous"] += 1
+        if _ANSWERED_STATUS.search(what):
+            answered_ambiguous.append(job_id)
+        elif active and active <= set(Chaos.ANSWERED):
+            # Only faults that answer with an HTTP error were active: suspicious, flagged.
+            for kind in active:
+                row(kind)["suspect"] += 1
+    for entry in rows.values():
+        values = entry.pop("beyond")
+        entry["p95"], entry["max"] = percentile(values, 0.95), max(values, default=0.0)
+    return LatencyReport(rows, len(paths), answered_ambiguous, percentile(beyond_all, 0.95), max(beyond_all, default=0.0))
+
+
+def format_latency(report: LatencyReport) -> list[str]:
+    lines = [f"{'fault kind':<20} {'windows':>7} {'jobs':>6} {'ambiguous':>9} {'p95 beyond':>11} {'max beyond':>11}"]
+    for kind in sorted(report.rows, key=lambda k: (k == "none", k)):
+        r = report.rows[kind]
+        flag = f"  FLAG: {r['suspect']} ambiguous under answered errors only" if r["suspect"] else ""
+        lines.append(f"{kind:<20} {r['windows']:>7} {r['jobs']:>6} {r['ambiguous']:>9} {r['p95']:>10.1f}s {r['max']:>10.1f}s{flag}")
+    return lines
+
+
 def scan_logs(workdir: Path) -> dict[str, int]:
     """How often the workers and beat logged the recovery paths (a rough picture, for the report)."""
     counts = dict.fromkeys(LOG_MARKERS, 0)
@@ -579,7 +795,7 @@ def run(args) -> int:
         supervisor = Supervisor(stack, restart=args.supervise)
         supervisor.thread.start()
         t0 = time.monotonic()
-        chaos = Chaos(stack, args.seed, end=t0 + chaos_seconds, t0=t0)
+        chaos = Chaos(stack, args.seed, end=t0 + chaos_seconds, t0=t0, only=set(args.faults.split(",")) if args.faults else None)
         chaos.start()
         log(f"{args.jobs} jobs in {n_waves} waves over {0.75 * chaos_seconds:.0f}s; faults for {chaos_seconds:.0f}s")
 
@@ -689,11 +905,18 @@ def run(args) -> int:
         faults_total = sum(v for k, v in chaos.counts.items() if not k.endswith("_skipped"))
         fault_counts = {k: v for k, v in chaos.counts.items() if not k.endswith("_skipped")}
         failed_field = f"{len(failed)}{fmt_counts(failed_reasons)}"
+        latency = latency_report(chaos, jobs, ambiguous_paths(workdir, stack, jobs), stack.settings.http_timeout)
+        internal_hits = len(stack.internal.hits) if stack.internal else 0
         summary = (
             f"chaos: jobs={args.jobs} succeeded={len(succeeded)} failed={failed_field} paid_submissions={paid} "
             f"duplicates={len(duplicates)} lost={lost} needs_operator={len(parked_jobs)} "
             f"bytes_checked={bytes_checked} faults={faults_total}{fmt_counts(fault_counts)} "
-            f"unexpected_exits={sum(stack.exits.values())}{fmt_counts(stack.exits)} elapsed={elapsed:.0f}s"
+            f"unexpected_exits={sum(stack.exits.values())}{fmt_counts(stack.exits)} elapsed={elapsed:.0f}s "
+            f"ambiguous={latency.ambiguous} answered_ambiguous={len(latency.answered_ambiguous)} "
+            f"beyond_p95={latency.beyond_p95:.1f}s beyond_max={latency.beyond_max:.1f}s internal_hits={internal_hits}"
+        )
+        latency_line = "chaos-latency: " + fmt_counts(
+            {k: f"{r['windows']}/{r['jobs']}/{r['ambiguous']}/{r['p95']:.1f}/{r['max']:.1f}" for k, r in latency.rows.items()}
         )
 
         # --- details (stderr), with `edit-worker status --events` for a sample of problem jobs ---
@@ -710,6 +933,16 @@ def run(args) -> int:
             f"attempts histogram {dict(sorted(collections.Counter(j.attempts for j in jobs).items()))}"
         )
         log("worker/beat log counts: " + ", ".join(f"{k}={v}" for k, v in scan_logs(workdir).items()))
+        log("latency per fault kind (beyond = finished_at minus the end of the last fault window the job overlapped):")
+        for line in format_latency(latency):
+            log("  " + line)
+        if latency.answered_ambiguous:
+            log(
+                f"BUG: {len(latency.answered_ambiguous)} job(s) took the ambiguous path on an answered HTTP error: {latency.answered_ambiguous[:5]}"
+            )
+        if internal_hits:
+            log(f"BUG: the internal server was fetched {internal_hits} time(s): {stack.internal.hits[:5]}")
+        log(f"hostile answers: {stats.get('hostile', {})}")
         if chaos.errors:
             log(f"fault lane errors: {chaos.errors}")
         for note in supervisor.notes:
@@ -742,7 +975,8 @@ def run(args) -> int:
         timeline.write_text("\n".join(chaos.timeline) + "\n")
 
         print(summary, flush=True)
-        problems = lost > 0 or duplicates or bad_outputs or wrong_task or chaos.errors
+        print(latency_line, flush=True)
+        problems = lost > 0 or duplicates or bad_outputs or wrong_task or chaos.errors or latency.answered_ambiguous or internal_hits
         exit_code = 1 if problems else 0
         if problems:
             keep = True
@@ -795,7 +1029,15 @@ def main(argv: list[str] | None = None) -> int:
         help="run `edit-worker api` and have the sandbox call each job's signed webhook URL "
         "(settles concurrent ambiguous submits that the task list cannot)",
     )
+    parser.add_argument(
+        "--faults",
+        default="",
+        help="comma-separated fault kinds to draw from (default all): " + ",".join(Chaos.INFRA + Chaos.PROVIDER),
+    )
     args = parser.parse_args(argv)
+    unknown = set(filter(None, args.faults.split(","))) - set(Chaos.INFRA + Chaos.PROVIDER)
+    if unknown:
+        parser.error(f"unknown fault kind(s): {', '.join(sorted(unknown))}")
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
 

@@ -379,7 +379,7 @@ class Settings(BaseSettings):
     )
     allow_private_urls: bool = Field(
         default=False,
-        description="Allow input image URLs that resolve to private, loopback or link-local addresses (turns the SSRF guard off).",
+        description="Allow input image URLs and callback URLs that resolve to private, loopback or link-local addresses (turns their SSRF guard off; output downloads have their own rule: EDIT_WORKER_OUTPUT_HOSTS).",
         validation_alias=_env("EDIT_WORKER_ALLOW_PRIVATE_URLS"),
     )
     # How the provider gets an input image kept in S3: "base64" (read from S3 at submit time and
@@ -413,6 +413,23 @@ class Settings(BaseSettings):
         ge=0,
         description="`/metrics` counts jobs by state at most this often (seconds); scrapes in between share the counts.",
         validation_alias=_env("EDIT_WORKER_METRICS_CACHE_SECONDS"),
+    )
+    output_hosts: str = Field(
+        default="",
+        description="Output downloads: hosts trusted besides WAVESPEED_BASE_URL's host:port, comma-separated (`host` = its default http/https ports, `host:port` = that port). Every other hop, redirects included, must be a public address.",
+        validation_alias=_env("EDIT_WORKER_OUTPUT_HOSTS"),
+    )
+    max_output_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        gt=0,
+        description="The largest output accepted (a download, or decoded base64), in bytes.",
+        validation_alias=_env("EDIT_WORKER_MAX_OUTPUT_BYTES"),
+    )
+    download_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="The whole output download's time limit in seconds, redirects included (not only each read).",
+        validation_alias=_env("EDIT_WORKER_DOWNLOAD_TIMEOUT"),
     )
     # Ask the provider for base64 outputs instead of URLs.
     base64_output: bool = Field(
@@ -481,6 +498,11 @@ class Settings(BaseSettings):
                 "plain http is for a local sandbox (127.0.0.1/localhost) or with EDIT_WORKER_ALLOW_HTTP_PROVIDER=true"
             )
         return self
+
+    @property
+    def trusted_output_hosts(self) -> list[str]:
+        """WAVESPEED_BASE_URL's origin, then EDIT_WORKER_OUTPUT_HOSTS, one entry each."""
+        return [self.wavespeed_base_url, *(h.strip() for h in self.output_hosts.split(",") if h.strip())]
 
     @property
     def limiter_redis_url(self) -> str:

@@ -60,11 +60,15 @@ class AdmissionUnavailable(StorageError):
 class ProviderError(EditWorkerError):
     """Anything the provider answered (or failed to answer) that is not a usable result."""
 
-    def __init__(self, message: str, *, code: str | int | None = None, status_code: int | None = None):
+    def __init__(self, message: str, *, code: str | int | None = None, status_code: int | None = None, definitive: bool = False):
         super().__init__(message)
         self.message = message
         self.code = code
         self.status_code = status_code
+        # True only when the provider's own JSON envelope gave this answer about the task (it
+        # failed, was cancelled, timed out, was deleted, or does not exist): the one kind of
+        # answer that may end a job after its paid submit (worker.engine.paid_work).
+        self.definitive = definitive
 
     def __str__(self) -> str:
         parts = [self.message]

@@ -300,6 +300,8 @@ DEFAULT_SANDBOX = {
     "auth_failure": False,
     "submit_error_status": 500,
     "slow_submit_seconds": 30.0,
+    "hostile_rate": 0.0,
+    "hostile_kinds": "",
 }
 
 

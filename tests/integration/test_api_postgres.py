@@ -18,8 +18,10 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
-from worker.adapters.limits import RedisLimits
+from worker.adapters.fleet import RedisFleet
+from worker.adapters.redis_client import connect
 from worker.api import create_app
+from worker.core import tenants
 from worker.core.steps import RecordingPublisher
 
 with warnings.catch_warnings():
@@ -40,10 +42,11 @@ def png_b64() -> str:
 @pytest.fixture
 def api(cluster):
     settings = cluster.settings.model_copy(update={"webhook_secret": SecretStr(SECRET)})
-    limits = RedisLimits.from_url(settings.limiter_redis_url, rate_per_minute=100, max_concurrency=100)
+    fleet = RedisFleet(connect(settings.limiter_redis_url))
     publisher = RecordingPublisher()
-    app = create_app(settings, deps_factory=lambda: SimpleNamespace(limits=limits), publisher=publisher)
-    return TestClient(app), publisher
+    app = create_app(settings, deps_factory=lambda: SimpleNamespace(fleet=fleet), publisher=publisher)
+    key = tenants.create_key(cluster.sessions(), "default", admin=True).key.get_secret_value()
+    return TestClient(app, headers={"Authorization": f"Bearer {key}"}), publisher
 
 
 @pytest.mark.parametrize("field", ["prompt", "idempotency_key"])

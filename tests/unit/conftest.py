@@ -380,9 +380,15 @@ def fake_provider(clock) -> FakeWaveSpeed:
     return FakeWaveSpeed(clock)
 
 
+def public_dns(host: str) -> list[str]:
+    """DNS for the unit tests' made-up hosts (*.test): every name is a public address; address
+    literals stay themselves, so the output-URL guard still refuses 169.254.169.254 and friends."""
+    return ["127.0.0.1", "::1"] if host == "localhost" else ["93.184.216.34"]
+
+
 @pytest.fixture
 def provider(settings, fake_provider):
-    client = make_provider(settings, httpx.MockTransport(fake_provider))
+    client = make_provider(settings, httpx.MockTransport(fake_provider), resolver=public_dns)
     yield client
     client.close()
 

@@ -18,6 +18,7 @@ class ErrorCode(str, Enum):
     OUTPUT_FORBIDDEN = "output_forbidden"
     OUTPUT_TOO_LARGE = "output_too_large"
     INPUT_UNAVAILABLE = "input_unavailable"  # the input image could not be read from S3 at submit: retried
+    OUTPUT_NOT_IMAGE = "output_not_image"  # an output's bytes (or declared type) are not an image
 
     def __str__(self) -> str:
         return self.value

@@ -245,7 +245,7 @@ def _resolve(resolver: Resolver, host: str, timeout: float) -> list[str]:
         return future.result(timeout=timeout)
     except concurrent.futures.TimeoutError:
         future.cancel()
-        raise InvalidInput(f"image URL host {host!r} did not resolve within {timeout:g}s") from None
+        raise InvalidInput(f"URL host {host!r} did not resolve within {timeout:g}s") from None
 
 
 def check_url(
@@ -254,40 +254,98 @@ def check_url(
     allow_private: bool = False,
     resolver: Resolver = _system_resolver,
     resolve_timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+    what: str = "image URL",
 ) -> str:
     """SSRF guard: http(s) only, and no private, loopback, link-local or reserved addresses.
     Refusals never name the address a host resolved to (that would map the internal network)."""
     if len(url) > MAX_URL_CHARS:
-        raise InvalidInput(f"image URL is {len(url)} characters; the limit is {MAX_URL_CHARS}")
-    _check_text(url, "image URL")
+        raise InvalidInput(f"{what} is {len(url)} characters; the limit is {MAX_URL_CHARS}")
+    _check_text(url, what)
     if _ANY_SPACE.search(url):
         # urlsplit drops tabs and newlines inside a URL: the host checked here would not be the
         # host another parser (the provider's, a downloader's) reads from the same text.
-        raise InvalidInput("image URL must not contain whitespace")
+        raise InvalidInput(f"{what} must not contain whitespace")
     try:
         parts = urlsplit(url)
         hostname, username, password = parts.hostname, parts.username, parts.password
         parts.port  # noqa: B018 -- raises ValueError for a port out of range or not a number
     except ValueError:
-        raise InvalidInput("image URL is malformed") from None
+        raise InvalidInput(f"{what} is malformed") from None
     if parts.scheme not in ("http", "https"):
-        raise InvalidInput(f"image URL must be http or https, got {parts.scheme[:20] or 'no'} scheme")
+        raise InvalidInput(f"{what} must be http or https, got {parts.scheme[:20] or 'no'} scheme")
     if not hostname:
-        raise InvalidInput("image URL has no host")
+        raise InvalidInput(f"{what} has no host")
     if username or password:
-        raise InvalidInput("image URL must not carry credentials")
+        raise InvalidInput(f"{what} must not carry credentials")
     if allow_private:
         return url
-    for address in _resolve(resolver, hostname, resolve_timeout):
-        try:
-            ip = ipaddress.ip_address(str(address).split("%", 1)[0])
-        except ValueError:
-            raise InvalidInput(f"image URL host {hostname!r} does not resolve to an IP address") from None
-        if not ip.is_global or ip.is_multicast:
-            raise InvalidInput(
-                f"image URL host {hostname!r} resolves to a private address; set EDIT_WORKER_ALLOW_PRIVATE_URLS=true to allow it"
-            )
+    _refuse_private(hostname, resolver, what, "; set EDIT_WORKER_ALLOW_PRIVATE_URLS=true to allow it", resolve_timeout=resolve_timeout)
     return url
+
+
+def _refuse_private(host: str, resolver: Resolver, what: str, hint: str = "", *, resolve_timeout: float = DEFAULT_RESOLVE_TIMEOUT) -> None:
+    """Refuse a host that is, or resolves to, a private, loopback, link-local, reserved or multicast
+    address. The message never names the address (that would map the internal network)."""
+    try:
+        addresses = [ipaddress.ip_address(host.strip("[]"))]  # an address literal: no lookup
+    except ValueError:
+        addresses = []
+        for address in _resolve(resolver, host, resolve_timeout):
+            try:
+                addresses.append(ipaddress.ip_address(str(address).split("%", 1)[0]))
+            except ValueError:
+                raise InvalidInput(f"{what} host {host!r} does not resolve to an IP address") from None
+    for ip in addresses:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+        if not ip.is_global or ip.is_multicast:
+            raise InvalidInput(f"{what} host {host!r} resolves to a private address{hint}")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _trusted_origin(entry: str) -> tuple[str, int | None] | None:
+    """("host", port) from "https://host:port/...", "host:port" or "host" (port None: the
+    scheme's default port)."""
+    parts = urlsplit(entry if "://" in entry else f"//{entry}")
+    if not parts.hostname:
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if port is None and parts.scheme in _DEFAULT_PORTS:
+        port = _DEFAULT_PORTS[parts.scheme]
+    return parts.hostname.lower(), port
+
+
+def output_url_guard(trusted: list[str], *, resolver: Resolver = _system_resolver) -> Callable[[str], None]:
+    """The guard for every hop of an output download (EDIT_WORKER_ALLOW_PRIVATE_URLS does not
+    apply): http(s) only, no credentials in the URL, and a public address unless the URL's
+    host:port is one the operator trusts (`trusted`: WAVESPEED_BASE_URL and
+    EDIT_WORKER_OUTPUT_HOSTS). Raises InvalidInput (a ValueError) to refuse."""
+    origins = {origin for origin in map(_trusted_origin, trusted) if origin is not None}
+
+    def guard(url: str) -> None:
+        parts = urlsplit(url)
+        what = "output URL"
+        if parts.scheme not in _DEFAULT_PORTS:
+            raise InvalidInput(f"{what} must be http or https, got {parts.scheme or 'no'} scheme")
+        if not parts.hostname:
+            raise InvalidInput(f"{what} has no host")
+        if parts.username or parts.password:
+            raise InvalidInput(f"{what} must not carry credentials")
+        try:
+            port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        except ValueError:
+            raise InvalidInput(f"{what} has an invalid port") from None
+        host = parts.hostname.lower()
+        if (host, port) in origins or ((host, None) in origins and port == _DEFAULT_PORTS[parts.scheme]):
+            return
+        _refuse_private(host, resolver, what)
+
+    return guard
 
 
 def load_image(

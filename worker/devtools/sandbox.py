@@ -1,5 +1,6 @@
 """Local WaveSpeed-compatible provider (Dreamina V3.0 Edit) for development, demo and tests.
-Owns the fake submit/result/cancel/list/download endpoints, fault injection and the /_sandbox admin API."""
+Owns the fake submit/result/cancel/list/download endpoints, fault injection (a hostile-provider mode
+among them) and the /_sandbox admin API."""
 
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ import sys
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 MODEL_ID = "bytedance/dreamina-v3.0/edit"
@@ -69,9 +70,30 @@ class SandboxConfig:
     auth_failure: bool = False  # every provider endpoint answers 401 (as with a revoked key)
     seed: int | None = None  # RNG seed for the injected-fault draws
     webhook_secret: str | None = None  # signs webhook calls (`?webhook=URL` on submit); None: none sent
+    # Hostile provider: this fraction of submits, result polls and output downloads get a hostile
+    # answer (HOSTILE_KINDS), the kinds taken in turn so that a short run meets them all. None of
+    # them is a definitive answer: a correct client retries and every job still succeeds.
+    hostile_rate: float = 0.0
+    hostile_kinds: str = ""  # comma-separated subset of HOSTILE_KINDS; "" = all
+    internal_url: str = "http://169.254.169.254/latest/meta-data/"  # where hostile redirects point
 
 
-_RATE_FIELDS = ("fail_rate", "submit_error_rate", "result_error_rate", "slow_submit_rate", "download_fail_rate")
+_RATE_FIELDS = ("fail_rate", "submit_error_rate", "result_error_rate", "slow_submit_rate", "download_fail_rate", "hostile_rate")
+
+# What a hostile provider (or a broken path to it) answers, per endpoint. By default submits get
+# only answered errors (nothing created). "duplicate_id" is opt-in (name it in hostile_kinds): it
+# creates the task but answers another task's id, so the client cannot name what it paid for and
+# the reconciler must find it in the task list (with concurrent submits, only an operator can).
+HOSTILE_KINDS: dict[str, tuple[str, ...]] = {
+    "submit": ("html_4xx", "duplicate_id"),
+    "result": ("html_4xx", "proxy_json_404", "garbage_json", "truncated_json", "wrong_id", "malformed_id", "endless_body", "slow_drip"),
+    "download": ("redirect_private", "redirect_loop", "html_4xx", "wrong_type", "disguised_html", "endless_body", "slow_drip"),
+}
+ALL_HOSTILE_KINDS = frozenset(kind for kinds in HOSTILE_KINDS.values() for kind in kinds)
+OPT_IN_HOSTILE_KINDS = frozenset({"duplicate_id"})
+# Hostile bodies end by themselves eventually (a client that never hangs up cannot pin the sandbox).
+HOSTILE_BODY_MAX_BYTES = 1024 * 1024 * 1024
+HOSTILE_DRIP_SECONDS = 120.0
 _NON_NEGATIVE_FIELDS = ("latency", "slow_submit_seconds")
 _BOOL_FIELDS = ("outage", "auth_failure")
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(SandboxConfig)}
@@ -100,6 +122,14 @@ def _check_config(config: SandboxConfig) -> None:
         raise ConfigError("seed must be an integer or null")
     if config.api_key is not None and (not isinstance(config.api_key, str) or not config.api_key):
         raise ConfigError("api_key must be a non-empty string or null")
+    if not isinstance(config.hostile_kinds, str) or not set(_kinds(config.hostile_kinds)) <= ALL_HOSTILE_KINDS:
+        raise ConfigError(f"hostile_kinds must be a comma-separated subset of {', '.join(sorted(ALL_HOSTILE_KINDS))}")
+    if not isinstance(config.internal_url, str) or not config.internal_url.startswith(("http://", "https://")):
+        raise ConfigError("internal_url must be an http(s) URL")
+
+
+def _kinds(value: str) -> list[str]:
+    return [kind.strip() for kind in value.split(",") if kind.strip()]
 
 
 def _is_number(value: Any) -> bool:
@@ -157,6 +187,7 @@ class _Counters:
         self.cancels = 0
         self.list_requests = 0
         self.webhooks = 0
+        self.hostile: dict[str, int] = {}  # "endpoint:kind" -> hostile answers given
 
 
 class _PngCache:
@@ -218,6 +249,7 @@ class SandboxState:
         self.counters = _Counters()
         self.pngs = _PngCache()
         self._webhooks: set[asyncio.Task] = set()
+        self._hostile_turn: dict[str, int] = {}
 
     def reset(self) -> None:
         self.tasks.clear()
@@ -225,6 +257,7 @@ class SandboxState:
         self.counters = _Counters()
         self.pngs.clear()
         self.rng = random.Random(self.config.seed)
+        self._hostile_turn.clear()
 
     def update_config(self, changes: dict[str, Any]) -> SandboxConfig:
         unknown = sorted(set(changes) - _CONFIG_FIELDS)
@@ -236,6 +269,21 @@ class SandboxState:
         if "seed" in changes:
             self.rng = random.Random(new_config.seed)
         return new_config
+
+    def hostile(self, endpoint: str) -> str | None:
+        """The hostile answer this request gets (None: an honest one). Kinds are taken in turn."""
+        if not self.draw(self.config.hostile_rate):
+            return None
+        allowed = set(_kinds(self.config.hostile_kinds)) or ALL_HOSTILE_KINDS - OPT_IN_HOSTILE_KINDS
+        kinds = [kind for kind in HOSTILE_KINDS[endpoint] if kind in allowed]
+        if not kinds:
+            return None
+        turn = self._hostile_turn.get(endpoint, 0)
+        self._hostile_turn[endpoint] = turn + 1
+        kind = kinds[turn % len(kinds)]
+        name = f"{endpoint}:{kind}"
+        self.counters.hostile[name] = self.counters.hostile.get(name, 0) + 1
+        return kind
 
     def draw(self, rate: float) -> bool:
         # Rates of exactly 0 or 1 consume no randomness, so deterministic tests stay deterministic.
@@ -383,6 +431,88 @@ def _injected_submit_error(status: int) -> Response:
     if status == 429:
         return _envelope(429, "Too Many Requests: rate limit exceeded", headers={"Retry-After": "1"})
     return _envelope(status, "sandbox: injected submit error")
+
+
+# --- hostile answers -------------------------------------------------------------------------------
+
+_PROXY_PAGES = {
+    400: "<html><head><title>400 Bad Request</title></head><body><center><h1>400 Bad Request</h1></center><hr><center>nginx</center></body></html>",
+    403: "<!DOCTYPE html><html><head><title>Attention Required! | Cloudflare</title></head><body>Sorry, you have been blocked</body></html>",
+    404: "<html><head><title>404 Not Found</title></head><body><center><h1>404 Not Found</h1></center><hr><center>nginx</center></body></html>",
+}
+
+
+def _endless(head: bytes, filler: bytes) -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        sent = len(head)
+        chunk = filler * (65536 // len(filler))
+        while sent < HOSTILE_BODY_MAX_BYTES:
+            yield chunk
+            sent += len(chunk)
+            await asyncio.sleep(0)  # let the loop notice the client hung up
+
+    return body()
+
+
+def _drip(state: SandboxState, payload: bytes) -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes]:
+        # One byte every half second: each read is quick, the whole answer takes minutes.
+        started = state.clock()
+        for index in range(len(payload)):
+            if state.clock() - started > HOSTILE_DRIP_SECONDS:
+                return
+            yield payload[index : index + 1]
+            await state.sleep(0.5)
+
+    return body()
+
+
+async def _hostile_answer(state: SandboxState, endpoint: str, kind: str, request: Request, task: _Task | None) -> Response:
+    """A hostile (or broken-path) answer of `kind`; never a definitive one."""
+    base_url = _base_url(request)
+    if kind == "html_4xx":
+        status = state.rng.choice(sorted(_PROXY_PAGES))
+        return HTMLResponse(_PROXY_PAGES[status], status_code=status)
+    if kind == "proxy_json_404":  # an API gateway's own JSON, not the provider's envelope
+        return JSONResponse({"message": "no Route matched with those values"}, status_code=404)
+    if kind == "redirect_private":
+        target = state.config.internal_url
+        if state.rng.random() < 0.5:  # the same place under another name
+            target = re.sub(r"^(https?://)(?:\[[^\]]*\]|[^/:]+)", r"\1localhost", target)
+        return RedirectResponse(target, status_code=state.rng.choice([301, 302, 307]))
+    if kind == "redirect_loop":
+        return RedirectResponse(str(request.url), status_code=302)
+    if kind == "wrong_type":
+        return HTMLResponse("<html><body>Welcome! Please log in to the hotel wifi.</body></html>", status_code=200)
+    if kind == "disguised_html":
+        return Response(b"<html><body>not an image</body></html>", media_type="image/png")
+    assert task is not None
+    answer = {"code": 200, "message": "success", "data": await state.prediction(task, base_url)}
+    if kind == "garbage_json":
+        return Response(b"\x00\xff{{{ not json ]]\xfe" + os.urandom(32), media_type="application/json")
+    if kind == "truncated_json":
+        whole = json.dumps(answer).encode()
+        return Response(whole[: max(1, len(whole) // 2)], media_type="application/json")
+    if kind == "wrong_id":
+        others = [other for other in state.tasks.values() if other.id != task.id]
+        other = state.rng.choice(others) if others else None
+        answer["data"] = await state.prediction(other, base_url) if other else {**answer["data"], "id": uuid.uuid4().hex}
+        return JSONResponse(answer)
+    if kind == "malformed_id":
+        answer["data"]["id"] = state.rng.choice([f"../{task.id}", 12345, "x" * 300, None, f"{task.id} "])
+        return JSONResponse(answer)
+    if kind == "endless_body":
+        if endpoint == "download":
+            return StreamingResponse(_endless(b"\x89PNG\r\n\x1a\n", b"\x00"), media_type="image/png")
+        # A completed answer whose base64 output never ends.
+        head = b'{"code": 200, "message": "success", "data": {"id": "' + task.id.encode() + b'", "status": "completed", "outputs": ["'
+        return StreamingResponse(_endless(head, b"A"), media_type="application/json")
+    if kind == "slow_drip":
+        if endpoint == "download":
+            return StreamingResponse(_drip(state, await state.pngs.get(task)), media_type="image/png")
+        return StreamingResponse(_drip(state, json.dumps(answer).encode()), media_type="application/json")
+    raise AssertionError(f"unknown hostile kind {kind}")
 
 
 def _unauthorized(message: str) -> JSONResponse:
@@ -551,6 +681,9 @@ def create_app(
         cfg = state.config
         if state.draw(cfg.submit_error_rate):
             return _injected_submit_error(cfg.submit_error_status)
+        kind = state.hostile("submit")
+        if kind == "html_4xx":
+            return await _hostile_answer(state, "submit", kind, request, None)
         try:
             edit = _validate_edit(await _json_body(request))
         except _Invalid as invalid:
@@ -559,6 +692,10 @@ def create_app(
         slow = state.draw(cfg.slow_submit_rate)
         task = state.create_task(prompt=edit.prompt, seed=edit.seed, width=edit.width, height=edit.height, base64_output=edit.base64_output)
         base_url = _base_url(request)
+        if kind == "duplicate_id":  # billed, but answered with another task's id
+            others = [other for other in state.tasks.values() if other.id != task.id]
+            if others:
+                return _ok(await state.prediction(state.rng.choice(others), base_url, status="created"))
         if edit.sync_mode:
             remaining = task.submitted_at + task.latency - state.clock()
             if remaining > 0:
@@ -584,6 +721,8 @@ def create_app(
         task = state.tasks.get(prediction_id)
         if task is None:
             return _envelope(404, f"prediction {prediction_id[:64]} not found")
+        if (kind := state.hostile("result")) is not None:
+            return await _hostile_answer(state, "result", kind, request, task)
         return _ok(await state.prediction(task, _base_url(request)))
 
     @app.delete("/api/v3/predictions/{prediction_id}")
@@ -642,6 +781,8 @@ def create_app(
             return _envelope(404, "output not found")
         if state.draw(state.config.download_fail_rate):
             return _html_error(503)
+        if (kind := state.hostile("download")) is not None:
+            return await _hostile_answer(state, "download", kind, request, task)
         return Response(await state.pngs.get(task), media_type="image/png")
 
     # --- admin: never affected by outage or auth_failure, so tests can always steer the sandbox ---
@@ -663,6 +804,7 @@ def create_app(
                 "cancels": counters.cancels,
                 "list_requests": counters.list_requests,
                 "webhooks": counters.webhooks,
+                "hostile": dict(sorted(counters.hostile.items())),
                 "tasks": [
                     {
                         "id": task.id,
@@ -749,6 +891,9 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--download-fail-rate", "download_fail_rate", float, "fraction of output downloads answered 503"),
     ("--seed", "seed", int, "RNG seed for injected faults"),
     ("--webhook-secret", "webhook_secret", str, "sign webhook calls with this secret (prefer the env var)"),
+    ("--hostile-rate", "hostile_rate", float, "fraction of submits, result polls and downloads answered by a hostile provider"),
+    ("--hostile-kinds", "hostile_kinds", str, f"comma-separated hostile kinds ({', '.join(sorted(ALL_HOSTILE_KINDS))}); default all"),
+    ("--internal-url", "internal_url", str, "where hostile redirects point (default the cloud metadata address)"),
 ]
 
 

@@ -49,6 +49,11 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         ["allow_http_provider", "webhook_max_bytes", "metrics_cache_seconds"],
     ),
     (
+        "Output downloads",
+        "What a copy of the provider's outputs may fetch and how much.",
+        ["output_hosts", "max_output_bytes", "download_timeout"],
+    ),
+    (
         "Provider",
         "WaveSpeed itself, and its webhooks.",
         ["wavespeed_api_key", "wavespeed_base_url", "webhook_secret", "webhook_url", "http_connect_timeout", "http_timeout"],

@@ -13,7 +13,7 @@ import tempfile
 from sqlalchemy import select
 
 from models import Job
-from worker.adapters.storage import extension_for, sniff_content_type
+from worker.adapters.storage import EXTENSIONS, extension_for, sniff_content_type
 from worker.adapters.wavespeed import Prediction
 from worker.core.backoff import compute_backoff
 from worker.core.codes import ErrorCode, code_of
@@ -23,45 +23,75 @@ from worker.core.steps import Next, Step
 from worker.engine.bookkeeping import fail_deadline, fail_job
 from worker.engine.deps import Deps
 from worker.engine.faults import crashpoint
-from worker.errors import PermanentProviderError
+from worker.engine.paid_work import may_end_paid_job
+from worker.errors import PermanentProviderError, TransientProviderError
 
 log = logging.getLogger(__name__)
 
 
 SPOOL_BYTES = 8 * 1024 * 1024
+IMAGE_TYPES = frozenset(EXTENSIONS)  # what the magic bytes may say (storage.sniff_content_type)
 
 
-def _decode_base64_output(value: str) -> bytes:
+def _decode_base64_output(value: str, max_bytes: int) -> bytes:
+    """An inline output, decoded. Its faults are definitive: the provider's own completed envelope
+    carries it, and the job keeps it as it is (a retry would decode the same text)."""
     # The provider sends bare base64; accept a data: URI as well.
     if value.startswith("data:"):
         value = value.split(",", 1)[1] if "," in value else ""
+    if len(value) // 4 * 3 > max_bytes + 3:  # checked before decoding: never hold more than the cap
+        raise PermanentProviderError(
+            f"a base64 output is larger than {max_bytes} bytes", code=ErrorCode.OUTPUT_TOO_LARGE.value, definitive=True
+        )
     try:
-        return base64.b64decode(value, validate=True)
+        data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise PermanentProviderError("an output is neither a URL nor valid base64", code=ErrorCode.BAD_OUTPUT.value) from None
+        raise PermanentProviderError(
+            "an output is neither a URL nor valid base64", code=ErrorCode.BAD_OUTPUT.value, definitive=True
+        ) from None
+    if len(data) > max_bytes:
+        raise PermanentProviderError(
+            f"a base64 output is larger than {max_bytes} bytes", code=ErrorCode.OUTPUT_TOO_LARGE.value, definitive=True
+        )
+    return data
 
 
 def copy_outputs(deps: Deps, job_id: str, outputs: list[str]) -> list[str]:
-    """Download each output (or decode its base64) and put it at its deterministic S3 key.
-    PermanentProviderError: an output is unusable. TransientProviderError (download) and
-    StorageError propagate for a retry: the keys are deterministic, so a retry overwrites what a
-    crashed attempt left half-done."""
+    """Download each output (or decode its base64), check its bytes are an image, and put it at
+    its deterministic S3 key. PermanentProviderError: an output is unusable (definitive or not:
+    see paid_work). TransientProviderError (download) and StorageError propagate for a retry:
+    the keys are deterministic, so a retry overwrites what a crashed attempt left half-done."""
+    max_bytes = deps.settings.max_output_bytes
     uris: list[str] = []
     for index, output in enumerate(outputs):
         # Spooled: small outputs stay in memory, large ones go to disk; the bytes are held once.
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as buf:
-            if output.startswith(("http://", "https://")):
-                declared = deps.provider.download(output, buf)
+            inline = not output.startswith(("http://", "https://"))
+            if inline:
+                buf.write(_decode_base64_output(output, max_bytes))
             else:
-                buf.write(_decode_base64_output(output))
-                declared = None
+                deps.provider.download(output, buf, max_bytes=max_bytes)
             crashpoint("mid_download")
             buf.seek(0)
-            content_type = sniff_content_type(buf.read(16), declared)
+            # The bytes decide, never a declared type: an HTML page served as image/png is refused.
+            content_type = sniff_content_type(buf.read(16))
+            if content_type not in IMAGE_TYPES:
+                raise PermanentProviderError(f"output {index} is not an image", code=ErrorCode.OUTPUT_NOT_IMAGE.value, definitive=inline)
+            buf.seek(0)
             key = deps.storage.key_for(job_id, index, extension_for(content_type))
             uris.append(deps.storage.put(key, buf, content_type))
     crashpoint("mid_upload")
     return uris
+
+
+def _unusable(deps: Deps, job_id: str, exc: PermanentProviderError) -> None:
+    """An output could not be stored: fail the job only on a definitive answer (paid_work);
+    otherwise raise TransientProviderError so the copy is retried until the deadline."""
+    if may_end_paid_job(exc):
+        fail_job(deps, job_id, State.UPLOADING, f"output unusable: {exc}", code_of(exc.code, ErrorCode.DOWNLOAD_FAILED), exc.message)
+        return
+    log.warning("output not stored yet, retried until the deadline: %s", exc, extra={"job_id": job_id})
+    raise TransientProviderError(f"output not stored yet: {exc.message}", code=exc.code, status_code=exc.status_code) from exc
 
 
 def _succeed(deps: Deps, job_id: str, uris: list[str]) -> bool:
@@ -113,7 +143,7 @@ def run_upload(deps: Deps, job_id: str) -> Next | None:
     try:
         uris = copy_outputs(deps, job_id, outputs)
     except PermanentProviderError as exc:
-        fail_job(deps, job_id, State.UPLOADING, f"output unusable: {exc}", code_of(exc.code, ErrorCode.DOWNLOAD_FAILED), exc.message)
+        _unusable(deps, job_id, exc)  # fails the job, or raises for a retry
         return None
     _succeed(deps, job_id, uris)
     return None
@@ -126,10 +156,11 @@ def finish_inline(deps: Deps, job_id: str, claim_seq: int, prediction: Predictio
     if not start_upload(deps, job_id, claim_seq, prediction):
         return None  # another poller (or a cancel) took the job
     try:
-        _succeed(deps, job_id, copy_outputs(deps, job_id, list(prediction.outputs)))
-    except PermanentProviderError as exc:
-        fail_job(deps, job_id, State.UPLOADING, f"output unusable: {exc}", code_of(exc.code, ErrorCode.DOWNLOAD_FAILED), exc.message)
-        return None
+        try:
+            _succeed(deps, job_id, copy_outputs(deps, job_id, list(prediction.outputs)))
+        except PermanentProviderError as exc:
+            _unusable(deps, job_id, exc)  # fails the job, or raises for a retry
+            return None
     except Exception as exc:  # download, S3 or database trouble: the upload task retries with backoff
         log.warning("copying outputs failed, an upload task retries: %s", type(exc).__name__, extra={"job_id": job_id})
         return Next(

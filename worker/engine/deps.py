@@ -25,6 +25,7 @@ from worker.adapters.wavespeed import WaveSpeedClient
 from worker.config import Settings, get_settings
 from worker.core.jobs import utcnow
 from worker.core.steps import Publisher
+from worker.core.validation import Resolver, output_url_guard
 
 
 @dataclass
@@ -46,12 +47,17 @@ class Deps:
     rng: random.Random = field(default_factory=random.Random)
 
 
-def make_provider(settings: Settings, transport: httpx.BaseTransport | None = None) -> WaveSpeedClient:
+def make_provider(settings: Settings, transport: httpx.BaseTransport | None = None, *, resolver: Resolver | None = None) -> WaveSpeedClient:
+    """The provider client, its output downloads guarded: every hop must be a public address or
+    a host the operator trusts (`resolver`: a DNS stand-in for tests)."""
     return WaveSpeedClient(
         settings.wavespeed_api_key,
         settings.wavespeed_base_url,
         transport=transport,
         timeout=httpx.Timeout(settings.http_timeout, connect=settings.http_connect_timeout),
+        url_guard=output_url_guard(settings.trusted_output_hosts, **({"resolver": resolver} if resolver else {})),
+        max_output_bytes=settings.max_output_bytes,
+        download_timeout=settings.download_timeout,
     )
 
 

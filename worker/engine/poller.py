@@ -24,9 +24,10 @@ from worker.engine.bookkeeping import fail_deadline, fail_job, past_deadline, re
 from worker.engine.copier import finish_inline, start_upload
 from worker.engine.deps import Deps
 from worker.engine.faults import crashpoint
+from worker.engine.paid_work import may_end_paid_job
 from worker.engine.pools import shared_pool
 from worker.engine.submit import note_failure
-from worker.errors import PermanentProviderError, ProviderAuthError, TransientProviderError
+from worker.errors import PermanentProviderError, ProviderAuthError, ProviderError, TransientProviderError
 
 log = logging.getLogger(__name__)
 
@@ -69,33 +70,41 @@ Decision = Reschedule | Finish | Fail  # what one result lookup means for a job
 
 
 def fetch_and_decide(deps: Deps, prediction_id: str) -> Decision:
-    """One result lookup and what it means for the job (no database work: safe in a thread pool)."""
+    """One result lookup and what it means for the job (no database work: safe in a thread pool).
+    Only what `may_end_paid_job` allows becomes a Fail; any other error polls again later."""
     s = deps.settings
     try:
         prediction = deps.provider.result(prediction_id)
     except ProviderAuthError as exc:
         deps.breaker.trip(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
         return Reschedule(s.breaker_open_seconds + jittered(0, s.poll_interval, deps.rng), str(exc))
-    except TransientProviderError as exc:
-        note_failure(deps, exc)
+    except ProviderError as exc:
+        if may_end_paid_job(exc):
+            return Fail(f"result lookup: {exc}", code_of(exc.code, ErrorCode.REJECTED), exc.message)
+        if isinstance(exc, TransientProviderError):
+            note_failure(deps, exc)
+        retry_after = exc.retry_after if isinstance(exc, TransientProviderError) else None
         return Reschedule(
-            max(s.poll_interval, compute_backoff(3, base=s.backoff_base, maximum=s.backoff_max, retry_after=exc.retry_after, rng=deps.rng)),
+            max(s.poll_interval, compute_backoff(3, base=s.backoff_base, maximum=s.backoff_max, retry_after=retry_after, rng=deps.rng)),
             str(exc),
         )
-    except PermanentProviderError as exc:
-        return Fail(f"result lookup refused: {exc}", code_of(exc.code, ErrorCode.REJECTED), exc.message)
     deps.breaker.record_success()
     crashpoint("mid_poll")
     if not prediction.status.terminal:
         return Reschedule(jittered(s.poll_interval, s.poll_jitter, deps.rng))
-    if prediction.status is PredictionStatus.COMPLETED:
-        if not prediction.outputs:
-            return Fail(
-                "provider completed without outputs", ErrorCode.NO_OUTPUTS.value, "the provider reported completion but returned no outputs"
-            )
+    if prediction.status is PredictionStatus.COMPLETED and prediction.outputs:
         return Finish(prediction)
-    err = prediction_error(prediction)
-    return Fail(f"prediction {prediction.status.value}: {err.message}", str(err.code), err.message)
+    if prediction.status is PredictionStatus.COMPLETED:
+        err: ProviderError = PermanentProviderError(
+            "the provider reported completion but returned no outputs", code=ErrorCode.NO_OUTPUTS.value, definitive=True
+        )
+        reason = "provider completed without outputs"
+    else:
+        err = prediction_error(prediction)
+        reason = f"prediction {prediction.status.value}: {err.message}"
+    if not may_end_paid_job(err):  # cannot happen for an answer parsed from the envelope; the rule says so
+        return Reschedule(s.poll_interval, reason)
+    return Fail(reason, str(err.code), err.message)
 
 
 def apply_decision(deps: Deps, target: PollTarget, decision: Decision, *, chain: bool = True) -> Next | None:

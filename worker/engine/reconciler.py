@@ -154,7 +154,7 @@ def resolve_ambiguous(deps: Deps, job: Job) -> Resolution:
     4. Anything else                                -> leave it for an operator (`edit-worker resolve`).
     """
     journaled = deps.journal.recall(job.id)
-    if journaled:
+    if journaled and not _claimed(deps, journaled):  # a claimed id is not this job's task: list instead
         return _adopt(deps, job, journaled, "journaled by the submitting worker")
 
     s = deps.settings
@@ -220,6 +220,11 @@ def _unclaimed_predictions(deps: Deps, start: datetime, end: datetime, max_pages
     with deps.sessions() as session:
         claimed = set(session.scalars(select(Job.prediction_id).where(Job.prediction_id.in_([p.id for p in found]))))
     return [p for p in found if p.id not in claimed]
+
+
+def _claimed(deps: Deps, prediction_id: str) -> bool:
+    with deps.sessions() as session:
+        return session.scalar(select(Job.id).where(Job.prediction_id == prediction_id).limit(1)) is not None
 
 
 def _adopt(deps: Deps, job: Job, prediction_id: str, why: str) -> Resolution:

@@ -179,6 +179,10 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
     crashpoint("before_submit")
     try:
         prediction = deps.provider.submit(ticket.request, webhook=webhook)
+        if _claimed_elsewhere(deps, job_id, prediction.id):
+            # An id another job already holds is not this submit's answer (a hostile or broken
+            # provider); a task may still have been created and billed: the reconciler lists it.
+            raise AmbiguousSubmitError(f"provider answered prediction {prediction.id}, which belongs to another job")
     except AmbiguousSubmitError as exc:
         # The provider may have created (and will bill) a task. Never resubmit blindly: leave the job
         # in `submitting`; the reconciler looks the task up and decides.
@@ -253,6 +257,16 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
     if not batch:
         settle_breaker(deps)
     return nxt
+
+
+def _claimed_elsewhere(deps: Deps, job_id: str, prediction_id: str) -> bool:
+    """Whether another job already holds this prediction id. The database being unreachable here
+    is no reason to drop a paid task: False, and the unique constraint stays the backstop."""
+    try:
+        with deps.sessions() as session:
+            return session.scalar(select(Job.id).where(Job.prediction_id == prediction_id, Job.id != job_id).limit(1)) is not None
+    except (OperationalError, InterfaceError):
+        return False
 
 
 def settle_breaker(deps: Deps) -> None:

@@ -459,7 +459,7 @@ def test_transport_errors_do_not_leak_the_key(exc):
 
 def test_without_a_key_no_authorization_header_is_sent():
     client, wire = client_for(ok(), key=None)
-    client.result("x")
+    client.result("a1b2c3")
     assert "authorization" not in wire.requests[0].headers
     assert "api_key=None" in repr(client)
 

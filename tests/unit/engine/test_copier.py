@@ -120,18 +120,6 @@ def test_a_transient_download_error_leaves_the_job_uploading_for_a_retry(deps, n
     assert list_keys() == [f"edits/{job_id}/0.png"]
 
 
-def test_an_expired_output_url_fails_the_job_and_keeps_the_outputs_for_retry(
-    deps, new_job, load, fake_provider, breaker, journal, limiter, to_upload
-):
-    job_id = new_job()
-    to_upload(deps, job_id)
-    fake_provider.script("download", httpx.Response(403, text="AccessDenied"))
-    assert run_upload(deps, job_id) is None
-    job = load(job_id)
-    assert job.state == "failed" and job.provider_outputs
-    assert not breaker.state()["tripped"]  # the API key is fine
-
-
 def test_an_output_that_is_neither_a_url_nor_base64_fails_the_job(deps, new_job, load, fake_provider, submitted):
     job_id = new_job()
     first = submitted(deps, job_id)

@@ -11,7 +11,6 @@ from sqlalchemy import select
 from models import Outbox
 from worker.core.jobs import transition
 from worker.core.states import State
-from worker.engine.copier import run_upload
 from worker.engine.operator import cancel_job, retry_job
 from worker.engine.poller import run_poll
 from worker.engine.submit import run_submit
@@ -77,28 +76,6 @@ def test_a_provider_error_on_cancel_still_cancels_the_job(deps, new_job, fake_pr
 def outbox_steps(sessions, job_id) -> list[str]:
     with sessions() as s:
         return [o.task for o in s.scalars(select(Outbox).where(Outbox.job_id == job_id).order_by(Outbox.id))]
-
-
-def test_retry_of_a_job_that_failed_at_upload_copies_the_outputs_again_without_resubmitting(
-    deps, new_job, load, fake_provider, sessions, list_keys, to_upload
-):
-    job_id = new_job()
-    to_upload(deps, job_id)
-    url = load(job_id).provider_outputs[0]
-    fake_provider.missing_outputs.add(url)  # the CDN answers 404 this time
-    assert run_upload(deps, job_id) is None
-    failed = load(job_id)
-    assert failed.state == "failed" and failed.provider_outputs == [url]
-
-    fake_provider.missing_outputs.clear()
-    job = retry_job(deps, job_id)
-    assert job.state == "uploading"
-    assert job.error_code is None and job.finished_at is None
-    assert outbox_steps(sessions, job_id) == ["submit", "upload"]
-    assert run_upload(deps, job_id) is None
-    assert load(job_id).state == "succeeded"
-    assert list_keys() == [f"edits/{job_id}/0.png"]
-    assert len(fake_provider.submissions) == 1
 
 
 def test_retry_of_a_job_whose_task_failed_submits_again(deps, new_job, drive, load, fake_provider, sessions, states):
