@@ -127,6 +127,20 @@ class Settings(BaseSettings):
     # Ask the provider for base64 outputs instead of URLs.
     base64_output: bool = Field(default=False, validation_alias=_env("EDIT_WORKER_BASE64_OUTPUT"))
 
+    # Callbacks to producers (a job's callback_url, POSTed on every terminal state, signed the
+    # Standard Webhooks way). The signing secret, `whsec_<base64>` (engine/callbacks.callback_secret).
+    callback_secret: SecretStr | None = Field(default=None, validation_alias=_env("EDIT_WORKER_CALLBACK_SECRET"))
+    # Seconds one try may take in all (connect, send, answer): a slow receiver must not hold a slot.
+    callback_timeout: float = Field(default=10.0, gt=0, validation_alias=_env("EDIT_WORKER_CALLBACK_TIMEOUT"))
+    # Failed tries are retried with exponential backoff (base * 2**(try-1), capped, jittered to
+    # half..full) for this long after the terminal state (or a redelivery); then `failed`.
+    callback_retry_seconds: float = Field(default=86400.0, gt=0, validation_alias=_env("EDIT_WORKER_CALLBACK_RETRY_SECONDS"))
+    callback_backoff_base: float = Field(default=5.0, gt=0, validation_alias=_env("EDIT_WORKER_CALLBACK_BACKOFF_BASE"))
+    callback_backoff_max: float = Field(default=3600.0, gt=0, validation_alias=_env("EDIT_WORKER_CALLBACK_BACKOFF_MAX"))
+    # Deliveries one pass claims at a time, and the threads it sends them with.
+    callback_batch_size: int = Field(default=50, ge=1, validation_alias=_env("EDIT_WORKER_CALLBACK_BATCH_SIZE"))
+    callback_threads: int = Field(default=16, ge=1, validation_alias=_env("EDIT_WORKER_CALLBACK_THREADS"))
+
     @property
     def limiter_redis_url(self) -> str:
         return self.redis_url or self.celery_broker_url

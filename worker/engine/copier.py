@@ -23,6 +23,7 @@ from worker.core.steps import Next, Step
 from worker.engine.bookkeeping import fail_deadline, fail_job
 from worker.engine.deps import Deps
 from worker.engine.faults import crashpoint
+from worker.engine.wakeups import wake_callbacks
 from worker.errors import PermanentProviderError
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def _succeed(deps: Deps, job_id: str, uris: list[str]) -> bool:
     )
     if moved is not None:
         log.info("job succeeded", extra={"job_id": job_id, "outputs": len(uris)})
+        wake_callbacks(deps, moved.callback_url is not None)
     return moved is not None
 
 

@@ -19,13 +19,14 @@ from worker.adapters.limits import Gate
 from worker.adapters.wavespeed import EditRequest, Prediction
 from worker.core.backoff import compute_backoff
 from worker.core.codes import ErrorCode, code_of
+from worker.core.deliveries import callbacks_queued
 from worker.core.jobs import transition, transition_now, update_if
 from worker.core.states import State
 from worker.core.steps import Next, Step
 from worker.engine.bookkeeping import cancel_at_provider, fail_deadline, job_context, past_deadline
 from worker.engine.deps import Deps
 from worker.engine.faults import crashpoint
-from worker.engine.wakeups import poller_wakeup
+from worker.engine.wakeups import poller_wakeup, wake_callbacks
 from worker.errors import AmbiguousSubmitError, PermanentProviderError, ProviderAuthError, TransientProviderError
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,8 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
                 error_message=exc.message,
             )
             session.commit()
+            queued = callbacks_queued(session)
+        wake_callbacks(deps, queued)
         return None
 
     crashpoint("after_submit")
