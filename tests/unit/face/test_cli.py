@@ -155,3 +155,36 @@ def test_list_filters_by_state(cli, new_job):
 
 def test_list_with_an_unknown_state_exits_2(cli):
     assert_one_line_error(cli("list", "--state", "exploded"), "unknown state")
+
+
+def test_callbacks_list_shows_a_jobs_deliveries(cli, new_job, sessions, clock):
+    from sqlalchemy import update
+
+    from worker.core.jobs import transition
+    from worker.core.states import State
+
+    job_id = new_job()
+    with sessions() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(callback_url="https://producer.example.com/hook"))
+        transition(s, job_id, State.QUEUED, State.CANCELLED, "test", clock=clock.now)
+        s.commit()
+    [delivery] = json.loads(cli("callbacks", "list", job_id, "--json").stdout)
+    assert (delivery["job_id"], delivery["event"], delivery["status"]) == (job_id, "cancelled", "pending")
+    assert delivery["webhook_id"].startswith("msg_")
+    assert json.loads(cli("callbacks", "list", new_job(), "--json").stdout) == []
+
+
+def test_callbacks_list_of_an_unknown_job_exits_2(cli):
+    assert_one_line_error(cli("callbacks", "list", "no-such-job"), "no job")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ([], "give a delivery id"),
+        (["7", "--failed"], "give a delivery id"),
+        (["--job", "j", "--since", "2h"], "--since goes with --failed"),
+    ],
+)
+def test_callbacks_redeliver_needs_exactly_one_target(cli, args, fragment):
+    assert_one_line_error(cli("callbacks", "redeliver", *args), fragment)
