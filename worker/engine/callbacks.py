@@ -123,6 +123,7 @@ class Outcome:
     status_code: int | None = None
     error: str | None = None  # short, for the row and the logs: never a URL, a body or a secret
     retry_after: float | None = None
+    at: datetime | None = None  # when the answer came (a batch is recorded after its slowest try)
 
 
 def _retry_after(response: httpx.Response, now: datetime) -> float | None:
@@ -180,7 +181,7 @@ def send(deps: Deps, client: httpx.Client, claim: Claim, resolver: Resolver | No
         return Outcome(False, error=f"not reached ({type(exc).__name__})")
     code = response.status_code
     if 200 <= code < 300:
-        return Outcome(True, code)
+        return Outcome(True, code, at=deps.clock())
     if 300 <= code < 400:
         return Outcome(False, code, f"HTTP {code}: redirects are not followed")
     return Outcome(False, code, f"HTTP {code}", _retry_after(response, deps.clock()) if code in (429, 503) else None)
@@ -277,7 +278,7 @@ def record(deps: Deps, outcomes: list[tuple[Claim, Outcome]]) -> DeliveryReport:
     for claim, outcome in outcomes:
         values: dict[str, Any] = {"b_code": outcome.status_code, "b_error": outcome.error[:200] if outcome.error else None}
         if outcome.delivered:
-            values.update(b_status=DELIVERED, b_next=None, b_delivered=now)
+            values.update(b_status=DELIVERED, b_next=None, b_delivered=outcome.at or now)
             report.delivered += 1
             log.info("callback delivered", extra=_context(claim, status_code=outcome.status_code))
         elif now >= claim.deadline:
