@@ -292,7 +292,6 @@ def _move_statement(
             )
             values["status"] = literal(values["status"], DELIVERIES.c.status.type)
             values["attempts"] = literal(values["attempts"], DELIVERIES.c.attempts.type)
-            values["next_attempt_at"] = bindparam("ev_at", type_=DELIVERIES.c.next_attempt_at.type)
             cb = insert(DELIVERIES).from_select(list(values), select(*values.values()).where(moved.c.callback_url.is_not(None))).cte("cb")
             stmt = stmt.add_cte(cb)
         _MOVES[key] = stmt

@@ -120,10 +120,11 @@ def test_a_cancelled_job_is_delivered_too(cb_deps, sessions, hooked_job):
     assert json.loads(receiver.requests[0].content)["state"] == "cancelled"
 
 
-def test_a_succeeded_job_is_delivered_with_its_outputs(cb_deps, sessions, hooked_job, drive):
+def test_a_succeeded_job_is_delivered_with_its_outputs(cb_deps, sessions, hooked_job, drive, publisher):
     job_id = hooked_job()
     drive(job_id)
     assert jobs.get_job(sessions, job_id).state == "succeeded"
+    assert (Step.DELIVER_CALLBACKS, None, 0.0, None) in publisher.sent  # woken by the copier's transition
     receiver = Receiver()
     run(cb_deps, receiver)
     body = json.loads(receiver.requests[0].content)
