@@ -98,6 +98,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    # Where to POST the job (signed) when it reaches a terminal state; None: no callback.
+    callback_url: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_jobs_state_updated_at", "state", "updated_at"),
@@ -185,4 +187,37 @@ class IdempotencyKey(Base):
     __table_args__ = (PrimaryKeyConstraint("tenant", "key", name="pk_idempotency_keys"),)
 
 
-__all__ = ["ApiKey", "Base", "IdempotencyKey", "Job", "JobEvent", "Outbox", "Tenant", "UTCDateTime"]
+class CallbackDelivery(Base):
+    """One signed callback to a producer: written in the transaction that moved its job to a
+    terminal state, then delivered (and retried with backoff) by engine/callbacks.py."""
+
+    __tablename__ = "callback_deliveries"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # The terminal state this delivery announces (the event).
+    state: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(Text)
+    # The Standard Webhooks message id: the same on every try and redelivery (receivers dedupe on it).
+    webhook_id: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next try is due (pending), or the claim's lease runs out (being tried).
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    # Retries stop here (None: created_at + the configured retry window); a redelivery moves it.
+    give_up_at: Mapped[datetime | None] = mapped_column()
+    # The body sent: the job JSON as of the first try, so every try signs the same bytes.
+    payload: Mapped[str | None] = mapped_column(Text, deferred=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column()
+    last_attempt_at: Mapped[datetime | None] = mapped_column()
+    delivered_at: Mapped[datetime | None] = mapped_column()
+
+    __table_args__ = (Index("ix_callback_deliveries_status_next_attempt_at", "status", "next_attempt_at"),)
+
+    def __repr__(self) -> str:
+        return f"<CallbackDelivery {self.id} job={self.job_id} {self.state} {self.status}>"
+
+
+__all__ = ["ApiKey", "Base", "CallbackDelivery", "IdempotencyKey", "Job", "JobEvent", "Outbox", "Tenant", "UTCDateTime"]

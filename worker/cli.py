@@ -79,11 +79,19 @@ def _print_job(job, as_json: bool) -> None:
 
 def _guard(fn):
     """Map the package's errors to clean exits (2 for bad input / unknown job / bad operation)."""
-    from worker.errors import EditWorkerError, IdempotencyMismatch, InvalidInput, InvalidJobOperation, JobNotFound, QuotaExceeded
+    from worker.errors import (
+        DeliveryNotFound,
+        EditWorkerError,
+        IdempotencyMismatch,
+        InvalidInput,
+        InvalidJobOperation,
+        JobNotFound,
+        QuotaExceeded,
+    )
 
     try:
         return fn()
-    except (InvalidInput, JobNotFound, InvalidJobOperation, IdempotencyMismatch) as exc:
+    except (InvalidInput, JobNotFound, InvalidJobOperation, IdempotencyMismatch, DeliveryNotFound) as exc:
         _fail(str(exc), 2)
     except QuotaExceeded as exc:
         _fail(f"{exc}; try again in {exc.retry_after:.0f}s", 1)
@@ -466,6 +474,61 @@ def _parse_since(text: str) -> datetime:
     except ValueError:
         _fail(f"--since must be an ISO time or a duration like 30m, 2h, 1d; got {text!r}")
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+callbacks_app = typer.Typer(no_args_is_help=True, help="Signed callbacks to producers: list a job's deliveries, send them again.")
+app.add_typer(callbacks_app, name="callbacks")
+
+
+def _print_deliveries(deliveries, as_json: bool) -> None:
+    from worker.core.deliveries import delivery_json
+
+    data = [delivery_json(d) for d in deliveries]
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    for d in data:
+        line = f"{d['id']}  {d['event']:<9}  {d['status']:<9}  tries {d['attempts']}  {d['webhook_id']}"
+        if d["last_error"]:
+            line += f"  last: {d['last_error']}"
+        out.print(escape(line), highlight=False)
+
+
+@callbacks_app.command("list")
+def callbacks_list(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A job's callback deliveries (one per terminal state it reached), oldest first."""
+    from worker.adapters.database import session_factory
+    from worker.core.deliveries import list_deliveries
+    from worker.core.jobs import get_job
+
+    sessions = session_factory(_settings().database_url)
+    _guard(lambda: get_job(sessions, job_id))
+    _print_deliveries(list_deliveries(sessions, job_id), as_json)
+
+
+@callbacks_app.command("redeliver")
+def callbacks_redeliver(
+    delivery_id: int | None = typer.Argument(None, help="A delivery id (from `callbacks list`)."),
+    job_id: str | None = typer.Option(None, "--job", help="The job's latest delivery."),
+    failed: bool = typer.Option(False, "--failed", help="Every delivery that ran out of retries."),
+    since: str | None = typer.Option(None, "--since", help="With --failed: only those created after this (ISO time or 30m, 2h, 1d)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Send callbacks again now, under the same webhook-id, with a fresh retry window."""
+    from worker.engine.callbacks import redeliver, redeliver_failed
+    from worker.engine.deps import build_deps
+
+    if sum((delivery_id is not None, job_id is not None, failed)) != 1:
+        _fail("give a delivery id, --job JOB_ID or --failed")
+    if since and not failed:
+        _fail("--since goes with --failed")
+    deps = build_deps()
+    if failed:
+        count = redeliver_failed(deps, _parse_since(since) if since else None)
+        typer.echo(json.dumps({"redelivered": count})) if as_json else out.print(f"redelivering {count} failed callback(s)")
+        return
+    delivery = _guard(lambda: redeliver(deps, delivery_id=delivery_id, job_id=job_id))
+    _print_deliveries([delivery], as_json)
 
 
 @app.command()

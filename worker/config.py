@@ -504,6 +504,54 @@ class Settings(BaseSettings):
         """WAVESPEED_BASE_URL's origin, then EDIT_WORKER_OUTPUT_HOSTS, one entry each."""
         return [self.wavespeed_base_url, *(h.strip() for h in self.output_hosts.split(",") if h.strip())]
 
+    # Callbacks to producers (a job's callback_url, POSTed on every terminal state, signed the
+    # Standard Webhooks way). The signing secret, `whsec_<base64>` (engine/callbacks.callback_secret).
+    callback_secret: SecretStr | None = Field(
+        description="Signs completion callbacks (Standard Webhooks `whsec_<base64>`) for tenants without a secret of their own (`edit-worker keys create` gives each tenant one).",
+        default=None,
+        validation_alias=_env("EDIT_WORKER_CALLBACK_SECRET"),
+    )
+    # Seconds one try may take in all (connect, send, answer): a slow receiver must not hold a slot.
+    callback_timeout: float = Field(
+        description="Seconds one callback delivery try may take (connect included).",
+        default=10.0,
+        gt=0,
+        validation_alias=_env("EDIT_WORKER_CALLBACK_TIMEOUT"),
+    )
+    # Failed tries are retried with exponential backoff (base * 2**(try-1), capped, jittered to
+    # half..full) for this long after the terminal state (or a redelivery); then `failed`.
+    callback_retry_seconds: float = Field(
+        description="How long a failing callback delivery is retried (with exponential backoff) before it is marked failed; `callbacks redeliver` sends it again.",
+        default=86400.0,
+        gt=0,
+        validation_alias=_env("EDIT_WORKER_CALLBACK_RETRY_SECONDS"),
+    )
+    callback_backoff_base: float = Field(
+        description="First wait (seconds) before a failed callback delivery is tried again; it doubles each try, with jitter.",
+        default=5.0,
+        gt=0,
+        validation_alias=_env("EDIT_WORKER_CALLBACK_BACKOFF_BASE"),
+    )
+    callback_backoff_max: float = Field(
+        description="Longest wait (seconds) between two tries of a callback delivery.",
+        default=3600.0,
+        gt=0,
+        validation_alias=_env("EDIT_WORKER_CALLBACK_BACKOFF_MAX"),
+    )
+    # Deliveries one pass claims at a time, and the threads it sends them with.
+    callback_batch_size: int = Field(
+        description="How many due callback deliveries one delivery pass claims at a time.",
+        default=50,
+        ge=1,
+        validation_alias=_env("EDIT_WORKER_CALLBACK_BATCH_SIZE"),
+    )
+    callback_threads: int = Field(
+        description="Concurrent callback deliveries per worker process.",
+        default=16,
+        ge=1,
+        validation_alias=_env("EDIT_WORKER_CALLBACK_THREADS"),
+    )
+
     @property
     def limiter_redis_url(self) -> str:
         return self.redis_url or self.celery_broker_url

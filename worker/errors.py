@@ -18,6 +18,10 @@ class JobNotFound(EditWorkerError, LookupError):
     """No job has that id."""
 
 
+class DeliveryNotFound(EditWorkerError, LookupError):
+    """No callback delivery has that id."""
+
+
 class IllegalTransition(EditWorkerError):
     """A state change the state machine does not allow (or the row was no longer in the expected state)."""
 

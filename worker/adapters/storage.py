@@ -172,6 +172,19 @@ class Storage:
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"head {self.uri(key)} failed: {_describe(exc)}") from None
 
+    def link(self, uri: str, seconds: int) -> str:
+        """A presigned GET URL for an `s3://bucket/key` object, valid `seconds` (made locally: no call to S3)."""
+        bucket, key = split_uri(uri)
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=seconds)
+
+    def links(self, uris: list[str], seconds: int) -> list[str]:
+        """`link` for each output; [] when they cannot be signed (no credentials: the s3:// URIs remain)."""
+        try:
+            return [self.link(uri, seconds) for uri in uris]
+        except Exception as exc:
+            log.warning("could not presign outputs: %s", type(exc).__name__)
+            return []
+
     def presign(self, key: str, expires: int = 3600) -> str:
         try:
             return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires)

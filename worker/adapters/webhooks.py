@@ -17,22 +17,16 @@ from urllib.parse import urlencode
 
 from pydantic import SecretStr
 
+from worker.adapters.callback_signing import SECRET_PREFIX, TOLERANCE_SECONDS, WebhookVerificationError
 from worker.adapters.wavespeed import valid_prediction_id
-from worker.errors import EditWorkerError, InvalidInput
+from worker.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_VERSION = "v3"
-SECRET_PREFIX = "whsec_"
-# The provider's own replay window (WebhookMaxAgeSeconds); applied both ways for clock skew.
-TOLERANCE_SECONDS = 300
 # A delivered webhook id is remembered this long: a replay is refused while its timestamp could
 # still pass the freshness check (sent up to TOLERANCE_SECONDS ahead of our clock, or behind it).
 REPLAY_WINDOW_SECONDS = 2 * TOLERANCE_SECONDS + 60
-
-
-class WebhookVerificationError(EditWorkerError):
-    """The request is not a fresh webhook signed with our secret (messages never carry the secret)."""
 
 
 def webhook_secret(settings: Any) -> SecretStr | None:

@@ -1,5 +1,6 @@
 """The job service: create (validated, idempotent, with its outbox row), compare-and-set
-transitions with an audit event each, and the queries and JSON shape the CLI and API show.
+transitions with an audit event each (and, into a terminal state, the job's callback delivery),
+and the queries and JSON shape the CLI and API show.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker, undefer
 from sqlalchemy.sql import ClauseElement
 
 from models import IdempotencyKey, Job, JobEvent, Outbox
+from worker.core.deliveries import DELIVERIES, QUEUED_FLAG, new_webhook_id, queued_row
 from worker.core.states import State, can_transition
 from worker.core.steps import Publisher, Step
 from worker.core.validation import ImageInput, NewJob  # NewJob re-exported: the validated request lives with its checks
@@ -252,7 +254,8 @@ def transition(
     """Compare-and-set `src -> dst` (plus column updates) and write its event, in the caller's
     transaction. False when the row was not in `src` any more (or a `where` column differs):
     someone else moved it, and the caller's message is stale. An edge the machine does not have
-    raises IllegalTransition."""
+    raises IllegalTransition. Into a terminal state, a job with a callback_url also gets its
+    delivery row here (deliveries.callbacks_queued(session) tells the caller to wake the loop)."""
     _check_edge(job_id, src, dst)
     return _move(session, job_id, src, dst, reason, clock(), where, (), fields) is not None
 
@@ -268,14 +271,23 @@ def _move(
     returning: tuple[str, ...],
     fields: dict[str, Any],
 ) -> Row | None:
-    """The compare-and-set UPDATE and, if it moved the row, its event, in the session's transaction."""
-    cols = [JOBS.c.id, *(JOBS.c[name] for name in returning)]
+    """The compare-and-set UPDATE and, if it moved the row, its event (and callback delivery), in
+    the session's transaction."""
+    cols = [JOBS.c.id, *(JOBS.c[name] for name in _returning(dst, returning))]
     row = session.execute(
         update(JOBS).where(*_conditions(job_id, src, where)).values(**_move_values(dst, now, fields)).returning(*cols)
     ).first()
     if row is not None:
         _event(session, job_id, src, dst, reason, now)
+        if dst.terminal and row.callback_url is not None:
+            session.execute(insert(DELIVERIES).values(**queued_row(job_id, dst.value, row.callback_url, new_webhook_id(), now)))
+            session.info[QUEUED_FLAG] = True
     return row
+
+
+def _returning(dst: State, returning: tuple[str, ...]) -> tuple[str, ...]:
+    # Into a terminal state the UPDATE also answers callback_url: the delivery is queued from it.
+    return returning + ("callback_url",) if dst.terminal and "callback_url" not in returning else returning
 
 
 def transition_now(
@@ -293,13 +305,18 @@ def transition_now(
     """`transition` as a transaction of its own, for the hot path: on PostgreSQL one statement
     (`WITH moved AS (UPDATE … RETURNING …), ev AS (INSERT INTO job_events …) SELECT … FROM moved`)
     on an autocommit connection — one round trip, atomic; elsewhere UPDATE + INSERT in a session.
-    Returns the moved row's `returning` columns (always including `id`), or None when the CAS lost."""
+    Into a terminal state the same statement queues the job's callback delivery (`cb AS (INSERT
+    INTO callback_deliveries …)`). Returns the moved row's `returning` columns (always including
+    `id`; into a terminal state also `callback_url`: not None means a delivery was queued), or None
+    when the CAS lost."""
     _check_edge(job_id, src, dst)
     now = clock()
     engine = sessions.kw["bind"]
     if engine.dialect.name == "postgresql":
         stmt, params = _move_statement(src, dst, _move_values(dst, now, fields), where or {}, returning)
         params.update(job_id=job_id, ev_reason=reason[:2000], ev_at=now)
+        if dst.terminal:
+            params.update(cb_webhook_id=new_webhook_id())
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             return conn.execute(stmt, params).first()
     with sessions() as session:
@@ -330,6 +347,7 @@ def _move_statement(
         shape_where.append((name, value is None))
         if value is not None:
             params[f"w_{name}"] = value
+    returning = _returning(dst, returning)
     key = (src, dst, tuple(shape_values), tuple(shape_where), returning)
     stmt = _MOVES.get(key)
     if stmt is None:
@@ -352,7 +370,23 @@ def _move_statement(
             )
             .cte("ev")
         )
-        stmt = _MOVES[key] = select(*moved.c).add_cte(ev)
+        stmt = select(*moved.c).add_cte(ev)
+        if dst.terminal:
+            # The callback delivery, in the same statement: no terminal job with a callback_url
+            # can exist without its delivery row, whatever crashes after the commit.
+            at = bindparam("ev_at", type_=DELIVERIES.c.created_at.type)
+            values = queued_row(
+                moved.c.id,
+                literal(dst.value, DELIVERIES.c.state.type),
+                moved.c.callback_url,
+                bindparam("cb_webhook_id", type_=DELIVERIES.c.webhook_id.type),
+                at,
+            )
+            values["status"] = literal(values["status"], DELIVERIES.c.status.type)
+            values["attempts"] = literal(values["attempts"], DELIVERIES.c.attempts.type)
+            cb = insert(DELIVERIES).from_select(list(values), select(*values.values()).where(moved.c.callback_url.is_not(None))).cte("cb")
+            stmt = stmt.add_cte(cb)
+        _MOVES[key] = stmt
     return stmt, params
 
 

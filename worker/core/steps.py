@@ -19,6 +19,7 @@ class Step(str, Enum):
     UPLOAD = "upload"  # copy this job's outputs to S3 (also batch mode's retry of a failed copy)
     SUBMIT_DUE = "submit_due"  # batch mode: run a submitter pass (no job)
     POLL_DUE = "poll_due"  # batch mode: run a poller pass (no job)
+    DELIVER_CALLBACKS = "deliver_callbacks"  # run a callback delivery pass (no job)
 
     @property
     def per_job(self) -> bool:

@@ -39,6 +39,19 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "Completion callbacks",
+        "Signed POSTs of the job JSON to a job's `callback_url` on every terminal state, retried durably.",
+        [
+            "callback_secret",
+            "callback_timeout",
+            "callback_retry_seconds",
+            "callback_backoff_base",
+            "callback_backoff_max",
+            "callback_batch_size",
+            "callback_threads",
+        ],
+    ),
+    (
         "Input images",
         "Where admitted input images live (S3, at admission) and how the provider gets them.",
         ["input_delivery", "input_url_expiry_seconds"],

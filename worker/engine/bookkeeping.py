@@ -8,9 +8,11 @@ import logging
 
 from models import Job
 from worker.core.codes import ErrorCode
+from worker.core.deliveries import callbacks_queued
 from worker.core.jobs import transition
 from worker.core.states import State
 from worker.engine.deps import Deps
+from worker.engine.wakeups import wake_callbacks
 from worker.errors import ProviderError
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,9 @@ def fail_job(deps: Deps, job_id: str, src: State, reason: str, code: str, messag
     with deps.sessions() as session:
         transition(session, job_id, src, State.FAILED, reason, clock=deps.clock, error_code=code[:64], error_message=message)
         session.commit()
+        queued = callbacks_queued(session)
     deps.limiter.release(job_id)
+    wake_callbacks(deps, queued)
 
 
 _DEADLINE_MESSAGES = {
@@ -79,6 +83,8 @@ def fail_deadline(deps: Deps, job_id: str, state: State, prediction_id: str | No
             error_message=message,
         )
         session.commit()
+        queued = callbacks_queued(session)
+    wake_callbacks(deps, queued)
     if moved:
         deps.limiter.release(job_id)
         if prediction_id and state is State.PROCESSING:

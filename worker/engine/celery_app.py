@@ -54,6 +54,13 @@ def make_app(settings: Settings) -> Celery:
             },
         },
     )
+    # Callbacks: terminal transitions wake the delivery loop; this tick covers a lost wake-up and
+    # retries due later than a countdown reaches.
+    celery.conf.beat_schedule["deliver-callbacks"] = {
+        "task": TASK_NAMES[Step.DELIVER_CALLBACKS],
+        "schedule": timedelta(seconds=settings.sweep_interval),
+        "options": {"expires": settings.sweep_interval * 2},
+    }
     if settings.poll_mode == "batch":
         # A safety net: pollers wake themselves when work is due; this tick covers a lost wake-up.
         celery.conf.beat_schedule["poll-due"] = {

@@ -24,6 +24,7 @@ from worker.engine.bookkeeping import fail_deadline, fail_job
 from worker.engine.deps import Deps
 from worker.engine.faults import crashpoint
 from worker.engine.paid_work import may_end_paid_job
+from worker.engine.wakeups import wake_callbacks
 from worker.errors import PermanentProviderError, TransientProviderError
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def _succeed(deps: Deps, job_id: str, uris: list[str]) -> bool:
     )
     if moved is not None:
         log.info("job succeeded", extra={"job_id": job_id, "outputs": len(uris)})
+        wake_callbacks(deps, moved.callback_url is not None)
     return moved is not None
 
 

@@ -12,11 +12,13 @@ from sqlalchemy import func, select
 
 from models import Job
 from worker.core.codes import ErrorCode
+from worker.core.deliveries import callbacks_queued
 from worker.core.jobs import add_outbox, get_job, transition, update_if
 from worker.core.states import ACTIVE, State
 from worker.core.steps import Step
 from worker.engine.bookkeeping import cancel_at_provider
 from worker.engine.deps import Deps
+from worker.engine.wakeups import wake_callbacks
 from worker.errors import InvalidJobOperation
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ def cancel_job(deps: Deps, job_id: str, reason: str = "cancelled by operator") -
         with deps.sessions() as session:
             moved = transition(session, job_id, state, State.CANCELLED, reason, clock=deps.clock)
             session.commit()
+            queued = callbacks_queued(session)
+        wake_callbacks(deps, queued)
         if moved:
             deps.limiter.release(job_id)
             prediction_id = job.prediction_id

@@ -22,6 +22,7 @@ from worker.adapters.storage import Storage, sniff_content_type, split_uri
 from worker.adapters.wavespeed import EditRequest, Prediction
 from worker.core.backoff import compute_backoff
 from worker.core.codes import ErrorCode, code_of
+from worker.core.deliveries import callbacks_queued
 from worker.core.jobs import transition, transition_now, update_if
 from worker.core.states import State
 from worker.core.steps import Next, Step
@@ -29,7 +30,7 @@ from worker.engine.bookkeeping import cancel_at_provider, fail_deadline, job_con
 from worker.engine.deps import Deps
 from worker.engine.fairshare import tenant_at_cap
 from worker.engine.faults import crashpoint
-from worker.engine.wakeups import poller_wakeup
+from worker.engine.wakeups import poller_wakeup, wake_callbacks
 from worker.errors import AmbiguousSubmitError, PermanentProviderError, ProviderAuthError, StorageError, TransientProviderError
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,8 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
                 error_message=exc.message,
             )
             session.commit()
+            queued = callbacks_queued(session)
+        wake_callbacks(deps, queued)
         return None
 
     crashpoint("after_submit")

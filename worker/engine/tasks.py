@@ -21,13 +21,13 @@ from worker.adapters.database import dispose_all
 from worker.adapters.redis_keys import RedisKeys, pass_lock_name
 from worker.core.backoff import compute_backoff
 from worker.core.steps import Next, Step, schedule
-from worker.engine import copier, poller, reconciler, submitter
+from worker.engine import callbacks, copier, poller, reconciler, submitter
 from worker.engine import submit as submit_step
 from worker.engine.celery_app import app
 from worker.engine.deps import Deps, build_deps, reset_deps
 from worker.engine.pools import reset_pools
-from worker.engine.publisher import RECONCILE_TASK, TASK_NAMES
-from worker.engine.wakeups import poller_wakeup, submitter_wakeup
+from worker.engine.publisher import MAX_COUNTDOWN, RECONCILE_TASK, TASK_NAMES
+from worker.engine.wakeups import callbacks_wakeup, poller_wakeup, submitter_wakeup
 from worker.errors import StorageError, TransientProviderError
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,28 @@ def submit_due(self) -> None:
     _schedule_all(deps, follow)
 
 
+@app.task(name=TASK_NAMES[Step.DELIVER_CALLBACKS], bind=True)
+def deliver_callbacks(self) -> None:
+    """Deliver due callbacks to producers (engine/callbacks.py); one pass per worker node at once.
+    Terminal transitions wake it; it wakes itself for retries due within a countdown's reach, and
+    beat's tick covers the rest."""
+    deps = build_deps()
+    report = _loop_pass(
+        deps,
+        "callbacks",
+        _node(self),
+        1,
+        lambda: callbacks_wakeup(deps, BUSY_RETRY),
+        lambda: callbacks.deliver_due(deps, max_seconds=deps.settings.batch_pass_seconds),
+    )
+    if report is None or report.next_due_in is None:
+        return
+    if report.backlog:
+        _schedule_all(deps, [Next(Step.DELIVER_CALLBACKS)])
+    elif report.next_due_in <= MAX_COUNTDOWN:
+        _schedule_all(deps, [callbacks_wakeup(deps, report.next_due_in)])
+
+
 def _loop_pass(deps: Deps, loop: str, node: str, slots: int, when_busy: Callable[[], Next | None], run: Callable[[], T]) -> T | None:
     """Run one pass of a batch loop under its node lock; None if the node's slots were busy or the
     pass failed. The caller publishes follow-ups only after this returns, with the lock released:
@@ -240,7 +262,8 @@ def _clear_node_locks(sender=None, **_kw) -> None:
     # (same node name) to lapse.
     try:
         deps = task_deps()
-        for loop, slots in (("poller", deps.settings.poll_passes_per_node), ("submitter", deps.settings.submit_passes_per_node)):
+        loops = (("poller", deps.settings.poll_passes_per_node), ("submitter", deps.settings.submit_passes_per_node), ("callbacks", 1))
+        for loop, slots in loops:
             for slot in range(slots):
                 deps.fleet.forget(pass_lock_name(loop, sender.hostname, slot))
     except Exception:  # Redis not up yet: the locks lapse on their own
@@ -256,6 +279,7 @@ def _fresh_connections_after_fork(**_kw) -> None:
     dispose_all()
     reset_deps()
     reset_pools()
+    callbacks.reset_client()
 
 
 @after_setup_logger.connect

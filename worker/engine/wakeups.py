@@ -1,5 +1,5 @@
-"""Waking the batch loops. A wake-up is a `poll_due` / `submit_due` message due at the next half
-second boundary after the work is: many jobs (or producers) due in the same half second share one
+"""Waking the batch loops. A wake-up is a `poll_due` / `submit_due` / `deliver_callbacks` message
+due at the next half second boundary after the work is: many jobs (or producers) due in the same half second share one
 message, de-duplicated through Redis, and rounding up means a loop never wakes before its work.
 """
 
@@ -45,3 +45,19 @@ def wake_poller(deps: Deps, delay: float) -> None:
         schedule(deps.publisher, poller_wakeup(deps, delay))
     except Exception as exc:
         log.warning("could not wake the poller: %s", type(exc).__name__)
+
+
+def callbacks_wakeup(deps: Deps, delay: float) -> Next | None:
+    """A deliver_callbacks message due in `delay` s, unless one is already due in the same half second."""
+    return _wakeup(deps, Step.DELIVER_CALLBACKS, delay)
+
+
+def wake_callbacks(deps: Deps, queued: bool = True) -> None:
+    """After a commit that queued callback deliveries (`queued`): wake the delivery loop now. A
+    broker or Redis outage is logged, not raised: beat's tick delivers them a little later."""
+    if not queued:
+        return
+    try:
+        schedule(deps.publisher, callbacks_wakeup(deps, 0.0))
+    except Exception as exc:
+        log.warning("could not wake the callback deliveries: %s", type(exc).__name__)

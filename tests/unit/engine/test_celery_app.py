@@ -66,10 +66,10 @@ def test_the_broker_is_the_configured_one(settings):
 @pytest.mark.parametrize(
     "poll_mode, submit_mode, entries",
     [
-        ("task", "task", {"reconcile"}),
-        ("batch", "task", {"reconcile", "poll-due"}),
-        ("task", "batch", {"reconcile", "submit-due"}),
-        ("batch", "batch", {"reconcile", "poll-due", "submit-due"}),
+        ("task", "task", {"reconcile", "deliver-callbacks"}),
+        ("batch", "task", {"reconcile", "deliver-callbacks", "poll-due"}),
+        ("task", "batch", {"reconcile", "deliver-callbacks", "submit-due"}),
+        ("batch", "batch", {"reconcile", "deliver-callbacks", "poll-due", "submit-due"}),
     ],
 )
 def test_beat_runs_the_reconciler_and_ticks_only_the_batch_loops_in_use(settings, poll_mode, submit_mode, entries):

@@ -345,3 +345,36 @@ def test_the_worker_refuses_a_redis_older_than_6_2_in_one_line(cli, monkeypatch,
     monkeypatch.setenv("EDIT_WORKER_SUPERVISE", "0")  # nothing may start: the check comes first
     get_settings.cache_clear()
     assert_one_line_error(cli("worker"), "Redis 6.0.16 is not supported", "6.2 or newer")
+
+
+def test_callbacks_list_shows_a_jobs_deliveries(cli, new_job, sessions, clock):
+    from sqlalchemy import update
+
+    from worker.core.jobs import transition
+    from worker.core.states import State
+
+    job_id = new_job()
+    with sessions() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(callback_url="https://producer.example.com/hook"))
+        transition(s, job_id, State.QUEUED, State.CANCELLED, "test", clock=clock.now)
+        s.commit()
+    [delivery] = json.loads(cli("callbacks", "list", job_id, "--json").stdout)
+    assert (delivery["job_id"], delivery["event"], delivery["status"]) == (job_id, "cancelled", "pending")
+    assert delivery["webhook_id"].startswith("msg_")
+    assert json.loads(cli("callbacks", "list", new_job(), "--json").stdout) == []
+
+
+def test_callbacks_list_of_an_unknown_job_exits_2(cli):
+    assert_one_line_error(cli("callbacks", "list", "no-such-job"), "no job")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ([], "give a delivery id"),
+        (["7", "--failed"], "give a delivery id"),
+        (["--job", "j", "--since", "2h"], "--since goes with --failed"),
+    ],
+)
+def test_callbacks_redeliver_needs_exactly_one_target(cli, args, fragment):
+    assert_one_line_error(cli("callbacks", "redeliver", *args), fragment)
