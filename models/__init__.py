@@ -156,6 +156,8 @@ class Tenant(Base):
     rate_per_minute: Mapped[int | None] = mapped_column(Integer)
     max_in_flight: Mapped[int | None] = mapped_column(Integer)
     daily_budget: Mapped[int | None] = mapped_column(Integer)
+    # Where this tenant's job callbacks go when a job names none (None: no callback).
+    callback_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column()
 
 

@@ -33,12 +33,13 @@ from worker.adapters.database import get_engine, session_factory
 from worker.adapters.redis_keys import webhook_seen_name
 from worker.config import Settings, get_settings
 from worker.core import jobs, tenants
+from worker.core.deliveries import delivery_json, list_deliveries
 from worker.core.jobs import InputStore
 from worker.core.states import State
 from worker.core.steps import Publisher
 from worker.core.tenants import Caller
 from worker.core.validation import Resolver, validate_request
-from worker.engine import operator, reconciler
+from worker.engine import callbacks, operator, reconciler
 from worker.engine.webhooks import NudgeOutcome, nudge_poll
 from worker.errors import (
     AdmissionUnavailable,
@@ -119,6 +120,10 @@ class CreateJob(BaseModel):
         description="1..255 characters; per tenant, for EDIT_WORKER_IDEMPOTENCY_TTL_SECONDS: the same key with the same request answers the same job (200), with another request 409",
     )
     priority: str | None = Field(None, description="high | normal | low: the order of your own queued jobs (default normal)")
+    callback_url: str | None = Field(
+        None,
+        description="https URL to POST the signed job JSON to on every terminal state (default: the tenant's; Standard Webhooks signature)",
+    )
     tenant: str | None = Field(None, description="admin keys only: create the job for this tenant (default: the key's own)")
 
 
@@ -134,6 +139,18 @@ class BulkFilter(BaseModel):
 class BulkOut(BaseModel):
     count: int
     jobs: list[str]
+
+
+class DeliveryOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    job_id: str
+    event: str
+    status: str = Field(description="pending | delivered | failed")
+    attempts: int
+    webhook_id: str
+    last_error: str | None
 
 
 class NewKeyRequest(BaseModel):
@@ -509,6 +526,7 @@ def create_app(
             idempotency_key=body.idempotency_key,
             tenant=body.tenant or who.tenant,
             priority=body.priority,
+            callback_url=body.callback_url,
             settings=settings,
             remote=True,
             resolver=url_resolver,
@@ -630,6 +648,42 @@ def create_app(
             reconciler.relay_outbox(deps)
         except Exception as exc:  # the outbox row is committed: the beat relay publishes it later
             log.warning("retry: outbox relay failed (%s); left for the beat relay", type(exc).__name__, extra={"job_id": job_id})
+
+    # --- completion callbacks ---
+
+    @app.get(
+        "/jobs/{job_id}/deliveries",
+        response_model=None,
+        responses={
+            200: {"model": list[DeliveryOut], "description": "the job's callback deliveries, oldest first"},
+            **_errors(401, 404, 503),
+        },
+    )
+    def get_deliveries(job_id: str, who: Caller = Depends(caller)) -> list[dict]:
+        jobs.get_job(sessions, job_id, tenant=who.scope)
+        return [delivery_json(d) for d in list_deliveries(sessions, job_id)]
+
+    @app.post(
+        "/jobs/{job_id}/redeliver",
+        response_model=None,
+        responses={200: {"model": DeliveryOut, "description": "the job's latest delivery, due again now"}, **_errors(401, 404, 409, 503)},
+    )
+    def redeliver_job(job_id: str, who: Caller = Depends(caller)) -> dict:
+        """Send the job's latest callback again now, under the same webhook-id."""
+        jobs.get_job(sessions, job_id, tenant=who.scope)
+        return delivery_json(callbacks.redeliver(deps_factory(), job_id=job_id))
+
+    @app.post(
+        "/deliveries/redeliver",
+        response_model=None,
+        responses={200: {"description": "how many failed deliveries are due again"}, **_errors(401, 403, 422, 503)},
+    )
+    def redeliver_failed(body: BulkFilter, who: Caller = Depends(caller)) -> dict:
+        """Bulk: send every failed callback of your tenant (admin: of every tenant, or `tenant`) again now."""
+        if body.state is not None or body.error_code is not None:
+            raise InvalidInput("only `since` and (admin) `tenant` filter deliveries")
+        count = callbacks.redeliver_failed(deps_factory(), body.since, tenant=_scope(who, body.tenant))
+        return {"redelivered": count}
 
     # --- tenants and keys ---
 

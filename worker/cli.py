@@ -253,6 +253,7 @@ def submit(
     ),
     tenant: str = typer.Option("default", "--tenant", help="The tenant the job belongs to."),
     priority: str | None = typer.Option(None, "--priority", help="high | normal | low (default normal)."),
+    callback_url: str | None = typer.Option(None, "--callback-url", help="POST the signed job JSON here when it finishes."),
     from_file: Path | None = typer.Option(None, "--from-file", help="JSON Lines, one job per line with the same fields."),
     wait: bool = typer.Option(False, "--wait", help="Block until the job is finished (exit 0 only on succeeded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the job object(s) as JSON."),
@@ -276,7 +277,15 @@ def submit(
     assert image is not None and prompt is not None  # _fail exited otherwise
     job = _guard(
         lambda: producer.submit_edit(
-            image, prompt, size=size, seed=seed, idempotency_key=idempotency_key, tenant=tenant, priority=priority, settings=settings
+            image,
+            prompt,
+            size=size,
+            seed=seed,
+            idempotency_key=idempotency_key,
+            tenant=tenant,
+            priority=priority,
+            callback_url=callback_url,
+            settings=settings,
         )
     )
     if wait:
@@ -299,7 +308,17 @@ def _read_jsonl(path: Path) -> list[dict]:
             _fail(f"{path}:{number}: not JSON ({exc.msg})")
         if not isinstance(item, dict):
             _fail(f"{path}:{number}: expected a JSON object")
-        unknown = set(item) - {"image", "prompt", "size", "seed", "idempotency_key", "enable_base64_output", "tenant", "priority"}
+        unknown = set(item) - {
+            "image",
+            "prompt",
+            "size",
+            "seed",
+            "idempotency_key",
+            "enable_base64_output",
+            "tenant",
+            "priority",
+            "callback_url",
+        }
         if unknown:
             _fail(f"{path}:{number}: unknown field(s) {', '.join(sorted(unknown))}")
         items.append(item)
@@ -312,26 +331,33 @@ def _read_jsonl(path: Path) -> list[dict]:
 def status(
     job_id: str,
     as_json: bool = typer.Option(False, "--json"),
-    events: bool = typer.Option(False, "--events", help="Also show every state change."),
+    events: bool = typer.Option(False, "--events", help="Also show every state change and callback delivery."),
 ) -> None:
     """Show one job."""
     from worker import producer
+    from worker.core.deliveries import delivery_json, list_deliveries
     from worker.core.jobs import event_json, job_events
 
     job = _guard(lambda: producer.get_job(job_id))
     if as_json and events:
         from worker.adapters.database import session_factory
 
+        sessions = session_factory(_settings().database_url)
         data = _job_json(job)
-        data["events"] = [event_json(e) for e in job_events(session_factory(_settings().database_url), job_id)]
+        data["events"] = [event_json(e) for e in job_events(sessions, job_id)]
+        data["deliveries"] = [delivery_json(d) for d in list_deliveries(sessions, job_id)]
         typer.echo(json.dumps(data))
         return
     _print_job(job, as_json)
     if events and not as_json:
         from worker.adapters.database import session_factory
 
-        for e in job_events(session_factory(_settings().database_url), job_id):
+        sessions = session_factory(_settings().database_url)
+        for e in job_events(sessions, job_id):
             out.print(escape(f"  {e.at:%Y-%m-%d %H:%M:%S} {e.from_state or '-'} -> {e.to_state}: {e.reason}"), highlight=False)
+        for d in list_deliveries(sessions, job_id):
+            line = f"  callback {d.id} ({d.state}): {d.status}, tries {d.attempts}"
+            out.print(escape(line + (f", last: {d.last_error}" if d.last_error else "")), highlight=False)
 
 
 @app.command("list")
@@ -681,18 +707,35 @@ def tenants_set(
     rate_per_minute: int | None = typer.Option(None, "--rate-per-minute", help="Admissions per minute (0: no limit)."),
     max_in_flight: int | None = typer.Option(None, "--max-in-flight", help="Jobs at the provider at once (0: no limit)."),
     daily_budget: int | None = typer.Option(None, "--daily-budget", help="Paid jobs per UTC day (0: no limit)."),
+    callback_url: str | None = typer.Option(None, "--callback-url", help="Default callback URL of its jobs ('' removes it)."),
 ) -> None:
-    """Create a tenant or change its weight and quotas."""
+    """Create a tenant or change its weight, quotas and default callback URL."""
     from worker.core.tenants import set_tenant
+    from worker.core.validation import validate_callback_url
+
+    settings = _settings()
+    checked = (
+        None
+        if callback_url is None
+        else (_guard(lambda: validate_callback_url(callback_url, allow_private=settings.allow_private_urls)) or "")
+    )
 
     row = _guard(
         lambda: set_tenant(
-            _sessions(), name, weight=weight, rate_per_minute=rate_per_minute, max_in_flight=max_in_flight, daily_budget=daily_budget
+            _sessions(),
+            name,
+            weight=weight,
+            rate_per_minute=rate_per_minute,
+            max_in_flight=max_in_flight,
+            daily_budget=daily_budget,
+            callback_url=checked,
         )
     )
     out.print(
-        f"{row.name}: weight {row.weight}, rate/min {row.rate_per_minute}, in flight {row.max_in_flight}, daily {row.daily_budget}",
+        f"{row.name}: weight {row.weight}, rate/min {row.rate_per_minute}, in flight {row.max_in_flight}, daily {row.daily_budget}, "
+        f"callback {row.callback_url or '-'}",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -708,6 +751,7 @@ def tenants_list(as_json: bool = typer.Option(False, "--json")) -> None:
             "rate_per_minute": t.rate_per_minute,
             "max_in_flight": t.max_in_flight,
             "daily_budget": t.daily_budget,
+            "callback_url": t.callback_url,
         }
         for t in list_tenants(_sessions())
     ]

@@ -73,6 +73,7 @@ def validate_request(
     enable_base64_output: bool | None = None,
     tenant: str = DEFAULT_TENANT,
     priority: str | None = None,
+    callback_url: str | None = None,
     settings: Settings,
 ) -> NewJob:
     """Every check, before anything is written (core/validation.validate_request with the
@@ -86,6 +87,7 @@ def validate_request(
         enable_base64_output=enable_base64_output,
         tenant=tenant,
         priority=priority,
+        callback_url=callback_url,
         settings=settings,
     )
 
@@ -157,13 +159,15 @@ def submit_edit(
     enable_base64_output: bool | None = None,
     tenant: str = DEFAULT_TENANT,
     priority: str | None = None,
+    callback_url: str | None = None,
     settings: Settings | None = None,
     publisher=None,
     storage: InputStore | None = None,
 ) -> Job:
     """Create an edit job for `tenant` (default `default`); the same idempotency key with the same
     request returns the same job, never a second one (IdempotencyMismatch for a different request;
-    QuotaExceeded over the tenant's rate or daily budget)."""
+    QuotaExceeded over the tenant's rate or daily budget). `callback_url`: where to POST the signed
+    job JSON when it finishes (default: the tenant's)."""
     settings = settings or get_settings()
     request = validate_request(
         image=image,
@@ -174,6 +178,7 @@ def submit_edit(
         enable_base64_output=enable_base64_output,
         tenant=tenant,
         priority=priority,
+        callback_url=callback_url,
         settings=settings,
     )
     return enqueue(settings, [request], publisher=publisher, storage=storage)[0]

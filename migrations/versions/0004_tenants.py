@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("rate_per_minute", sa.Integer(), nullable=True),
         sa.Column("max_in_flight", sa.Integer(), nullable=True),
         sa.Column("daily_budget", sa.Integer(), nullable=True),
+        sa.Column("callback_url", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_tenants")),
     )

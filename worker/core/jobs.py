@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker, undefer
 from sqlalchemy.sql import ClauseElement
 
-from models import IdempotencyKey, Job, JobEvent, Outbox
+from models import IdempotencyKey, Job, JobEvent, Outbox, Tenant
 from worker.core.deliveries import DELIVERIES, QUEUED_FLAG, new_webhook_id, queued_row
 from worker.core.states import State, can_transition
 from worker.core.steps import Publisher, Step
@@ -113,6 +113,17 @@ def store_inputs(inputs: InputStore | None, images: list[tuple[str, ImageInput]]
     return stored
 
 
+def _default_callbacks(sessions: sessionmaker[Session], tenants: set[str]) -> dict[str, str]:
+    """The tenants' default callback URLs (`edit-worker tenants set NAME --callback-url`)."""
+    if not tenants:
+        return {}
+    with sessions() as session:
+        rows = session.execute(
+            select(Tenant.name, Tenant.callback_url).where(Tenant.name.in_(sorted(tenants)), Tenant.callback_url.is_not(None))
+        )
+        return {name: url for name, url in rows}
+
+
 def create_jobs(
     sessions: sessionmaker[Session],
     requests: Iterable[NewJob],
@@ -156,6 +167,7 @@ def create_jobs(
                     first_of_key[scoped] = index
                 plan.append(index)
         fresh = [index for index, step in enumerate(plan) if not isinstance(step, Job) and step == index]
+        defaults = _default_callbacks(sessions, {requests[i].tenant for i in fresh if requests[i].callback_url is None})
         stored.update(store_inputs(inputs, [(ids[i], requests[i].image) for i in fresh if ids[i] not in stored]))
         now = clock()
         with sessions() as session:
@@ -176,6 +188,7 @@ def create_jobs(
                     idempotency_key=req.idempotency_key,
                     tenant=req.tenant,
                     priority=req.priority,
+                    callback_url=req.callback_url or defaults.get(req.tenant),
                     attempts=0,
                     outputs=[],
                     has_nsfw_contents=[],

@@ -145,9 +145,11 @@ def set_tenant(
     rate_per_minute: int | None = None,
     max_in_flight: int | None = None,
     daily_budget: int | None = None,
+    callback_url: str | None = None,
     clock: Clock = utcnow,
 ) -> Tenant:
-    """Create or change a tenant's weight and quotas (None leaves a value as it is)."""
+    """Create or change a tenant's weight, quotas and default callback URL (None leaves a value as
+    it is; an empty callback URL removes it). The URL must already be checked (validate_callback_url)."""
     name = validate_tenant(name)
     for label, value in (("weight", weight), ("rate", rate_per_minute), ("max in flight", max_in_flight), ("daily budget", daily_budget)):
         if value is not None and (value < 0 or (label == "weight" and value < 1)):
@@ -162,6 +164,8 @@ def set_tenant(
         ):
             if value is not None:
                 setattr(tenant, field, value)
+        if callback_url is not None:
+            tenant.callback_url = callback_url or None
         session.commit()
         return tenant
 

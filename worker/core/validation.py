@@ -156,6 +156,17 @@ def validate_tenant(name: str | None) -> str:
     return value
 
 
+def validate_callback_url(url: str | None, *, allow_private: bool = False, resolver: Resolver | None = None) -> str | None:
+    """A producer's callback URL: http(s), no credentials, not a private address (checked again
+    at every delivery: DNS may change). None or empty: no callback."""
+    if url is None or (isinstance(url, str) and not url.strip()):
+        return None
+    if not isinstance(url, str):
+        raise InvalidInput("callback_url must be a string")
+    extra = {"resolver": resolver} if resolver is not None else {}
+    return check_url(url.strip(), allow_private=allow_private, what="callback URL", **extra)
+
+
 def validate_priority(value: str | None) -> str:
     """high | normal | low (default normal)."""
     priority = (value or "normal").strip().lower()
@@ -176,6 +187,7 @@ class NewJob:
     enable_base64_output: bool = False
     tenant: str = DEFAULT_TENANT
     priority: str = "normal"
+    callback_url: str | None = None  # None: the tenant's default callback URL, if it has one
 
     def fingerprint(self) -> str:
         """What makes two requests "the same request" for an idempotency key: every field that
@@ -188,6 +200,7 @@ class NewJob:
             "seed": self.seed,
             "priority": self.priority,
             "base64": self.enable_base64_output,
+            "callback_url": self.callback_url,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -457,6 +470,7 @@ def validate_request(
     enable_base64_output: bool | None = None,
     tenant: str = DEFAULT_TENANT,
     priority: str | None = None,
+    callback_url: str | None = None,
     settings: Settings,
     remote: bool = False,
     resolver: Resolver | None = None,
@@ -486,4 +500,5 @@ def validate_request(
         enable_base64_output=base64_output,
         tenant=validate_tenant(tenant),
         priority=validate_priority(priority),
+        callback_url=validate_callback_url(callback_url, allow_private=settings.allow_private_urls, **extra),
     )

@@ -414,11 +414,14 @@ def redeliver(deps: Deps, *, delivery_id: int | None = None, job_id: str | None 
         return delivery
 
 
-def redeliver_failed(deps: Deps, since: datetime | None = None) -> int:
-    """Send every failed delivery (created at or after `since`) again, now; how many."""
+def redeliver_failed(deps: Deps, since: datetime | None = None, *, tenant: str | None = None) -> int:
+    """Send every failed delivery (created at or after `since`; of one tenant's jobs, or all for
+    None) again, now; how many."""
     where = [CallbackDelivery.status == FAILED]
     if since is not None:
         where.append(CallbackDelivery.created_at >= since)
+    if tenant is not None:
+        where.append(CallbackDelivery.job_id.in_(select(Job.id).where(Job.tenant == tenant)))
     count = _reopen(deps, where, deps.clock())
     wake_callbacks(deps, count > 0)
     return count

@@ -935,3 +935,34 @@ def test_metrics_show_each_tenants_paid_submissions_and_cost_today(make_client, 
     text = client.get("/metrics").text
     assert 'edit_worker_tenant_paid_submissions_today{tenant="shop"} 2.0' in text
     assert 'edit_worker_tenant_cost_today{tenant="shop"} 0.06' in text
+
+
+def test_a_job_carries_its_callback_url_and_its_deliveries_are_visible_to_its_tenant_only(make_client, sessions):
+    shop = make_client(key=tenants.create_key(sessions, "shop").key.get_secret_value())
+    other = make_client(key=tenants.create_key(sessions, "other").key.get_secret_value())
+    job = create(shop, callback_url="https://images.example.com/hooks/edit-done")
+    assert job["callback_url"] == "https://images.example.com/hooks/edit-done"
+    assert shop.get(f"/jobs/{job['id']}/deliveries").json() == []  # nothing until it finishes
+    shop.post(f"/jobs/{job['id']}/cancel")
+    [delivery] = shop.get(f"/jobs/{job['id']}/deliveries").json()
+    assert (delivery["event"], delivery["status"]) == ("cancelled", "pending")
+    assert_error(other.get(f"/jobs/{job['id']}/deliveries"), 404, "not_found")
+    assert_error(other.post(f"/jobs/{job['id']}/redeliver"), 404, "not_found")
+    assert shop.post(f"/jobs/{job['id']}/redeliver").json()["webhook_id"] == delivery["webhook_id"]
+    assert shop.post("/deliveries/redeliver", json={}).json() == {"redelivered": 0}
+
+
+def test_a_private_callback_url_is_refused_and_nothing_is_written(client, sessions):
+    assert_error(client.post("/jobs", json=body(callback_url="http://10.1.2.3/hook")), 422, "invalid_input")
+    assert_error(client.post("/jobs", json=body(callback_url="ftp://images.example.com/hook")), 422, "invalid_input")
+    assert count(sessions, Job) == 0
+
+
+def test_a_tenants_default_callback_url_applies_to_jobs_that_name_none(make_client, sessions):
+    key = tenants.create_key(sessions, "shop").key.get_secret_value()
+    tenants.set_tenant(sessions, "shop", callback_url="https://images.example.com/shop-hook")
+    shop = make_client(key=key)
+    assert create(shop)["callback_url"] == "https://images.example.com/shop-hook"
+    assert (
+        create(shop, callback_url="https://images.example.com/own", prompt="own hook")["callback_url"] == "https://images.example.com/own"
+    )
