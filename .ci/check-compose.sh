@@ -3,7 +3,8 @@
 #  1. `docker-compose config -q` as the developer runs it (with ./.env if present) and with no
 #     .env at all (the compose file must work without one);
 #  2. every service starts through an entry point the tests/CI start the same way
-#     (worker/local.py): `edit-worker migrate|worker|beat|api|sandbox`, `python -m moto.server`,
+#     (worker/devtools/local.py), from a Dockerfile stage that exists and has what it runs (moto's
+#     S3 server: the `local` target): `edit-worker migrate|worker|beat|api|sandbox`, `python -m moto.server`,
 #     `redis-server … --maxmemory-policy noeviction`, the one-shot bucket creation, or an upstream
 #     image's own default (postgres);
 #  3. the app services share one environment that names every setting in worker/config.py (or
@@ -69,13 +70,24 @@ def classify(name, svc):
     if argv[:1] == ["edit-worker"] and len(argv) > 1 and argv[1] in EDIT_WORKER_COMMANDS:
         return text, True
     if argv[:3] == ["python", "-m", "moto.server"]:
-        return text, True
+        # moto is in the `local` extra, which only the Dockerfile's `local` target installs.
+        target = (svc.get("build") or {}).get("target") if isinstance(svc.get("build"), dict) else None
+        ok = "build" not in svc or target == "local"
+        return text + ("" if ok else "   <- needs build.target: local (moto is not in the production image)"), ok
     if argv[:1] == ["redis-server"]:
         ok = any(argv[i:i + 2] == ["--maxmemory-policy", "noeviction"] for i in range(len(argv)))
         return text + ("" if ok else "   <- needs --maxmemory-policy noeviction"), ok
     if argv[:2] == ["python", "-c"] and len(argv) == 3 and "ensure_bucket()" in argv[2]:
         return "python -c '…Storage.from_settings(get_settings()).ensure_bucket()' (one-shot bucket creation)", True
     return text, False
+
+# Every build target named in the compose file is a stage of the Dockerfile.
+stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", open("Dockerfile").read(), re.M | re.I))
+for name, svc in services.items():
+    build = svc.get("build")
+    target = build.get("target") if isinstance(build, dict) else None
+    if target and target not in stages:
+        failures.append("%s: build target %r is not a stage of the Dockerfile (%s)" % (name, target, ", ".join(sorted(stages))))
 
 print("== entry points")
 for name in sorted(services):

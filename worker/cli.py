@@ -24,7 +24,7 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_o
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -609,7 +609,12 @@ def demo(
     workdir: Path = typer.Option(Path(".edit-worker-demo"), "--dir", help="Where the demo keeps its files and results."),
     timeout: float = typer.Option(180.0, "--timeout", help="Give up after this many seconds."),
 ) -> None:
-    """Start what is needed locally and run a few edits end to end."""
+    """Start what is needed locally and run a few edits end to end (needs the `local` extra)."""
+    from worker.devtools.local import LOCAL_EXTRA_HINT, missing_local_extra
+
+    missing = missing_local_extra()
+    if missing:
+        _fail(f"`edit-worker demo` needs the local services extra ({', '.join(missing)} not installed): {LOCAL_EXTRA_HINT}")
     from worker.devtools.demo import run_demo
 
     raise typer.Exit(run_demo(jobs=jobs, latency=latency, workdir=workdir, timeout=timeout, console=out))

@@ -121,7 +121,7 @@ def _default_callbacks(sessions: sessionmaker[Session], tenants: set[str]) -> di
         rows = session.execute(
             select(Tenant.name, Tenant.callback_url).where(Tenant.name.in_(sorted(tenants)), Tenant.callback_url.is_not(None))
         )
-        return {name: url for name, url in rows}
+        return {name: url for name, url in rows if url is not None}
 
 
 def create_jobs(

@@ -163,8 +163,9 @@ def validate_callback_url(url: str | None, *, allow_private: bool = False, resol
         return None
     if not isinstance(url, str):
         raise InvalidInput("callback_url must be a string")
-    extra = {"resolver": resolver} if resolver is not None else {}
-    return check_url(url.strip(), allow_private=allow_private, what="callback URL", **extra)
+    if resolver is None:
+        return check_url(url.strip(), allow_private=allow_private, what="callback URL")
+    return check_url(url.strip(), allow_private=allow_private, what="callback URL", resolver=resolver)
 
 
 def validate_priority(value: str | None) -> str:

@@ -21,10 +21,10 @@ import sys
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
@@ -497,10 +497,11 @@ async def _hostile_answer(state: SandboxState, endpoint: str, kind: str, request
     if kind == "wrong_id":
         others = [other for other in state.tasks.values() if other.id != task.id]
         other = state.rng.choice(others) if others else None
-        answer["data"] = await state.prediction(other, base_url) if other else {**answer["data"], "id": uuid.uuid4().hex}
+        data = cast(dict[str, Any], answer["data"])
+        answer["data"] = await state.prediction(other, base_url) if other else {**data, "id": uuid.uuid4().hex}
         return JSONResponse(answer)
     if kind == "malformed_id":
-        answer["data"]["id"] = state.rng.choice([f"../{task.id}", 12345, "x" * 300, None, f"{task.id} "])
+        cast(dict[str, Any], answer["data"])["id"] = state.rng.choice([f"../{task.id}", 12345, "x" * 300, None, f"{task.id} "])
         return JSONResponse(answer)
     if kind == "endless_body":
         if endpoint == "download":
@@ -584,12 +585,12 @@ def _validate_edit(body: Any) -> _EditRequest:
 
     flags = {}
     for name in ("enable_base64_output", "enable_sync_mode"):
-        value = body.get(name)
-        if value is None:
-            value = False
-        if not isinstance(value, bool):
+        flag: Any = body.get(name)
+        if flag is None:
+            flag = False
+        if not isinstance(flag, bool):
             raise _Invalid(f"{name} must be a boolean")
-        flags[name] = value
+        flags[name] = flag
 
     return _EditRequest(
         prompt=prompt,
@@ -908,7 +909,7 @@ def _env_bool(value: str) -> bool:
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> tuple[str, int, SandboxConfig]:
     """Resolve (host, port, config) from flags, then SANDBOX_<FLAG> env vars, then defaults."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(prog="edit-worker sandbox", description="Local WaveSpeed-compatible server.")
     parser.add_argument("--host", default=None, help="bind address (env SANDBOX_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (env SANDBOX_PORT, default 8900)")
@@ -926,7 +927,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         if value is not None:
             return value
         env_name = "SANDBOX_" + field.upper()
-        raw = environ.get(env_name)
+        raw = env.get(env_name)
         if raw is None or raw == "":
             return None
         try:
