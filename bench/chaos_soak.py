@@ -777,6 +777,10 @@ def run(args) -> int:
             f"stack up in {time.monotonic() - t_start:.1f}s: redis :{stack.redis.port}, s3 :{stack.s3.port}, "
             f"sandbox :{stack.sandbox.port}, postgres :{stack.postgres.port}, workers {[w.process.pid for w in stack.workers]}"
         )
+        from worker.adapters.redis_client import connect, server_version
+
+        redis_version = ".".join(map(str, server_version(connect(stack.broker_url))))
+        log(f"redis-server {redis_version} ({local.redis_server_binary()})")
 
         from PIL import Image
 
