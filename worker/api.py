@@ -38,7 +38,7 @@ from worker.core.jobs import InputStore
 from worker.core.states import State
 from worker.core.steps import Publisher
 from worker.core.tenants import Caller
-from worker.core.validation import Resolver, validate_request
+from worker.core.validation import Resolver, validate_callback_url, validate_request
 from worker.engine import callbacks, operator, reconciler
 from worker.engine.webhooks import NudgeOutcome, nudge_poll
 from worker.errors import (
@@ -151,6 +151,29 @@ class DeliveryOut(BaseModel):
     attempts: int
     webhook_id: str
     last_error: str | None
+
+
+class TenantSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: int | None = Field(None, ge=1, le=1000, description="its share of the submitter's turns")
+    rate_per_minute: int | None = Field(None, ge=0, le=1_000_000, description="admissions per minute (0: no limit)")
+    max_in_flight: int | None = Field(None, ge=0, le=1_000_000, description="jobs at the provider at once (0: no limit)")
+    daily_budget: int | None = Field(None, ge=0, le=100_000_000, description="paid jobs per UTC day (0: no limit)")
+    callback_url: str | None = Field(None, max_length=4096, description='default callback URL of its jobs ("" removes it)')
+
+
+class TenantOut(BaseModel):
+    tenant: str
+    weight: int
+    rate_per_minute: int | None
+    max_in_flight: int | None
+    daily_budget: int | None
+    callback_url: str | None
+
+
+class TenantListOut(BaseModel):
+    tenants: list[TenantOut]
 
 
 class NewKeyRequest(BaseModel):
@@ -270,6 +293,17 @@ def _scope(who: Caller, tenant: str | None) -> str | None:
     if tenant is not None and not who.admin and tenant != who.tenant:
         raise _Forbidden("only an admin key may look at another tenant")
     return tenant if who.admin else who.tenant
+
+
+def _tenant_json(row) -> dict:
+    return {
+        "tenant": row.name,
+        "weight": row.weight,
+        "rate_per_minute": row.rate_per_minute,
+        "max_in_flight": row.max_in_flight,
+        "daily_budget": row.daily_budget,
+        "callback_url": row.callback_url,
+    }
 
 
 def _key_json(key) -> dict:
@@ -694,6 +728,37 @@ def create_app(
         """Per tenant: jobs by state, paid jobs admitted today, paid submissions today and their cost."""
         rows = tenants.usage(sessions, settings, tenant=_scope(who, tenant))
         return {"tenants": [vars(row) for row in rows]}
+
+    @app.get(
+        "/tenants",
+        response_model=None,
+        responses={200: {"model": TenantListOut, "description": "tenants and their quotas"}, **_errors(401, 403, 503)},
+    )
+    def list_tenants(_who: Caller = Depends(admin)) -> dict:
+        """Admin: every tenant with its weight, quotas (null: the deployment's default) and default callback URL."""
+        return {"tenants": [_tenant_json(row) for row in tenants.list_tenants(sessions)]}
+
+    @app.put(
+        "/tenants/{name}",
+        response_model=None,
+        responses={200: {"model": TenantOut, "description": "the tenant"}, **_errors(401, 403, 422, 503)},
+    )
+    def set_tenant(name: str, body: TenantSettings, _who: Caller = Depends(admin)) -> dict:
+        """Admin: create a tenant or change its weight, quotas (0: no limit) and default callback URL ("" removes it)."""
+        url = body.callback_url
+        checked = (
+            None if url is None else (validate_callback_url(url, allow_private=settings.allow_private_urls, resolver=url_resolver) or "")
+        )
+        row = tenants.set_tenant(
+            sessions,
+            name,
+            weight=body.weight,
+            rate_per_minute=body.rate_per_minute,
+            max_in_flight=body.max_in_flight,
+            daily_budget=body.daily_budget,
+            callback_url=checked,
+        )
+        return _tenant_json(row)
 
     @app.post(
         "/keys",

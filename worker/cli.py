@@ -109,10 +109,14 @@ def migrate(
 ) -> None:
     """Run `alembic upgrade head` on DATABASE_URL (and, with --bucket, create the S3 bucket)."""
     from worker.adapters.database import migrate as run
+    from worker.errors import UnsupportedDatabase
 
     settings = _settings()
     url = database_url or settings.database_url
-    run(url)
+    try:
+        run(url)
+    except UnsupportedDatabase as exc:
+        _fail(str(exc), 2)
     out.print(f"database at head: {_redact_url(url)}", highlight=False)
     if bucket:
         from worker.adapters.storage import Storage

@@ -102,5 +102,9 @@ class ProviderAuthError(ProviderError):
     """401/403: bad key or no credit. Systemic: open the breaker, stop submitting, keep jobs queued."""
 
 
+class UnsupportedDatabase(EditWorkerError):
+    """The database server is older than the oldest one supported (PostgreSQL 14)."""
+
+
 class UnsupportedRedis(EditWorkerError):
     """The Redis server is older than the oldest one every command and script here runs on."""

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
+
+from worker.errors import UnsupportedDatabase
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
@@ -63,8 +66,29 @@ def alembic_config(database_url: str):
     return cfg
 
 
+# The oldest PostgreSQL every statement here runs on (MATERIALIZED CTEs need 12; 14 is the oldest
+# still maintained, and the one the integration tests and CI cover up from).
+MIN_POSTGRES = (14, 0)
+
+
+def require_supported(url: str, *, engine: Any = None) -> None:
+    """Refuse a PostgreSQL older than MIN_POSTGRES with a one-line UnsupportedDatabase (SQLite is
+    always fine). `engine`: the one for `url` (default: the process's)."""
+    engine = engine or get_engine(url)
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as conn:
+        number = int(conn.execute(text("SHOW server_version_num")).scalar_one())
+    version = (number // 10000, number % 10000)
+    if version < MIN_POSTGRES:
+        raise UnsupportedDatabase(
+            f"PostgreSQL {version[0]}.{version[1]} is not supported: edit-worker needs PostgreSQL {MIN_POSTGRES[0]} or newer"
+        )
+
+
 def migrate(database_url: str, revision: str = "head") -> None:
-    """`alembic upgrade head` on the given database."""
+    """`alembic upgrade head` on the given database (refusing a PostgreSQL that is too old)."""
     from alembic import command
 
+    require_supported(database_url)
     command.upgrade(alembic_config(database_url), revision)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from worker.adapters.database import alembic_config, migrate
@@ -56,3 +57,28 @@ def test_downgrading_0003_gives_url_inputs_their_payload_back(tmp_path):
 
     with create_engine(url).connect() as conn:
         assert conn.execute(text("SELECT image_payload FROM jobs WHERE id = 'job-2'")).scalar_one() == "https://x.example/a.png"
+
+
+def test_a_postgresql_older_than_14_is_refused_with_one_line():
+    from worker.adapters import database
+    from worker.errors import UnsupportedDatabase
+
+    class Conn:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def execute(self, statement):
+            return type("R", (), {"scalar_one": lambda self: "130011"})()
+
+    class Engine:
+        dialect = type("D", (), {"name": "postgresql"})()
+
+        def connect(self):
+            return Conn()
+
+    with pytest.raises(UnsupportedDatabase, match=r"^PostgreSQL 13\.11 is not supported: edit-worker needs PostgreSQL 14 or newer$"):
+        database.require_supported("postgresql+psycopg://db/x", engine=Engine())
+    database.require_supported("sqlite:///x.db")  # SQLite: nothing to check

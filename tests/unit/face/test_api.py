@@ -966,3 +966,22 @@ def test_a_tenants_default_callback_url_applies_to_jobs_that_name_none(make_clie
     assert (
         create(shop, callback_url="https://images.example.com/own", prompt="own hook")["callback_url"] == "https://images.example.com/own"
     )
+
+
+def test_an_admin_sets_a_tenants_quotas_over_http_and_a_tenant_key_may_not(make_client, client, sessions):
+    shop = make_client(key=tenants.create_key(sessions, "shop").key.get_secret_value())
+    answer = client.put("/tenants/shop", json={"max_in_flight": 3, "daily_budget": 100, "callback_url": "https://images.example.com/h"})
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["max_in_flight"], answer.json()["daily_budget"]) == (3, 100)
+    assert {
+        "tenant": "shop",
+        "weight": 1,
+        "rate_per_minute": None,
+        "max_in_flight": 3,
+        "daily_budget": 100,
+        "callback_url": "https://images.example.com/h",
+    } in client.get("/tenants").json()["tenants"]
+    assert_error(shop.put("/tenants/shop", json={"max_in_flight": 1000}), 403, "forbidden")
+    assert_error(shop.get("/tenants"), 403, "forbidden")
+    assert_error(client.put("/tenants/shop", json={"callback_url": "http://10.0.0.1/h"}), 422, "invalid_input")
+    assert_error(client.put("/tenants/Bad Name", json={}), 422, "invalid_input")
