@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from enum import Enum
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, case, func, select, update
 
 from worker.adapters.breaker import Gate
 from worker.adapters.wavespeed import EditRequest
@@ -78,20 +78,29 @@ class SubmitBatchReport:
     schedule: list[Next] = field(default_factory=list)  # follow-up messages to publish
 
 
+# How many fair-ordered candidates a lease looks at per job it takes.
+CANDIDATES_PER_LEASE = 4
+
+
 def lease_queued(deps: Deps, limit: int) -> list[Lease]:
     """Lease up to `limit` due queued jobs in fair-share order (fairshare.py: tenants take turns,
     priority within a tenant, in-flight caps). PostgreSQL: FOR UPDATE SKIP LOCKED, so concurrent
     submitters lease disjoint sets; SQLite serialises writers and the UPDATE re-checks."""
     now = deps.clock()
     c = JOBS.c
-    wanted = fair_candidates(deps, limit)
+    # More candidates than the lease takes: concurrent submitters see the same fair order, and each
+    # takes the first `limit` of it that nobody else has locked (SKIP LOCKED), in that order.
+    wanted = fair_candidates(deps, limit * CANDIDATES_PER_LEASE)
     if not wanted:
         return []
-    # A materialized CTE: PostgreSQL may re-run an `IN (SELECT … FOR UPDATE SKIP LOCKED)` subquery
-    # during the UPDATE, each run skipping what the last one locked.
+    fair_order = case({job_id: i for i, job_id in enumerate(wanted)}, value=c.id)
+    # A materialized CTE: PostgreSQL may re-run an `IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`
+    # subquery during the UPDATE, each run skipping what the last one locked — more than n rows.
     due = (
         select(c.id)
         .where(c.id.in_(wanted), *due_filter(now))
+        .order_by(fair_order)
+        .limit(limit)
         .with_for_update(skip_locked=True)
         .cte("due")
         .prefix_with("MATERIALIZED", dialect="postgresql")
