@@ -89,6 +89,13 @@ def test_cli_drives_the_whole_flow(cluster, sample_image):
         "created_at",
         "updated_at",
         "finished_at",
+        # DESIGN §4 additions (tenants, callbacks, result links, cost)
+        "tenant",
+        "priority",
+        "callback_url",
+        "output_urls",
+        "paid_submissions",
+        "cost",
     }
 
     waited = cluster.cli("wait", first["id"], "--timeout", "60", check=False)
