@@ -271,10 +271,14 @@ def test_s3_stopped_and_started_while_uploading(cluster, sample_image):
     """The S3 server (rclone over a directory: objects survive) dies while outputs are being copied
     and comes back on the same port; uploads retry and every output lands byte-equal."""
     s3 = cluster.s3_service
+    # Input images live in S3 too: with S3 down, jobs not yet submitted wait in `queued` (their
+    # input cannot be read). Slow predictions, and three at the provider before S3 dies, make
+    # sure outputs are being copied while it is down.
+    cluster.sandbox_config(latency=4.0)
     start_fleet(cluster)
     n = 8
     submit_jobs(cluster, sample_image, n, "s3 restart")
-    cluster.wait_until(lambda: with_prediction(cluster) >= 1, 30, "a job at the provider")
+    cluster.wait_until(lambda: with_prediction(cluster) >= 3, 30, "three jobs at the provider")
 
     try:
         s3.kill()
