@@ -179,8 +179,9 @@ class Quotas:
     daily_budget: int = 0
 
 
-def quotas_for(session: Session, tenant: str, settings) -> Quotas:
-    row = session.get(Tenant, tenant)
+def quotas_of(row: Tenant | None, settings) -> Quotas:
+    """A tenant's effective quotas: its own values where set, else the deployment's defaults
+    (EDIT_WORKER_TENANT_*); `row` None: a tenant without a row (only the defaults apply)."""
 
     def pick(own: int | None, default: int) -> int:
         return default if own is None else own
@@ -190,6 +191,10 @@ def quotas_for(session: Session, tenant: str, settings) -> Quotas:
         max_in_flight=pick(row.max_in_flight if row else None, settings.tenant_max_in_flight),
         daily_budget=pick(row.daily_budget if row else None, settings.tenant_daily_budget),
     )
+
+
+def quotas_for(session: Session, tenant: str, settings) -> Quotas:
+    return quotas_of(session.get(Tenant, tenant), settings)
 
 
 def _day_start(now: datetime) -> datetime:

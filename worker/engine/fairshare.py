@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from models import Job, Tenant
 from worker.core.states import State
+from worker.core.tenants import quotas_for, quotas_of
 from worker.engine.deps import Deps
 
 # Jobs at the provider (or about to be): what a tenant's in-flight cap and fair share count.
@@ -56,9 +57,7 @@ def pick(turns: list[TenantTurn], limit: int, rng: random.Random | None = None) 
 def tenant_at_cap(deps: Deps, session: Session, tenant: str) -> bool:
     """Has `tenant` as many jobs in flight as its cap allows? (Task mode's per-job check; the
     batch submitter applies caps while it picks.)"""
-    cap = deps.settings.tenant_max_in_flight
-    own = session.scalar(select(Tenant.max_in_flight).where(Tenant.name == tenant))
-    cap = cap if own is None else own
+    cap = quotas_for(session, tenant, deps.settings).max_in_flight
     if not cap:
         return False
     return (session.scalar(select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.state.in_(IN_FLIGHT))) or 0) >= cap
@@ -86,13 +85,11 @@ def fair_candidates(deps: Deps, limit: int) -> list[str]:
                 select(Job.tenant, func.count()).where(Job.state.in_(IN_FLIGHT), Job.tenant.in_(tenants)).group_by(Job.tenant)
             ).all()
         )
-        rows = {
-            r.name: r for r in session.execute(select(Tenant.name, Tenant.weight, Tenant.max_in_flight).where(Tenant.name.in_(tenants)))
-        }
+        rows = {row.name: row for row in session.scalars(select(Tenant).where(Tenant.name.in_(tenants)))}
         turns = []
         for name in tenants:
             row = rows.get(name)
-            cap = s.tenant_max_in_flight if row is None or row.max_in_flight is None else row.max_in_flight
+            cap = quotas_of(row, s).max_in_flight
             in_flight = int(flying.get(name, 0))
             take = limit if not cap else min(limit, cap - in_flight)
             if take <= 0:
