@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
@@ -496,14 +496,10 @@ def _relay(deps) -> None:
 
 
 def _parse_since(text: str) -> datetime:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].isdigit():
-        return datetime.now(timezone.utc) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        _fail(f"--since must be an ISO time or a duration like 30m, 2h, 1d; got {text!r}")
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    """`--since`: an age like 30m, 2h, 1d, 2w, or an ISO time (one line and exit 2 otherwise)."""
+    from worker.engine.retention import parse_cutoff
+
+    return _guard(lambda: parse_cutoff(text, datetime.now(timezone.utc), what="--since"))
 
 
 callbacks_app = typer.Typer(no_args_is_help=True, help="Signed callbacks to producers: list a job's deliveries, send them again.")

@@ -24,19 +24,19 @@ _AGE = re.compile(r"^\s*(\d{1,9})\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_cutoff(text: str, now: datetime) -> datetime:
+def parse_cutoff(text: str, now: datetime, *, what: str = "--finished-before") -> datetime:
     """`30d`, `12h`, `90m`, `3600s`, `2w` before `now`, or an ISO 8601 time (UTC if no zone).
-    InvalidInput for anything else, or for a time in the future."""
+    InvalidInput for anything else, or for a time in the future (`what`: the option, for messages)."""
     match = _AGE.match(text or "")
     if match:
         return now - timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2).lower()])
     try:
         when = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
     except ValueError:
-        raise InvalidInput(f"--finished-before must be an age like 30d, 12h, 2w or an ISO 8601 time; got {text!r}") from None
+        raise InvalidInput(f"{what} must be an age like 30d, 12h, 2w or an ISO 8601 time; got {text!r}") from None
     when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
     if when > now:
-        raise InvalidInput(f"--finished-before {text!r} is in the future")
+        raise InvalidInput(f"{what} {text!r} is in the future")
     return when.astimezone(timezone.utc)
 
 

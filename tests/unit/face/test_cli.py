@@ -378,3 +378,9 @@ def test_callbacks_list_of_an_unknown_job_exits_2(cli):
 )
 def test_callbacks_redeliver_needs_exactly_one_target(cli, args, fragment):
     assert_one_line_error(cli("callbacks", "redeliver", *args), fragment)
+
+
+def test_since_takes_the_same_ages_and_times_as_prune_and_refuses_the_rest_in_one_line(cli):
+    assert_one_line_error(cli("retry", "--since", "last week"), "--since must be an age like 30d, 12h, 2w")
+    assert_one_line_error(cli("retry", "--since", "2999-01-01"), "--since '2999-01-01' is in the future")
+    assert cli("retry", "--since", "2w").exit_code == 0  # nothing failed: nothing to replay
