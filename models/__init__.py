@@ -100,6 +100,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
     # Where to POST the job (signed) when it reaches a terminal state; None: no callback.
     callback_url: Mapped[str | None] = mapped_column(Text)
+    # The W3C traceparent of the job's admission span (revision 0006): every worker process that
+    # takes a step of this job continues that trace. None: admitted with tracing off.
+    trace_parent: Mapped[str | None] = mapped_column(String(55))
 
     __table_args__ = (
         Index("ix_jobs_state_updated_at", "state", "updated_at"),

@@ -239,7 +239,8 @@ def api(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000)) -
     from worker import logs
     from worker.api import create_app
 
-    logs.install(logging.getLogger("worker"), level=logging.INFO)
+    settings = _settings()
+    logs.install(logging.getLogger("worker"), level=logging.INFO, fmt=settings.log_format, secrets=settings.secret_values())
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
 

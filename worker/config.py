@@ -390,6 +390,27 @@ class Settings(BaseSettings):
         description="How the provider gets an input image kept in S3: base64 (read from S3 at submit time and sent inline) or presigned_url (for an S3 the provider can reach).",
         validation_alias=_env("EDIT_WORKER_INPUT_DELIVERY"),
     )
+    # Tracing and logs (README "Tracing and logs"): off unless an OTLP endpoint is set, so an
+    # unconfigured deployment never loads the OpenTelemetry SDK.
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP endpoint (base URL, e.g. http://collector:4318) to export one trace per job to; unset: tracing off and the OpenTelemetry SDK never loaded. The standard OTEL_EXPORTER_OTLP_ENDPOINT is honoured too.",
+        validation_alias=AliasChoices(
+            "EDIT_WORKER_OTLP_ENDPOINT", "edit_worker_otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"
+        ),
+    )
+    service_name: str = Field(
+        default="edit-worker",
+        min_length=1,
+        max_length=128,
+        description="The service.name of exported spans (each process adds its own service.instance.id and process.pid). The standard OTEL_SERVICE_NAME is honoured too.",
+        validation_alias=AliasChoices("EDIT_WORKER_SERVICE_NAME", "edit_worker_service_name", "OTEL_SERVICE_NAME", "otel_service_name"),
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines as text (key=value context) or json (one object a line: time, level, logger, message and the job's job_id, tenant, prediction_id, trace_id).",
+        validation_alias=_env("EDIT_WORKER_LOG_FORMAT"),
+    )
     input_url_expiry_seconds: int = Field(
         default=3600,
         ge=60,
@@ -555,6 +576,14 @@ class Settings(BaseSettings):
     @property
     def limiter_redis_url(self) -> str:
         return self.redis_url or self.celery_broker_url
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret's value, for the log formatter to mask (worker/logs.py)."""
+        return [
+            value.get_secret_value()
+            for value in (self.wavespeed_api_key, self.aws_secret_access_key, self.webhook_secret, self.callback_secret)
+            if value is not None
+        ]
 
 
 @lru_cache(maxsize=1)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import Job
 from worker.adapters.database import session_factory
 from worker.adapters.storage import Storage
+from worker.adapters.tracing import AdmitSpan, Tracing, shared_tracing
 from worker.config import Settings, get_settings
 from worker.core import validation
 from worker.core.jobs import InputStore, NewJob, create_jobs, mark_sent, pending_outbox, publish_outbox
@@ -92,25 +93,54 @@ def validate_request(
     )
 
 
-def admit(settings: Settings, requests: list[NewJob], *, storage: InputStore | None = None) -> list[tuple[Job, bool]]:
+def admit(
+    settings: Settings, requests: list[NewJob], *, storage: InputStore | None = None, tracing: Tracing | None = None
+) -> list[tuple[Job, bool]]:
     """Store the requests' input images in S3, then insert the jobs (one transaction): (job,
-    created) pairs. S3 unavailable -> AdmissionUnavailable and nothing written (retry later)."""
+    created) pairs. S3 unavailable -> AdmissionUnavailable and nothing written (retry later).
+    Each new job starts its own trace here (a `job.admit` span; `tracing` default: the process's,
+    from settings), its traceparent kept on the row for the workers' spans."""
+    tracing = tracing or shared_tracing(settings)
+    spans: dict[str, AdmitSpan] = {}
+
+    def trace(job_id: str, tenant: str) -> str | None:
+        # create_jobs may go round again (an idempotency race) with the same ids: one span each.
+        if job_id not in spans:
+            spans[job_id] = tracing.admit(job_id, tenant)
+        return spans[job_id].trace_parent
+
     try:
-        return create_jobs(
+        pairs = create_jobs(
             _sessions(settings),
             requests,
             deadline_seconds=settings.job_deadline_seconds,
             idempotency_ttl=settings.idempotency_ttl_seconds,
             inputs=storage or input_store(settings),
+            trace=trace if tracing.enabled else None,
         )
-    except AdmissionUnavailable:
+    except BaseException as exc:
+        for span in spans.values():
+            span.set(outcome="refused")
+            span.error(exc)
+            span.end()
+        if isinstance(exc, StorageError) and not isinstance(exc, AdmissionUnavailable):
+            raise AdmissionUnavailable(f"object storage is unavailable, no job was created; try again ({exc})") from None
         raise
-    except StorageError as exc:
-        raise AdmissionUnavailable(f"object storage is unavailable, no job was created; try again ({exc})") from None
+    created = {job.id for job, new in pairs if new}
+    for job_id, span in spans.items():
+        span.set(outcome="created" if job_id in created else "not_created")
+        span.end()
+    return pairs
 
 
 def enqueue(
-    settings: Settings, requests: Iterable[NewJob], *, publisher=None, batch_size: int = 500, storage: InputStore | None = None
+    settings: Settings,
+    requests: Iterable[NewJob],
+    *,
+    publisher=None,
+    batch_size: int = 500,
+    storage: InputStore | None = None,
+    tracing: Tracing | None = None,
 ) -> list[Job]:
     """Check each tenant's quota (QuotaExceeded: nothing written), store inputs and insert in
     batches (one transaction each), then publish the new jobs' first messages. If S3 fails
@@ -122,7 +152,7 @@ def enqueue(
     jobs: list[Job] = []
     for start in range(0, len(requests), batch_size):
         try:
-            pairs = admit(settings, requests[start : start + batch_size], storage=storage)
+            pairs = admit(settings, requests[start : start + batch_size], storage=storage, tracing=tracing)
         except AdmissionUnavailable as exc:
             if not jobs:
                 raise
@@ -163,6 +193,7 @@ def submit_edit(
     settings: Settings | None = None,
     publisher=None,
     storage: InputStore | None = None,
+    tracing: Tracing | None = None,
 ) -> Job:
     """Create an edit job for `tenant` (default `default`); the same idempotency key with the same
     request returns the same job, never a second one (IdempotencyMismatch for a different request;
@@ -181,7 +212,7 @@ def submit_edit(
         callback_url=callback_url,
         settings=settings,
     )
-    return enqueue(settings, [request], publisher=publisher, storage=storage)[0]
+    return enqueue(settings, [request], publisher=publisher, storage=storage, tracing=tracing)[0]
 
 
 def submit_edit_many(
@@ -191,6 +222,7 @@ def submit_edit_many(
     publisher=None,
     batch_size: int = 500,
     storage: InputStore | None = None,
+    tracing: Tracing | None = None,
 ) -> list[Job]:
     """Bulk form: every item is validated first (all or nothing), then inserted and published in batches."""
     settings = settings or get_settings()
@@ -202,7 +234,7 @@ def submit_edit_many(
             raise InvalidInput(f"item {number}: {exc}") from None
         except InvalidInput as exc:
             raise InvalidInput(f"item {number}: {exc}") from None
-    return enqueue(settings, requests, publisher=publisher, batch_size=batch_size, storage=storage)
+    return enqueue(settings, requests, publisher=publisher, batch_size=batch_size, storage=storage, tracing=tracing)
 
 
 def get_job(job_id: str, *, settings: Settings | None = None, tenant: str | None = None) -> Job:

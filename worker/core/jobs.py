@@ -132,6 +132,7 @@ def create_jobs(
     idempotency_ttl: float = 86400.0,
     clock: Clock = utcnow,
     inputs: InputStore | None = None,
+    trace: Callable[[str, str], str | None] | None = None,
 ) -> list[tuple[Job, bool]]:
     """Insert jobs (state queued) with their event and outbox row in one transaction per batch.
 
@@ -140,7 +141,9 @@ def create_jobs(
     different request it raises IdempotencyMismatch and nothing of the batch is written. An expired
     key starts a new job. The input images go to `inputs` first, outside any transaction: if the
     store fails (StorageError) nothing is written — a job is never admitted without its image, and
-    the row never holds the image's bytes. Returns (job, created) pairs in input order.
+    the row never holds the image's bytes. `trace(job_id, tenant)` starts a new job's trace and
+    answers the traceparent its row keeps (adapters/tracing.py). Returns (job, created) pairs in
+    input order.
     """
     requests = list(requests)
     # Chosen once: if a race on an idempotency key makes us go round again, a re-stored input
@@ -189,6 +192,7 @@ def create_jobs(
                     tenant=req.tenant,
                     priority=req.priority,
                     callback_url=req.callback_url or defaults.get(req.tenant),
+                    trace_parent=trace(job_id, req.tenant) if trace is not None else None,
                     attempts=0,
                     outputs=[],
                     has_nsfw_contents=[],

@@ -62,6 +62,11 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         ["allow_http_provider", "webhook_max_bytes", "metrics_cache_seconds"],
     ),
     (
+        "Tracing and logs",
+        "One OpenTelemetry trace per job (off unless an OTLP endpoint is set) and the log line format.",
+        ["otlp_endpoint", "service_name", "log_format"],
+    ),
+    (
         "Output downloads",
         "What a copy of the provider's outputs may fetch and how much.",
         ["output_hosts", "max_output_bytes", "download_timeout"],

@@ -20,7 +20,15 @@ log = logging.getLogger(__name__)
 
 def job_context(job: Job, **extra) -> dict:
     """The `extra` for a log line about `job`."""
-    return {"job_id": job.id, "state": job.state, "prediction_id": job.prediction_id, "attempt": job.attempts, **extra}
+    return {
+        "job_id": job.id,
+        "tenant": job.tenant,
+        "state": job.state,
+        "prediction_id": job.prediction_id,
+        "attempt": job.attempts,
+        "trace_parent": job.trace_parent,
+        **extra,
+    }
 
 
 def past_deadline(deps: Deps, job: Job) -> bool:

@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from sqlalchemy import CursorResult, bindparam, func, select, update
 
 from models import CallbackDelivery, Job
+from worker.adapters import tracing
 from worker.adapters.callback_signing import InvalidSigningSecret, signed_headers
 from worker.core import tenants
 from worker.core.deliveries import DELIVERIES, DeliveryStatus
@@ -121,6 +122,7 @@ class Claim:
     deadline: datetime  # retries stop here
     body: bytes
     tenant: str
+    trace_parent: str | None = None  # the job's trace: the try's span joins it
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,7 @@ def claim_due(deps: Deps, limit: int) -> list[Claim]:
             deadline=row.give_up_at or (row.created_at + window),
             body=bodies[row.id],
             tenant=getattr(jobs[row.job_id], "tenant", None) or DEFAULT_TENANT,
+            trace_parent=jobs[row.job_id].trace_parent,
         )
         for row in rows
     ]
@@ -319,7 +322,15 @@ def record(deps: Deps, outcomes: list[tuple[Claim, Outcome]]) -> DeliveryReport:
 
 
 def _context(claim: Claim, **extra) -> dict:
-    return {"job_id": claim.job_id, "delivery_id": claim.id, "webhook_id": claim.webhook_id, "attempt": claim.attempt, **extra}
+    return {
+        "job_id": claim.job_id,
+        "tenant": claim.tenant,
+        "delivery_id": claim.id,
+        "webhook_id": claim.webhook_id,
+        "attempt": claim.attempt,
+        "trace_parent": claim.trace_parent,
+        **extra,
+    }
 
 
 def deliver_due(
@@ -365,11 +376,16 @@ def deliver_due(
 
 
 def _send_safely(deps: Deps, client: httpx.Client, claim: Claim, resolver: Resolver | None) -> Outcome:
-    try:
-        return send(deps, client, claim, resolver)
-    except Exception as exc:  # a bug or an odd URL must cost one try, not the whole batch
-        log.warning("callback try raised %s", type(exc).__name__, extra=_context(claim))
-        return Outcome(False, error=f"internal error ({type(exc).__name__})")
+    # Each try is a span in its job's trace (the batch is shared, the traces are not).
+    with deps.tracing.step(tracing.CALLBACK, claim.trace_parent, job_id=claim.job_id, tenant=claim.tenant, attempt=claim.attempt) as span:
+        try:
+            outcome = send(deps, client, claim, resolver)
+        except Exception as exc:  # a bug or an odd URL must cost one try, not the whole batch
+            span.error(exc)
+            log.warning("callback try raised %s", type(exc).__name__, extra=_context(claim))
+            outcome = Outcome(False, error=f"internal error ({type(exc).__name__})")
+        span.set(outcome="delivered" if outcome.delivered else "undelivered", http_status_code=outcome.status_code)
+        return outcome
 
 
 def next_due_in(deps: Deps) -> float | None:

@@ -13,6 +13,7 @@ import tempfile
 from sqlalchemy import select
 
 from models import Job
+from worker.adapters import tracing
 from worker.adapters.storage import EXTENSIONS, extension_for, sniff_content_type
 from worker.adapters.wavespeed import Prediction
 from worker.core.backoff import compute_backoff
@@ -85,17 +86,17 @@ def copy_outputs(deps: Deps, job_id: str, outputs: list[str]) -> list[str]:
     return uris
 
 
-def _unusable(deps: Deps, job_id: str, exc: PermanentProviderError) -> None:
+def _unusable(deps: Deps, job_id: str, exc: PermanentProviderError, context: dict | None = None) -> None:
     """An output could not be stored: fail the job only on a definitive answer (paid_work);
     otherwise raise TransientProviderError so the copy is retried until the deadline."""
     if may_end_paid_job(exc):
         fail_job(deps, job_id, State.UPLOADING, f"output unusable: {exc}", code_of(exc.code, ErrorCode.DOWNLOAD_FAILED), exc.message)
         return
-    log.warning("output not stored yet, retried until the deadline: %s", exc, extra={"job_id": job_id})
+    log.warning("output not stored yet, retried until the deadline: %s", exc, extra=context or {"job_id": job_id})
     raise TransientProviderError(f"output not stored yet: {exc.message}", code=exc.code, status_code=exc.status_code) from exc
 
 
-def _succeed(deps: Deps, job_id: str, uris: list[str]) -> bool:
+def _succeed(deps: Deps, job_id: str, uris: list[str], context: dict | None = None) -> bool:
     moved = transition_now(
         deps.sessions,
         job_id,
@@ -109,7 +110,7 @@ def _succeed(deps: Deps, job_id: str, uris: list[str]) -> bool:
         error_message=None,
     )
     if moved is not None:
-        log.info("job succeeded", extra={"job_id": job_id, "outputs": len(uris)})
+        log.info("job succeeded", extra={**(context or {"job_id": job_id}), "outputs": len(uris)})
         wake_callbacks(deps, moved.callback_url is not None)
     return moved is not None
 
@@ -134,7 +135,11 @@ def start_upload(deps: Deps, job_id: str, claim_seq: int, prediction: Prediction
 
 def run_upload(deps: Deps, job_id: str) -> Next | None:
     with deps.sessions() as session:
-        row = session.execute(select(Job.state, Job.provider_outputs, Job.deadline_at).where(Job.id == job_id)).first()
+        row = session.execute(
+            select(Job.state, Job.provider_outputs, Job.deadline_at, Job.tenant, Job.prediction_id, Job.trace_parent).where(
+                Job.id == job_id
+            )
+        ).first()
         if row is None or row.state != State.UPLOADING.value:
             return None
         expired = deps.clock() >= row.deadline_at
@@ -142,32 +147,46 @@ def run_upload(deps: Deps, job_id: str) -> Next | None:
     if expired:
         fail_deadline(deps, job_id, State.UPLOADING)  # keeps provider_outputs for `retry`
         return None
-    try:
-        uris = copy_outputs(deps, job_id, outputs)
-    except PermanentProviderError as exc:
-        _unusable(deps, job_id, exc)  # fails the job, or raises for a retry
-        return None
-    _succeed(deps, job_id, uris)
+    context = {"job_id": job_id, "tenant": row.tenant, "prediction_id": row.prediction_id, "trace_parent": row.trace_parent}
+    with deps.tracing.step(tracing.COPY, row.trace_parent, job_id=job_id, tenant=row.tenant, prediction_id=row.prediction_id) as span:
+        try:
+            uris = copy_outputs(deps, job_id, outputs)
+        except PermanentProviderError as exc:
+            span.set(outcome="unusable")
+            span.error(exc)
+            _unusable(deps, job_id, exc, context)  # fails the job, or raises for a retry
+            return None
+        span.set(outcome="stored" if _succeed(deps, job_id, uris, context) else "lost")
     return None
 
 
-def finish_inline(deps: Deps, job_id: str, claim_seq: int, prediction: Prediction) -> Next | None:
+def finish_inline(
+    deps: Deps, job_id: str, claim_seq: int, prediction: Prediction, *, tenant: str | None = None, trace_parent: str | None = None
+) -> Next | None:
     """Batch mode: the poller that saw a prediction complete copies its outputs at once (in its
     thread pool): processing -> uploading (outputs recorded first), copy, -> succeeded. If the copy
-    fails transiently the job stays in `uploading` and an upload task retries it with backoff."""
+    fails transiently the job stays in `uploading` and an upload task retries it with backoff.
+    `trace_parent`: the job's trace, which the copy's span joins."""
     if not start_upload(deps, job_id, claim_seq, prediction):
         return None  # another poller (or a cancel) took the job
-    try:
+    context = {"job_id": job_id, "tenant": tenant, "prediction_id": prediction.id, "trace_parent": trace_parent}
+    with deps.tracing.step(tracing.COPY, trace_parent, job_id=job_id, tenant=tenant, prediction_id=prediction.id) as span:
         try:
-            _succeed(deps, job_id, copy_outputs(deps, job_id, list(prediction.outputs)))
-        except PermanentProviderError as exc:
-            _unusable(deps, job_id, exc)  # fails the job, or raises for a retry
-            return None
-    except Exception as exc:  # download, S3 or database trouble: the upload task retries with backoff
-        log.warning("copying outputs failed, an upload task retries: %s", type(exc).__name__, extra={"job_id": job_id})
-        return Next(
-            Step.UPLOAD,
-            job_id,
-            countdown=compute_backoff(0, base=deps.settings.backoff_base, maximum=deps.settings.backoff_max, rng=deps.rng),
-        )
+            try:
+                uris = copy_outputs(deps, job_id, list(prediction.outputs))
+                span.set(outcome="stored" if _succeed(deps, job_id, uris, context) else "lost")
+            except PermanentProviderError as exc:
+                span.set(outcome="unusable")
+                span.error(exc)
+                _unusable(deps, job_id, exc, context)  # fails the job, or raises for a retry
+                return None
+        except Exception as exc:  # download, S3 or database trouble: the upload task retries with backoff
+            span.set(outcome="retry")
+            span.error(exc)
+            log.warning("copying outputs failed, an upload task retries: %s", type(exc).__name__, extra=context)
+            return Next(
+                Step.UPLOAD,
+                job_id,
+                countdown=compute_backoff(0, base=deps.settings.backoff_base, maximum=deps.settings.backoff_max, rng=deps.rng),
+            )
     return None

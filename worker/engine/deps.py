@@ -21,6 +21,7 @@ from worker.adapters.journal import Journal, RedisJournal
 from worker.adapters.limiter import Limiter, RedisLimiter
 from worker.adapters.redis_client import connect, require_supported
 from worker.adapters.storage import Storage
+from worker.adapters.tracing import NoTracing, Tracing, shared_tracing
 from worker.adapters.wavespeed import WaveSpeedClient
 from worker.config import Settings, get_settings
 from worker.core.jobs import utcnow
@@ -32,7 +33,8 @@ from worker.core.validation import Resolver, output_url_guard
 class Deps:
     """Everything a step needs from outside: settings, database sessions, the provider client, S3,
     what the fleet shares through Redis (the limiter, the breaker, the submission journal, the
-    fleet's marks and averages), a publisher for next steps, the clock and the RNG."""
+    fleet's marks and averages), a publisher for next steps, the clock, the RNG and the tracer
+    (off unless configured: adapters/tracing.py)."""
 
     settings: Settings
     sessions: sessionmaker[Session]
@@ -45,6 +47,7 @@ class Deps:
     publisher: Publisher
     clock: Callable[[], datetime] = utcnow
     rng: random.Random = field(default_factory=random.Random)
+    tracing: Tracing = field(default_factory=NoTracing)
 
 
 def make_provider(settings: Settings, transport: httpx.BaseTransport | None = None, *, resolver: Resolver | None = None) -> WaveSpeedClient:
@@ -98,6 +101,7 @@ def build_deps(settings: Settings | None = None, publisher: Publisher | None = N
                 journal=RedisJournal(client),
                 fleet=RedisFleet(client),
                 publisher=publisher,
+                tracing=shared_tracing(settings),
             )
         return _deps
 

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, func, select, update
 
 from models import Job
+from worker.adapters import tracing
 from worker.adapters.wavespeed import Prediction, PredictionStatus, prediction_error
 from worker.core.backoff import compute_backoff, jittered
 from worker.core.codes import ErrorCode, code_of
@@ -40,6 +41,12 @@ class PollTarget:
     job_id: str
     seq: int  # the row's poll_seq this poller holds; every update is a CAS on it
     prediction_id: str
+    tenant: str | None = None
+    trace_parent: str | None = None  # the job's trace: the poll's span (and an inline copy's) joins it
+
+    def context(self) -> dict:
+        """The `extra` for a log line about this poll."""
+        return {"job_id": self.job_id, "tenant": self.tenant, "prediction_id": self.prediction_id, "trace_parent": self.trace_parent}
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,7 @@ def apply_decision(deps: Deps, target: PollTarget, decision: Decision, *, chain:
                 "poll failed, next in %.1fs: %s",
                 decision.wait,
                 decision.reason,
-                extra={"job_id": target.job_id, "prediction_id": target.prediction_id},
+                extra=target.context(),
             )
         return Next(Step.POLL, target.job_id, countdown=decision.wait, poll_seq=target.seq + 1) if chain else None
     deps.limiter.release(target.job_id)
@@ -155,12 +162,29 @@ def run_poll(deps: Deps, job_id: str, poll_seq: int | None) -> Next | None:
             return None
         if poll_seq is not None and job.poll_seq != poll_seq:
             return None  # a stale poll chain; the current one carries the row's poll_seq
-        target = PollTarget(job_id, job.poll_seq, job.prediction_id)
+        target = PollTarget(job_id, job.poll_seq, job.prediction_id, job.tenant, job.trace_parent)
         if past_deadline(deps, job):
             fail_deadline(deps, job_id, State.PROCESSING, job.prediction_id)
             return None
-    decision = _breaker_pause(deps) or fetch_and_decide(deps, target.prediction_id)
-    return apply_decision(deps, target, decision, chain=deps.settings.poll_mode == "task")
+    paused = _breaker_pause(deps)
+    if paused is not None:
+        return apply_decision(deps, target, paused, chain=deps.settings.poll_mode == "task")
+    with _span(deps, target) as span:
+        decision = fetch_and_decide(deps, target.prediction_id)
+        span.set(outcome=_outcome(decision))
+        return apply_decision(deps, target, decision, chain=deps.settings.poll_mode == "task")
+
+
+def _span(deps: Deps, target: PollTarget):
+    return deps.tracing.step(
+        tracing.POLL, target.trace_parent, job_id=target.job_id, tenant=target.tenant, prediction_id=target.prediction_id
+    )
+
+
+def _outcome(decision: Decision) -> str:
+    if isinstance(decision, Reschedule):
+        return "retry" if decision.reason else "pending"
+    return "completed" if isinstance(decision, Finish) else "failed"
 
 
 @dataclass
@@ -193,13 +217,13 @@ def claim_due(deps: Deps, limit: int) -> list[tuple[PollTarget, datetime]]:
         update(Job)
         .where(Job.id.in_(select(due.c.id)), Job.state == State.PROCESSING.value, Job.next_poll_at <= now)
         .values(poll_seq=Job.poll_seq + 1, next_poll_at=now + timedelta(seconds=deps.settings.poll_lease_seconds), updated_at=now)
-        .returning(Job.id, Job.poll_seq, Job.prediction_id, Job.deadline_at)
+        .returning(Job.id, Job.poll_seq, Job.prediction_id, Job.deadline_at, Job.tenant, Job.trace_parent)
         .execution_options(synchronize_session=False)
     )
     with deps.sessions() as session:
         rows = session.execute(stmt).all()
         session.commit()
-    return [(PollTarget(job_id, seq, prediction_id), deadline) for job_id, seq, prediction_id, deadline in rows if prediction_id]
+    return [(PollTarget(r.id, r.poll_seq, r.prediction_id, r.tenant, r.trace_parent), r.deadline_at) for r in rows if r.prediction_id]
 
 
 def _reschedule_many(deps: Deps, items: list[tuple[PollTarget, Reschedule]]) -> int:
@@ -289,19 +313,25 @@ def poll_due(deps: Deps, *, max_seconds: float = 10.0, executor=None) -> PollBat
 def _poll_one(deps: Deps, target: PollTarget) -> tuple[Decision, Next | None]:
     """One job of a poller batch, in a pool thread: fetch the result and act on it — finished jobs
     are copied to S3 right here (upload_inline), failed ones recorded; reschedules are written in
-    bulk by the caller."""
-    try:
-        decision = fetch_and_decide(deps, target.prediction_id)
-    except Exception as exc:  # e.g. Redis down while noting the outcome: try this job again later
-        return Reschedule(deps.settings.poll_interval, f"{type(exc).__name__} while polling"), None
+    bulk by the caller. Each job's poll is a span in its own trace, though the pass is shared."""
+    with _span(deps, target) as span:
+        try:
+            decision = fetch_and_decide(deps, target.prediction_id)
+        except Exception as exc:  # e.g. Redis down while noting the outcome: try this job again later
+            span.set(outcome="retry")
+            span.error(exc)
+            return Reschedule(deps.settings.poll_interval, f"{type(exc).__name__} while polling"), None
+        span.set(outcome=_outcome(decision))
     if isinstance(decision, Reschedule):
         return decision, None
     try:
         if isinstance(decision, Finish) and deps.settings.upload_inline:
-            return decision, finish_inline(deps, target.job_id, target.seq, decision.prediction)
+            return decision, finish_inline(
+                deps, target.job_id, target.seq, decision.prediction, tenant=target.tenant, trace_parent=target.trace_parent
+            )
         return decision, apply_decision(deps, target, decision, chain=False)
     except Exception as exc:  # the database is down: the lease runs out and the job is polled again
-        log.warning("recording a poll outcome failed: %s", type(exc).__name__, extra={"job_id": target.job_id})
+        log.warning("recording a poll outcome failed: %s", type(exc).__name__, extra=target.context())
         return Reschedule(deps.settings.poll_lease_seconds), None
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import undefer
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from models import Job
+from worker.adapters import tracing
 from worker.adapters.breaker import Gate
 from worker.adapters.storage import Storage, sniff_content_type, split_uri
 from worker.adapters.wavespeed import EditRequest, Prediction
@@ -45,6 +46,8 @@ class Ticket:
     attempt: int
     request: EditRequest
     probe: bool = False  # this submit is the half-open breaker's one probe
+    tenant: str | None = None
+    trace_parent: str | None = None  # the job's trace (its row's traceparent): the submit's span joins it
 
 
 def run_submit(deps: Deps, job_id: str) -> Next | None:
@@ -129,6 +132,8 @@ def run_submit(deps: Deps, job_id: str) -> Next | None:
             attempt,
             EditRequest(prompt=job.prompt, image=image, size=job.size, seed=job.seed, enable_base64_output=job.enable_base64_output),
             probe,
+            job.tenant,
+            job.trace_parent,
         )
     return send_submit(deps, ticket)
 
@@ -165,9 +170,14 @@ def input_retry_delay(deps: Deps) -> float:
 
 
 def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | None:
-    """Everything after queued -> submitting: the provider call and what its answer means.
-    `batch`: called by the batch submitter, which settles the breaker and wakes the poller once
-    per batch instead of once per job."""
+    """Everything after queued -> submitting: the provider call and what its answer means, in the
+    job's trace (a `job.submit` span). `batch`: called by the batch submitter, which settles the
+    breaker and wakes the poller once per batch instead of once per job."""
+    with deps.tracing.step(tracing.SUBMIT, ticket.trace_parent, job_id=ticket.job_id, tenant=ticket.tenant, attempt=ticket.attempt) as span:
+        return _send_submit(deps, ticket, span, batch=batch)
+
+
+def _send_submit(deps: Deps, ticket: Ticket, span: tracing.Span, *, batch: bool) -> Next | None:
     s = deps.settings
     job_id, attempt, probe = ticket.job_id, ticket.attempt, ticket.probe
     webhook = None
@@ -192,14 +202,18 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
                 session, job_id, State.SUBMITTING, clock=deps.clock, error_code=ErrorCode.AMBIGUOUS_SUBMIT.value, error_message=str(exc)
             )
             session.commit()
-        log.warning("ambiguous submit, left for the reconciler: %s", exc, extra={"job_id": job_id})
+        span.set(outcome="ambiguous")
+        span.error(exc)
+        log.warning("ambiguous submit, left for the reconciler: %s", exc, extra=_context(ticket))
         return None
     except ProviderAuthError as exc:
         deps.limiter.release(job_id)
         deps.breaker.trip(s.breaker_open_seconds, f"provider refused the credentials ({exc})")
         log.error(
-            "provider refused the credentials; circuit breaker open for %.0fs: %s", s.breaker_open_seconds, exc, extra={"job_id": job_id}
+            "provider refused the credentials; circuit breaker open for %.0fs: %s", s.breaker_open_seconds, exc, extra=_context(ticket)
         )
+        span.set(outcome="auth_refused")
+        span.error(exc)
         wait = s.breaker_open_seconds
         with deps.sessions() as session:
             transition(
@@ -233,7 +247,9 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
                 error_message=str(exc),
             )
             session.commit()
-        log.warning("submit failed (transient), retry in %.1fs: %s", wait, exc, extra={"job_id": job_id})
+        span.set(outcome="retry")
+        span.error(exc)
+        log.warning("submit failed (transient), retry in %.1fs: %s", wait, exc, extra=_context(ticket))
         return Next(Step.SUBMIT, job_id, countdown=wait)
     except PermanentProviderError as exc:
         deps.limiter.release(job_id)
@@ -252,14 +268,21 @@ def send_submit(deps: Deps, ticket: Ticket, *, batch: bool = False) -> Next | No
             )
             session.commit()
             queued = callbacks_queued(session)
+        span.set(outcome="rejected")
+        span.error(exc)
         wake_callbacks(deps, queued)
         return None
 
+    span.set(outcome="accepted", prediction_id=prediction.id)
     crashpoint("after_submit")
     nxt = record_submission(deps, job_id, prediction, wake=not batch)  # first: the paid task must be on record
     if not batch:
         settle_breaker(deps)
     return nxt
+
+
+def _context(ticket: Ticket) -> dict:
+    return {"job_id": ticket.job_id, "tenant": ticket.tenant, "attempt": ticket.attempt, "trace_parent": ticket.trace_parent}
 
 
 def _claimed_elsewhere(deps: Deps, job_id: str, prediction_id: str) -> bool:

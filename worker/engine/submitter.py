@@ -51,6 +51,8 @@ class Lease:
     image_uri: str | None = None
     image_sha256: str | None = None
     image_payload: str | None = None  # rows from before revision 0003 only
+    tenant: str | None = None
+    trace_parent: str | None = None  # the job's trace: its submit span joins it
 
 
 class Start(str, Enum):
@@ -121,6 +123,8 @@ def lease_queued(deps: Deps, limit: int) -> list[Lease]:
             c.seed,
             c.enable_base64_output,
             c.created_at,
+            c.tenant,
+            c.trace_parent,
         )
     )
     with deps.sessions() as session:
@@ -137,9 +141,15 @@ def lease_queued(deps: Deps, limit: int) -> list[Lease]:
             r.image_uri,
             r.image_sha256,
             r.image_payload,
+            r.tenant,
+            r.trace_parent,
         )
         for r in rows
     ]
+
+
+def _context(lease: Lease) -> dict:
+    return {"job_id": lease.job_id, "tenant": lease.tenant, "attempt": lease.attempts, "trace_parent": lease.trace_parent}
 
 
 def _unlease(deps: Deps, leases: list[Lease], wait: float) -> None:
@@ -179,7 +189,7 @@ def _defer_unreadable(deps: Deps, lease: Lease, why: str) -> None:
             session.execute(stmt)
             session.commit()
     except Exception as exc:  # database down too: the lease runs out and the job is due again
-        log.warning("could not defer a leased submit: %s", type(exc).__name__, extra={"job_id": lease.job_id})
+        log.warning("could not defer a leased submit: %s", type(exc).__name__, extra=_context(lease))
 
 
 # How long one submit takes here (CAS, provider call, record), an in-process running average:
@@ -234,7 +244,7 @@ def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[St
     except StorageError as exc:
         batch.inputs_down.set()
         _defer_unreadable(deps, lease, str(exc))
-        log.warning("input image unreadable, submit retried later: %s", exc, extra={"job_id": lease.job_id})
+        log.warning("input image unreadable, submit retried later: %s", exc, extra=_context(lease))
         return Start.DEFERRED, None
     attempt = lease.attempts + 1
     try:
@@ -251,18 +261,18 @@ def _start_one(deps: Deps, lease: Lease, probe: bool, batch: _Batch) -> tuple[St
             next_attempt_at=None,
         )
     except Exception as exc:  # database down: the job is still queued and its lease runs out
-        log.warning("could not start a leased submit: %s", type(exc).__name__, extra={"job_id": lease.job_id})
+        log.warning("could not start a leased submit: %s", type(exc).__name__, extra=_context(lease))
         deps.limiter.release(lease.job_id)
         return Start.LOST, None
     if moved is None:
         deps.limiter.release(lease.job_id)
         return Start.LOST, None
     try:
-        nxt = send_submit(deps, Ticket(lease.job_id, attempt, lease.request, probe), batch=True)
+        nxt = send_submit(deps, Ticket(lease.job_id, attempt, lease.request, probe, lease.tenant, lease.trace_parent), batch=True)
     except Exception as exc:
         # The job is in `submitting`: whether a task exists is for the reconciler to find out (the
         # journal, then the provider's task list) — never a blind resubmit.
-        log.warning("submit ended with %s; the reconciler settles it", type(exc).__name__, extra={"job_id": lease.job_id})
+        log.warning("submit ended with %s; the reconciler settles it", type(exc).__name__, extra=_context(lease))
         return Start.STARTED, None
     accepted = nxt is not None and nxt.step in (Step.POLL_DUE, Step.POLL)
     return (Start.ACCEPTED if accepted else Start.STARTED), nxt

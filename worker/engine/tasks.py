@@ -12,13 +12,22 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import redis
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from worker import logs
+from worker.adapters import tracing
 from worker.adapters.database import dispose_all
 from worker.adapters.redis_keys import RedisKeys, pass_lock_name
+from worker.config import get_settings
 from worker.core.backoff import compute_backoff
 from worker.core.steps import Next, Step, schedule
 from worker.engine import callbacks, copier, poller, reconciler, submitter
@@ -282,7 +291,20 @@ def _fresh_connections_after_fork(**_kw) -> None:
     callbacks.reset_client()
 
 
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _flush_spans(**_kw) -> None:
+    # A pool child may leave through os._exit (no atexit): export the spans its batch still holds.
+    try:
+        tracing.flush()
+    except Exception:  # the collector is away: losing the last spans must not block the exit
+        pass
+
+
 @after_setup_logger.connect
 @after_setup_task_logger.connect
 def _context_logging(logger, **_kw) -> None:
-    logs.install(logger)
+    # Worker and beat alike (both set their logging up through Celery): the format the settings
+    # ask for, the configured secrets masked.
+    settings = get_settings()
+    logs.install(logger, fmt=settings.log_format, secrets=settings.secret_values())

@@ -142,4 +142,12 @@ def test_release_slots_hands_back_every_slot_in_one_call(deps):
 def test_a_log_context_names_the_job_and_never_its_payload(deps, new_job, load):
     job = load(new_job())
     context = bookkeeping.job_context(job, step="poll")
-    assert context == {"job_id": job.id, "state": "queued", "prediction_id": None, "attempt": 0, "step": "poll"}
+    assert context == {
+        "job_id": job.id,
+        "tenant": "default",
+        "state": "queued",
+        "prediction_id": None,
+        "attempt": 0,
+        "trace_parent": None,
+        "step": "poll",
+    }
