@@ -117,6 +117,7 @@ def test_a_failed_submit_is_an_error_span_in_the_jobs_trace_and_the_retry_joins_
     assert submitter.submit_due(traced_deps, executor=one).accepted == 1
 
     [root] = [span for span in exporter.get_finished_spans() if span.name == tracing.ADMIT]
+    assert root.attributes["job.id"] == job.id
     submits = [span for span in spans_of_trace(exporter, root.context.trace_id) if span.name == tracing.SUBMIT]
     assert [(s.attributes["attempt"], s.attributes["outcome"], s.status.status_code) for s in submits] == [
         (1, "retry", StatusCode.ERROR),
