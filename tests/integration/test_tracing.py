@@ -135,7 +135,7 @@ def test_one_jobs_trace_spans_admission_submit_polls_copy_and_callback_across_pr
         assert {job.state for job in cluster.jobs()} == {"succeeded"}, cluster.logs()
 
         def complete(job_id: str) -> bool:
-            return STEPS <= {span["name"] for span in collector.of_job(job_id)}
+            return {span["name"] for span in collector.of_job(job_id)} >= STEPS
 
         for job in jobs:
             cluster.wait_until(lambda job=job: complete(job.id), 30, f"every step of {job.id} exported")
