@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from worker.adapters import webhooks
 from worker.adapters.database import get_engine, session_factory
 from worker.adapters.redis_keys import webhook_seen_name
+from worker.adapters.tracing import Tracing
 from worker.config import Settings, get_settings
 from worker.core import jobs, tenants
 from worker.core.deliveries import delivery_json, list_deliveries
@@ -396,10 +397,12 @@ def create_app(
     publisher=None,
     url_resolver: Resolver | None = None,
     storage: InputStore | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """The API over `settings` (default: the environment). `publisher=None` publishes to Celery;
     `deps_factory` builds the engine's Deps for cancel, retry and webhooks (default: `deps.build_deps`);
-    `storage` is where input images go at admission (default: S3 as `settings` say)."""
+    `storage` is where input images go at admission (default: S3 as `settings` say); `tracing`
+    starts each new job's trace (default: the process's, from settings)."""
     settings = settings or get_settings()
     sessions = session_factory(settings.database_url)
     secret = webhooks.webhook_secret(settings)
@@ -568,7 +571,7 @@ def create_app(
         tenants.check_admission(sessions, request.tenant, 1, settings)
         # admit + publish_new is producer.enqueue for one request, keeping the `created` flag that
         # tells a new job (201) from an idempotent replay (200). The input image goes to S3 first.
-        [(job, created)] = admit(settings, [request], storage=storage)
+        [(job, created)] = admit(settings, [request], storage=storage, tracing=tracing)
         if created:
             publish_new(settings, [job.id], publisher=get_publisher())
         return JSONResponse(status_code=201 if created else 200, content=view(job))
