@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job
 from worker.adapters.database import session_factory
+from worker.adapters.redis_client import connect
 from worker.adapters.storage import Storage
+from worker.adapters.telemetry import MemoryTotals, Recorder, RedisTotals, flush
 from worker.config import Settings, get_settings
 from worker.core import validation
 from worker.core.jobs import InputStore, NewJob, create_jobs, mark_sent, pending_outbox, publish_outbox
@@ -92,17 +94,44 @@ def validate_request(
     )
 
 
-def admit(settings: Settings, requests: list[NewJob], *, storage: InputStore | None = None) -> list[tuple[Job, bool]]:
+@lru_cache(maxsize=4)
+def _redis_totals(url: str) -> RedisTotals:
+    return RedisTotals(connect(url))
+
+
+def count_created(settings: Settings, pairs: list[tuple[Job, bool]], *, totals: RedisTotals | MemoryTotals | None = None) -> None:
+    """`edit_worker_jobs_created_total`: the jobs this admission created, written to the metric
+    totals at once (one pipeline per admitted batch; a producer may be a short-lived CLI). A Redis
+    that is down loses the counts, never the admission."""
+    recorder = Recorder(tenants=settings.metrics_tenant_set)
+    for job, created in pairs:
+        if created:
+            recorder.job_created(job.tenant)
+    try:
+        flush(recorder, totals if totals is not None else _redis_totals(settings.limiter_redis_url))
+    except Exception as exc:
+        log.warning("metrics: could not count created jobs (%s)", type(exc).__name__)
+
+
+def admit(
+    settings: Settings,
+    requests: list[NewJob],
+    *,
+    storage: InputStore | None = None,
+    totals: RedisTotals | MemoryTotals | None = None,
+) -> list[tuple[Job, bool]]:
     """Store the requests' input images in S3, then insert the jobs (one transaction): (job,
     created) pairs. S3 unavailable -> AdmissionUnavailable and nothing written (retry later)."""
     try:
-        return create_jobs(
+        pairs = create_jobs(
             _sessions(settings),
             requests,
             deadline_seconds=settings.job_deadline_seconds,
             idempotency_ttl=settings.idempotency_ttl_seconds,
             inputs=storage or input_store(settings),
         )
+        count_created(settings, pairs, totals=totals)
+        return pairs
     except AdmissionUnavailable:
         raise
     except StorageError as exc:
