@@ -274,6 +274,9 @@ class Flusher:
         except Exception as exc:  # never let telemetry take a worker down
             log.warning("metrics: tick failed (%s)", type(exc).__name__)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         if not self._stop.is_set():
             self._stop.set()

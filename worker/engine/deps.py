@@ -140,6 +140,8 @@ def start_telemetry(deps: Deps) -> None:
     """In a worker process: flush metrics and beat the heart every EDIT_WORKER_METRICS_FLUSH_SECONDS
     (a daemon thread), and once more at exit. Idempotent per process."""
     global _flusher
+    if _flusher is not None:  # the common case, without the lock
+        return
     with _lock:
         if _flusher is not None:
             return
@@ -171,4 +173,6 @@ def reset_deps() -> None:
         if _deps is not None:
             _deps.provider.close()
         _deps = None
-        _flusher = None  # after fork the parent's thread is not running here
+        flusher, _flusher = _flusher, None
+    if flusher is not None and flusher.alive():
+        flusher.stop()  # the old wiring's last counts (after fork the parent's thread is not running here)
