@@ -6,7 +6,7 @@
 #     (worker/devtools/local.py), from a Dockerfile stage that exists and has what it runs (moto's
 #     S3 server: the `local` target): `edit-worker migrate|worker|beat|api|sandbox`, `python -m moto.server`,
 #     `redis-server … --maxmemory-policy noeviction`, the one-shot bucket creation, or an upstream
-#     image's own default (postgres);
+#     image's own default (postgres; prometheus and grafana, only under the `monitoring` profile);
 #  3. the app services share one environment that names every setting in worker/config.py (or
 #     leaves it out on purpose), and .env.example lists every setting.
 set -euo pipefail
@@ -64,6 +64,11 @@ def classify(name, svc):
     if entrypoint is None and command is None:
         if str(svc.get("image", "")).startswith("postgres:"):
             return "image default: " + svc["image"], True
+        # The opt-in monitoring services run their upstream image's own entry point, with the
+        # configuration in deploy/ (.ci/check-deploy.sh checks it).
+        if str(svc.get("image", "")).startswith(("prom/prometheus:", "grafana/grafana:")):
+            ok = svc.get("profiles") == ["monitoring"]
+            return "image default: " + svc["image"] + ("" if ok else "   <- only under the `monitoring` profile"), ok
         return "image default: %s (unknown)" % svc.get("image"), False
     argv = (entrypoint or []) + (command or [])
     text = " ".join(shlex.quote(a) for a in argv)

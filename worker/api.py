@@ -52,7 +52,7 @@ from worker.errors import (
     StorageError,
     Unauthorized,
 )
-from worker.metrics import Metrics
+from worker.metrics import Metrics, TotalsCollector, fleet_collector
 from worker.producer import admit, publish_new
 from worker.views import job_view, nth_output_link
 
@@ -398,15 +398,23 @@ def create_app(
     url_resolver: Resolver | None = None,
     storage: InputStore | None = None,
     tracing: Tracing | None = None,
+    metrics_totals: TotalsCollector | None = None,
 ) -> FastAPI:
     """The API over `settings` (default: the environment). `publisher=None` publishes to Celery;
     `deps_factory` builds the engine's Deps for cancel, retry and webhooks (default: `deps.build_deps`);
     `storage` is where input images go at admission (default: S3 as `settings` say); `tracing`
-    starts each new job's trace (default: the process's, from settings)."""
+    starts each new job's trace (default: the process's, from settings); `metrics_totals` is what
+    `/metrics` reads the fleet's counters from (default: Redis)."""
     settings = settings or get_settings()
     sessions = session_factory(settings.database_url)
     secret = webhooks.webhook_secret(settings)
-    metrics = Metrics(sessions, cache_seconds=settings.metrics_cache_seconds, cost_per_submission=settings.cost_per_submission)
+    fleet_totals = metrics_totals if metrics_totals is not None else fleet_collector(settings)
+    metrics = Metrics(
+        sessions,
+        cache_seconds=settings.metrics_cache_seconds,
+        cost_per_submission=settings.cost_per_submission,
+        totals=fleet_totals,
+    )
     # Base64 inflates by 4/3; the rest of the JSON is small. A webhook only has to name its
     # prediction: one too large to take (base64 outputs) is refused, and the poll finds the result.
     max_body = settings.max_image_bytes * 4 // 3 + 64 * 1024
@@ -571,7 +579,7 @@ def create_app(
         tenants.check_admission(sessions, request.tenant, 1, settings)
         # admit + publish_new is producer.enqueue for one request, keeping the `created` flag that
         # tells a new job (201) from an idempotent replay (200). The input image goes to S3 first.
-        [(job, created)] = admit(settings, [request], storage=storage, tracing=tracing)
+        [(job, created)] = admit(settings, [request], storage=storage, tracing=tracing, totals=fleet_totals.totals)
         if created:
             publish_new(settings, [job.id], publisher=get_publisher())
         return JSONResponse(status_code=201 if created else 200, content=view(job))

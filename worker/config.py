@@ -435,6 +435,18 @@ class Settings(BaseSettings):
         description="`/metrics` counts jobs by state at most this often (seconds); scrapes in between share the counts.",
         validation_alias=_env("EDIT_WORKER_METRICS_CACHE_SECONDS"),
     )
+    metrics_tenants: str = Field(
+        default="",
+        description="Tenants that get their own `tenant` label value in the job metrics, comma-separated; every other tenant is counted as `other` (keeps the label's values bounded).",
+        validation_alias=_env("EDIT_WORKER_METRICS_TENANTS"),
+    )
+    metrics_flush_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Each worker process moves its metric counts to Redis (and says it is alive) this often, in seconds; `/metrics` lags by at most this much.",
+        validation_alias=_env("EDIT_WORKER_METRICS_FLUSH_SECONDS"),
+    )
     output_hosts: str = Field(
         default="",
         description="Output downloads: hosts trusted besides WAVESPEED_BASE_URL's host:port, comma-separated (`host` = its default http/https ports, `host:port` = that port). Every other hop, redirects included, must be a public address.",
@@ -519,6 +531,11 @@ class Settings(BaseSettings):
                 "plain http is for a local sandbox (127.0.0.1/localhost) or with EDIT_WORKER_ALLOW_HTTP_PROVIDER=true"
             )
         return self
+
+    @property
+    def metrics_tenant_set(self) -> frozenset[str]:
+        """EDIT_WORKER_METRICS_TENANTS as a set."""
+        return frozenset(t.strip() for t in self.metrics_tenants.split(",") if t.strip())
 
     @property
     def trusted_output_hosts(self) -> list[str]:

@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Job
 from worker.adapters.database import session_factory
+from worker.adapters.redis_client import connect
 from worker.adapters.storage import Storage
+from worker.adapters.telemetry import MemoryTotals, Recorder, RedisTotals, flush
 from worker.adapters.tracing import AdmitSpan, Tracing, shared_tracing
 from worker.config import Settings, get_settings
 from worker.core import validation
@@ -93,8 +95,32 @@ def validate_request(
     )
 
 
+@lru_cache(maxsize=4)
+def _redis_totals(url: str) -> RedisTotals:
+    return RedisTotals(connect(url))
+
+
+def count_created(settings: Settings, pairs: list[tuple[Job, bool]], *, totals: RedisTotals | MemoryTotals | None = None) -> None:
+    """`edit_worker_jobs_created_total`: the jobs this admission created, written to the metric
+    totals at once (one pipeline per admitted batch; a producer may be a short-lived CLI). A Redis
+    that is down loses the counts, never the admission."""
+    recorder = Recorder(tenants=settings.metrics_tenant_set)
+    for job, created in pairs:
+        if created:
+            recorder.job_created(job.tenant)
+    try:
+        flush(recorder, totals if totals is not None else _redis_totals(settings.limiter_redis_url))
+    except Exception as exc:
+        log.warning("metrics: could not count created jobs (%s)", type(exc).__name__)
+
+
 def admit(
-    settings: Settings, requests: list[NewJob], *, storage: InputStore | None = None, tracing: Tracing | None = None
+    settings: Settings,
+    requests: list[NewJob],
+    *,
+    storage: InputStore | None = None,
+    totals: RedisTotals | MemoryTotals | None = None,
+    tracing: Tracing | None = None,
 ) -> list[tuple[Job, bool]]:
     """Store the requests' input images in S3, then insert the jobs (one transaction): (job,
     created) pairs. S3 unavailable -> AdmissionUnavailable and nothing written (retry later).
@@ -130,6 +156,7 @@ def admit(
     for job_id, span in spans.items():
         span.set(outcome="created" if job_id in created else "not_created")
         span.end()
+    count_created(settings, pairs, totals=totals)
     return pairs
 
 

@@ -1,10 +1,12 @@
 """What the worker fleet shares besides the provider limits, through Redis (`MemoryFleet`: the same
 in one process, for tests): `once` marks (wake-up de-duplication, per-node pass locks; `forget`
-hands one back early) and the model's typical inference time, one average for every worker.
+hands one back early), the model's typical inference time, one average for every worker, and the
+workers' heartbeats (who is alive: a hash of worker name -> pid, host, last seen).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,10 @@ class Fleet(Protocol):
     # The model's typical inference time (an average of what the provider reports), for the first poll.
     def observe_inference(self, seconds: float) -> None: ...
     def typical_inference(self) -> float | None: ...
+    # Worker heartbeats: each worker process says it is alive (info: pid, host), stamped with the
+    # wall clock's epoch seconds as `seen`; workers_seen lists those seen within the last `within` s.
+    def heartbeat(self, worker: str, info: dict) -> None: ...
+    def workers_seen(self, within: float) -> dict[str, dict]: ...
 
 
 # The weight of a new sample in the inference-time average (an exponentially weighted mean).
@@ -30,6 +36,8 @@ EWMA_WEIGHT = 0.2
 # A process re-reads the fleet's average at most this often (one GET per submit would add up).
 TYPICAL_CACHE_SECONDS = 5.0
 AVERAGE_KEPT_SECONDS = 86400
+# A heartbeat older than this is pruned from the hash by the next heartbeat (a worker gone for good).
+HEARTBEAT_KEPT_SECONDS = 86400
 
 # KEYS: average key   ARGV: sample seconds, weight, keep seconds -> the new average
 _OBSERVE = """
@@ -45,8 +53,9 @@ return tostring(v)
 class RedisFleet:
     """`once` marks are SET NX with a TTL; the average is one key, read at most every 5 s."""
 
-    def __init__(self, client: redis.Redis, *, namespace: str = DEFAULT_NAMESPACE):
+    def __init__(self, client: redis.Redis, *, namespace: str = DEFAULT_NAMESPACE, wall: Callable[[], float] = time.time):
         self.r = client
+        self.wall = wall
         self.keys = RedisKeys(namespace)
         self._observe = client.register_script(_OBSERVE)
         self._typical: tuple[float, float | None] = (-TYPICAL_CACHE_SECONDS - 1, None)  # (read at, value)
@@ -69,12 +78,46 @@ class RedisFleet:
             self._typical = (time.monotonic(), value)
         return value
 
+    def heartbeat(self, worker: str, info: dict) -> None:
+        now = self.wall()
+        stale = [name for name, seen in _seen_at(self.r.hgetall(self.keys.workers)).items() if seen < now - HEARTBEAT_KEPT_SECONDS]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.keys.workers, worker, json.dumps({**info, "seen": now}))
+        if stale:
+            pipe.hdel(self.keys.workers, *stale)
+        pipe.execute()
+
+    def workers_seen(self, within: float) -> dict[str, dict]:
+        return _within(self.r.hgetall(self.keys.workers), self.wall() - within)
+
+
+def _decode(raw: dict) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for name, value in raw.items():
+        try:
+            info = json.loads(value)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(info, dict) and isinstance(info.get("seen"), (int, float)):
+            out[name.decode() if isinstance(name, bytes) else str(name)] = info
+    return out
+
+
+def _seen_at(raw: dict) -> dict[str, float]:
+    return {name: float(info["seen"]) for name, info in _decode(raw).items()}
+
+
+def _within(raw: dict, since: float) -> dict[str, dict]:
+    return {name: info for name, info in _decode(raw).items() if float(info["seen"]) >= since}
+
 
 class MemoryFleet:
     """The same in one process, on an injectable clock (unit tests, single-process tools)."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.clock = clock
+        self.wall = wall
+        self._workers: dict[str, str] = {}
         self._lock = threading.Lock()
         self._once: dict[str, float] = {}
         self._typical: float | None = None
@@ -99,3 +142,11 @@ class MemoryFleet:
     def typical_inference(self) -> float | None:
         with self._lock:
             return self._typical
+
+    def heartbeat(self, worker: str, info: dict) -> None:
+        with self._lock:
+            self._workers[worker] = json.dumps({**info, "seen": self.wall()})
+
+    def workers_seen(self, within: float) -> dict[str, dict]:
+        with self._lock:
+            return _within(dict(self._workers), self.wall() - within)

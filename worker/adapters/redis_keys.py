@@ -54,6 +54,14 @@ class RedisKeys:
     def sweep_lock(self) -> str:  # one reconciler sweep at a time across the fleet
         return self._k("sweep-lock")
 
+    @property
+    def metrics(self) -> str:  # hash: the fleet's metric totals (field: sample name and labels as JSON)
+        return self._k("metrics")
+
+    @property
+    def workers(self) -> str:  # hash: worker heartbeats (field: worker name, value: JSON pid, host, seen)
+        return self._k("workers")
+
     def journal(self, job_id: str) -> str:  # the prediction id a job's submit created
         return self._k("submitted", job_id)
 

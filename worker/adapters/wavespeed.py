@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import functools
 import json as jsonlib
 import logging
 import re
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
-from typing import IO, Any
+from typing import IO, Any, TypeVar, cast
 
 import httpx
 from pydantic import SecretStr
@@ -32,6 +33,7 @@ from worker.errors import (
 )
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
 MODEL = "bytedance/dreamina-v3.0/edit"
 SUBMIT_PATH = f"/api/v3/{MODEL}"
@@ -339,6 +341,44 @@ def _origin(url: httpx.URL) -> tuple[str, int | None]:
     return url.host.lower(), url.port or {"http": 80, "https": 443}.get(url.scheme)
 
 
+def outcome_of(exc: BaseException | None) -> str:
+    """A provider call's outcome label: ok, ambiguous, transient, auth, permanent (or error)."""
+    if exc is None:
+        return "ok"
+    for cls, name in ((AmbiguousSubmitError, "ambiguous"), (TransientProviderError, "transient"), (ProviderAuthError, "auth")):
+        if isinstance(exc, cls):
+            return name
+    return "permanent" if isinstance(exc, PermanentProviderError) else "error"
+
+
+def _observed(operation: str) -> Callable[[F], F]:
+    """Report the decorated call's outcome to `self.on_call` (when set)."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(self: WaveSpeedClient, *args: Any, **kwargs: Any) -> Any:
+            if self.on_call is None:
+                return fn(self, *args, **kwargs)
+            try:
+                answer = fn(self, *args, **kwargs)
+            except BaseException as exc:
+                _tell(self.on_call, operation, outcome_of(exc))
+                raise
+            _tell(self.on_call, operation, "ok")
+            return answer
+
+        return cast(F, call)
+
+    return wrap
+
+
+def _tell(on_call: Callable[[str, str], None], operation: str, outcome: str) -> None:
+    try:
+        on_call(operation, outcome)
+    except Exception:  # metrics never change a call's answer
+        pass
+
+
 class WaveSpeedClient:
     """One pooled client per process; tests pass `transport=httpx.MockTransport(handler)`.
 
@@ -356,7 +396,10 @@ class WaveSpeedClient:
         url_guard: UrlGuard | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         download_timeout: float = 120.0,
+        on_call: Callable[[str, str], None] | None = None,
     ):
+        # Told (operation, outcome) after every API call and download (metrics); must not block.
+        self.on_call = on_call
         key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
         self._secret = key or ""
         self.base_url = base_url.rstrip("/")
@@ -386,6 +429,7 @@ class WaveSpeedClient:
 
     # --- API calls -------------------------------------------------------------------------
 
+    @_observed("submit")
     def submit(self, request: EditRequest, *, webhook: str | None = None) -> Prediction:
         """POST the task (with `?webhook=URL` when given). AmbiguousSubmitError whenever the
         provider may have created (and will bill) a task we cannot name: a timeout or reset after
@@ -404,6 +448,7 @@ class WaveSpeedClient:
             raise AmbiguousSubmitError(f"submit answered {status} with {_describe(headers, body, status)}", status_code=status)
         raise self._scrubbed(verdict.error())
 
+    @_observed("result")
     def result(self, prediction_id: str) -> Prediction:
         """The task's state. Raises PermanentProviderError with `definitive=True` only when the
         provider's own envelope says the task does not exist."""
@@ -413,12 +458,14 @@ class WaveSpeedClient:
             raise self._scrubbed(answer)
         return self._prediction_scrubbed(answer)
 
+    @_observed("cancel")
     def cancel(self, prediction_id: str) -> None:
         status, headers, body = self._call("DELETE", f"/api/v3/predictions/{_id_path(prediction_id)}")
         verdict = classify(status, headers, body, what=f"DELETE /api/v3/predictions/{prediction_id}")
         if verdict.kind is not Kind.OK:
             raise self._scrubbed(verdict.error())
 
+    @_observed("list")
     def list_predictions(
         self,
         *,
@@ -454,6 +501,7 @@ class WaveSpeedClient:
             items=items,
         )
 
+    @_observed("download")
     def download(self, url: str, sink: IO[bytes], *, max_bytes: int | None = None) -> str:
         """Stream an output URL into `sink`; returns its declared Content-Type. No Authorization
         header is sent: output URLs are on a CDN, not the API host.

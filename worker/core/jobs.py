@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, cast
 
-from sqlalchemy import CursorResult, Row, Table, bindparam, delete, func, insert, literal, select, tuple_, update
+from sqlalchemy import CursorResult, Row, Table, bindparam, delete, event, func, insert, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker, undefer
 from sqlalchemy.sql import ClauseElement
@@ -50,6 +50,63 @@ def _event(session: Session, job_id: str, src: State | None, dst: State, reason:
     session.execute(
         insert(EVENTS).values(job_id=job_id, from_state=src.value if src else None, to_state=dst.value, reason=reason[:2000], at=at)
     )
+
+
+class JobObserver(Protocol):
+    """Told of every committed creation and transition (metrics: adapters/telemetry.Recorder).
+    Called after the commit, on the committing thread: must not block (no I/O)."""
+
+    def job_created(self, tenant: str | None) -> None: ...
+    def job_moved(self, src: str, dst: str, *, tenant: str | None, error_code: str | None, age_seconds: float | None) -> None: ...
+
+
+OBSERVER = "edit_worker.job_observer"  # the key in a session's `info` (set on the factory: observe_jobs)
+_PENDING = "edit_worker.observed"
+
+
+def observe_jobs(sessions: sessionmaker[Session], observer: JobObserver) -> None:
+    """Report the committed creations and transitions of jobs made through `sessions` to `observer`
+    (engine/deps.py wires the process's metrics recorder; tests pass their own)."""
+    sessions.configure(info={**(sessions.kw.get("info") or {}), OBSERVER: observer})
+
+
+def _observer(info: dict | None) -> JobObserver | None:
+    return (info or {}).get(OBSERVER)
+
+
+def _note(session: Session, call: Callable[[JobObserver], None]) -> None:
+    # Held until the transaction commits (a rolled-back transition is never counted).
+    if _observer(session.info) is not None:
+        session.info.setdefault(_PENDING, []).append(call)
+
+
+@event.listens_for(Session, "after_commit")
+def _report_committed(session: Session) -> None:
+    calls = session.info.pop(_PENDING, None)
+    observer = _observer(session.info)
+    if calls and observer is not None:
+        for call in calls:
+            try:
+                call(observer)
+            except Exception:  # metrics never break a committed transition
+                pass
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    session.info.pop(_PENDING, None)
+
+
+def _created_call(tenant: str | None) -> Callable[[JobObserver], None]:
+    return lambda o: o.job_created(tenant)
+
+
+def _moved_call(src: State, dst: State, row: Row, fields: dict[str, Any], now: datetime) -> Callable[[JobObserver], None]:
+    created = getattr(row, "created_at", None)
+    age = (now - as_utc(created)).total_seconds() if created is not None else None
+    code = fields.get("error_code")
+    tenant = getattr(row, "tenant", None)
+    return lambda o: o.job_moved(src.value, dst.value, tenant=tenant, error_code=code if isinstance(code, str) else None, age_seconds=age)
 
 
 def _known_keys(session: Session, requests: list[NewJob], now: datetime) -> dict[tuple[str, str], tuple[Job, str | None]]:
@@ -204,6 +261,7 @@ def create_jobs(
                 session.add(job)
                 session.flush()  # jobs before their events/outbox rows (FK order)
                 _event(session, job.id, None, State.QUEUED, "created", now)
+                _note(session, _created_call(req.tenant))
                 session.add(Outbox(job_id=job.id, task=Step.SUBMIT.value, created_at=now))
                 if req.idempotency_key:
                     # An expired key of this tenant is replaced; a live one is the unique conflict below.
@@ -290,21 +348,24 @@ def _move(
 ) -> Row | None:
     """The compare-and-set UPDATE and, if it moved the row, its event (and callback delivery), in
     the session's transaction."""
-    cols = [JOBS.c.id, *(JOBS.c[name] for name in _returning(dst, returning))]
+    cols = [JOBS.c.id, *(JOBS.c[name] for name in _returning(dst, returning, observed=_observer(session.info) is not None))]
     row = session.execute(
         update(JOBS).where(*_conditions(job_id, src, where)).values(**_move_values(dst, now, fields)).returning(*cols)
     ).first()
     if row is not None:
         _event(session, job_id, src, dst, reason, now)
+        _note(session, _moved_call(src, dst, row, fields, now))
         if dst.terminal and row.callback_url is not None:
             session.execute(insert(DELIVERIES).values(**queued_row(job_id, dst.value, row.callback_url, new_webhook_id(), now)))
             session.info[QUEUED_FLAG] = True
     return row
 
 
-def _returning(dst: State, returning: tuple[str, ...]) -> tuple[str, ...]:
-    # Into a terminal state the UPDATE also answers callback_url: the delivery is queued from it.
-    return returning + ("callback_url",) if dst.terminal and "callback_url" not in returning else returning
+def _returning(dst: State, returning: tuple[str, ...], *, observed: bool = False) -> tuple[str, ...]:
+    # Into a terminal state the UPDATE also answers callback_url: the delivery is queued from it;
+    # when observed, also created_at and tenant (the job's age and its tenant label).
+    extra = (("callback_url",) if dst.terminal else ()) + (("created_at", "tenant") if observed else ())
+    return returning + tuple(name for name in extra if name not in returning)
 
 
 def transition_now(
@@ -330,12 +391,19 @@ def transition_now(
     now = clock()
     engine = sessions.kw["bind"]
     if engine.dialect.name == "postgresql":
-        stmt, params = _move_statement(src, dst, _move_values(dst, now, fields), where or {}, returning)
+        observer = _observer(sessions.kw.get("info"))
+        stmt, params = _move_statement(src, dst, _move_values(dst, now, fields), where or {}, returning, observed=observer is not None)
         params.update(job_id=job_id, ev_reason=reason[:2000], ev_at=now)
         if dst.terminal:
             params.update(cb_webhook_id=new_webhook_id())
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            return conn.execute(stmt, params).first()
+            moved = conn.execute(stmt, params).first()
+        if moved is not None and observer is not None:
+            try:
+                _moved_call(src, dst, moved, fields, now)(observer)
+            except Exception:  # metrics never break a committed transition
+                pass
+        return moved
     with sessions() as session:
         row = _move(session, job_id, src, dst, reason, now, where, returning, fields)
         session.commit()
@@ -346,7 +414,7 @@ _MOVES: dict[tuple, Any] = {}
 
 
 def _move_statement(
-    src: State, dst: State, values: dict[str, Any], where: dict[str, Any], returning: tuple[str, ...]
+    src: State, dst: State, values: dict[str, Any], where: dict[str, Any], returning: tuple[str, ...], *, observed: bool = False
 ) -> tuple[Any, dict[str, Any]]:
     """The PostgreSQL CTE for a transition, built once per shape (which columns are set, which are
     compared, what comes back) with every value a bound parameter: building a statement and its
@@ -364,7 +432,7 @@ def _move_statement(
         shape_where.append((name, value is None))
         if value is not None:
             params[f"w_{name}"] = value
-    returning = _returning(dst, returning)
+    returning = _returning(dst, returning, observed=observed)
     key = (src, dst, tuple(shape_values), tuple(shape_where), returning)
     stmt = _MOVES.get(key)
     if stmt is None:
@@ -508,6 +576,12 @@ def list_page(
 def count_by_state(sessions: sessionmaker[Session]) -> dict[str, int]:
     with sessions() as session:
         return {state: n for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+
+def count_outbox_backlog(sessions: sessionmaker[Session]) -> int:
+    """Outbox rows not yet relayed (an index range on sent_at IS NULL)."""
+    with sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(Outbox).where(Outbox.sent_at.is_(None))) or 0)
 
 
 def job_events(sessions: sessionmaker[Session], job_id: str) -> list[JobEvent]:

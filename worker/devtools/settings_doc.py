@@ -59,7 +59,12 @@ GROUPS: list[tuple[str, str, list[str]]] = [
     (
         "HTTP API hardening",
         "Limits `edit-worker api` applies to what callers and the provider send it.",
-        ["allow_http_provider", "webhook_max_bytes", "metrics_cache_seconds"],
+        ["allow_http_provider", "webhook_max_bytes"],
+    ),
+    (
+        "Metrics",
+        "What `/metrics` shows and how the worker processes feed it (docs/metrics.md).",
+        ["metrics_cache_seconds", "metrics_tenants", "metrics_flush_seconds"],
     ),
     (
         "Tracing and logs",

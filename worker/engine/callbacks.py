@@ -318,6 +318,8 @@ def record(deps: Deps, outcomes: list[tuple[Claim, Outcome]]) -> DeliveryReport:
     with deps.sessions() as session:
         session.connection().execute(stmt, params)
         session.commit()
+    for label, count in (("delivered", report.delivered), ("retried", report.retried), ("failed", report.failed)):
+        deps.metrics.callback_delivery(label, count)
     return report
 
 

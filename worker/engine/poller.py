@@ -172,6 +172,8 @@ def run_poll(deps: Deps, job_id: str, poll_seq: int | None) -> Next | None:
     with _span(deps, target) as span:
         decision = fetch_and_decide(deps, target.prediction_id)
         span.set(outcome=_outcome(decision))
+        if isinstance(decision, Finish) and decision.prediction.inference_ms:
+            deps.metrics.inference(decision.prediction.inference_ms / 1000.0)
         return apply_decision(deps, target, decision, chain=deps.settings.poll_mode == "task")
 
 
@@ -337,6 +339,8 @@ def _poll_one(deps: Deps, target: PollTarget) -> tuple[Decision, Next | None]:
 
 def _observe_inference(deps: Deps, predictions: list[Prediction]) -> None:
     samples = sorted(p.inference_ms for p in predictions if p.inference_ms)
+    for ms in samples:
+        deps.metrics.inference(ms / 1000.0)
     if not samples or not deps.settings.adaptive_first_poll:
         return
     try:

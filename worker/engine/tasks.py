@@ -33,7 +33,7 @@ from worker.core.steps import Next, Step, schedule
 from worker.engine import callbacks, copier, poller, reconciler, submitter
 from worker.engine import submit as submit_step
 from worker.engine.celery_app import app
-from worker.engine.deps import Deps, build_deps, reset_deps
+from worker.engine.deps import Deps, build_deps, reset_deps, start_telemetry, stop_telemetry
 from worker.engine.pools import reset_pools
 from worker.engine.publisher import MAX_COUNTDOWN, RECONCILE_TASK, TASK_NAMES
 from worker.engine.wakeups import callbacks_wakeup, poller_wakeup, submitter_wakeup
@@ -80,6 +80,8 @@ def task_deps() -> Deps:
 
 def _run(task, step: Callable[[Deps], Next | None]) -> None:
     deps = task_deps()
+    if _deps_factory is build_deps:
+        start_telemetry(deps)  # once per process (a solo or threads pool has no process_init)
     try:
         schedule(deps.publisher, step(deps))
     except INFRA_ERRORS as exc:
@@ -289,6 +291,16 @@ def _fresh_connections_after_fork(**_kw) -> None:
     reset_deps()
     reset_pools()
     callbacks.reset_client()
+    if _deps_factory is build_deps:
+        try:
+            start_telemetry(build_deps())  # metrics flushes and heartbeats from this pool process
+        except Exception:  # the first task starts it instead
+            pass
+
+
+@worker_process_shutdown.connect
+def _last_flush(**_kw) -> None:
+    stop_telemetry()
 
 
 @worker_process_shutdown.connect

@@ -34,3 +34,19 @@ def test_the_typical_inference_time_is_a_weighted_average():
     fleet.observe_inference(10.0)
     fleet.observe_inference(20.0)  # weighted 0.2: 10 * 0.8 + 20 * 0.2
     assert fleet.typical_inference() == pytest.approx(12.0)
+
+
+def test_heartbeats_list_the_workers_seen_within_a_window():
+    wall = Ticks()
+    wall.t = 1000.0
+    fleet = MemoryFleet(wall=wall)
+    fleet.heartbeat("host-a:11", {"pid": 11, "host": "host-a"})
+    wall.t = 1010.0
+    fleet.heartbeat("host-b:12", {"pid": 12, "host": "host-b"})
+
+    seen = fleet.workers_seen(within=5)
+
+    assert seen == {"host-b:12": {"pid": 12, "host": "host-b", "seen": 1010.0}}
+    assert set(fleet.workers_seen(within=15)) == {"host-a:11", "host-b:12"}
+    fleet.heartbeat("host-a:11", {"pid": 11, "host": "host-a"})  # beats again: alive again
+    assert set(fleet.workers_seen(within=5)) == {"host-a:11", "host-b:12"}

@@ -470,3 +470,23 @@ def test_parse_retry_after():
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("-5") == 0.0
     assert parse_retry_after("soon") is None
+
+
+# --- the call observer (metrics) ---------------------------------------------------------------
+
+
+def test_every_call_reports_its_operation_and_outcome():
+    calls: list[tuple[str, str]] = []
+    wire = Wire(ok(), error(503), error(401), httpx.ReadTimeout("slow"), error(400))
+    client = WaveSpeedClient(KEY, BASE, transport=httpx.MockTransport(wire), on_call=lambda op, outcome: calls.append((op, outcome)))
+
+    client.submit(REQUEST)
+    for _ in range(2):
+        with pytest.raises(ProviderError):
+            client.result("a1b2c3")
+    with pytest.raises(AmbiguousSubmitError):
+        client.submit(REQUEST)
+    with pytest.raises(ProviderError):
+        client.cancel("a1b2c3")
+
+    assert calls == [("submit", "ok"), ("result", "transient"), ("result", "auth"), ("submit", "ambiguous"), ("cancel", "permanent")]

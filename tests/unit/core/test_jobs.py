@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 from models import Job, JobEvent, Outbox
 from worker import producer
 from worker.adapters.storage import Storage
-from worker.core.jobs import NewJob, create_jobs, get_job, job_events, list_jobs, to_json
+from worker.core.jobs import NewJob, create_jobs, get_job, job_events, list_jobs, observe_jobs, to_json, transition, transition_now
+from worker.core.states import State
 from worker.core.validation import ImageInput
 from worker.errors import AdmissionUnavailable, IdempotencyMismatch, InvalidInput, JobNotFound, StorageError
 
@@ -280,3 +281,49 @@ def test_submit_edit_many_is_all_or_nothing(settings, sessions, publisher, png_f
     with pytest.raises(InvalidInput, match="item 2"):
         producer.submit_edit_many(items, settings=settings, publisher=publisher)
     assert counts(sessions) == (0, 0, 0)
+
+
+# --- the observer (metrics) --------------------------------------------------------------------
+
+
+class Observed:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def job_created(self, tenant):
+        self.calls.append(("created", tenant))
+
+    def job_moved(self, src, dst, *, tenant, error_code, age_seconds):
+        self.calls.append(("moved", src, dst, tenant, error_code, age_seconds))
+
+
+def test_the_observer_hears_committed_creations_and_transitions_with_the_jobs_age(sessions, clock):
+    observer = Observed()
+    observe_jobs(sessions, observer)
+    [(job, _)] = create_jobs(sessions, [request()], deadline_seconds=600, clock=clock.now)
+    clock.advance(2.5)
+    with sessions() as s:
+        assert transition(s, job.id, State.QUEUED, State.SUBMITTING, "test", clock=clock.now)
+        assert observer.calls == [("created", "default")]  # not before the commit
+        s.commit()
+    clock.advance(1.0)
+    assert transition_now(sessions, job.id, State.SUBMITTING, State.FAILED, "test", clock=clock.now, error_code="rejected") is not None
+
+    assert observer.calls == [
+        ("created", "default"),
+        ("moved", "queued", "submitting", "default", None, 2.5),
+        ("moved", "submitting", "failed", "default", "rejected", 3.5),
+    ]
+
+
+def test_the_observer_never_hears_a_rolled_back_transition(sessions, clock):
+    observer = Observed()
+    observe_jobs(sessions, observer)
+    [(job, _)] = create_jobs(sessions, [request()], deadline_seconds=600, clock=clock.now)
+    with sessions() as s:
+        assert transition(s, job.id, State.QUEUED, State.SUBMITTING, "test", clock=clock.now)
+        s.rollback()
+    with sessions() as s:
+        s.commit()  # a later commit of the same kind of session reports nothing stale
+
+    assert observer.calls == [("created", "default")]

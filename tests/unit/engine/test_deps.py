@@ -13,6 +13,8 @@ from worker.adapters.breaker import RedisBreaker
 from worker.adapters.fleet import RedisFleet
 from worker.adapters.journal import RedisJournal
 from worker.adapters.limiter import RedisLimiter
+from worker.adapters.telemetry import RedisTotals
+from worker.core.jobs import OBSERVER
 from worker.core.steps import RecordingPublisher
 from worker.engine.deps import build_deps, reset_deps
 from worker.errors import UnsupportedRedis
@@ -79,3 +81,11 @@ def test_a_redis_that_is_down_does_not_stop_the_wiring(settings, wiring):
         port = probe.getsockname()[1]  # nothing listens here once the probe closes
     deps = build_deps(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"}), RecordingPublisher())
     assert isinstance(deps.breaker, RedisBreaker)
+
+
+def test_one_recorder_hears_the_transitions_and_provider_calls_and_flushes_to_the_shared_redis(settings, fake_redis, wiring):
+    deps = build_deps(settings.model_copy(update={"redis_url": fake_redis("6.2.14")}), RecordingPublisher())
+
+    assert deps.sessions.kw["info"][OBSERVER] is deps.metrics
+    assert deps.provider.on_call == deps.metrics.provider_call
+    assert isinstance(deps.metrics_totals, RedisTotals) and deps.metrics_totals.r is deps.fleet.r

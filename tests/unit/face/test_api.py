@@ -30,10 +30,12 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from models import Job, Outbox
+from worker.adapters.telemetry import flush
 from worker.api import create_app
 from worker.config import Settings
 from worker.core import jobs, tenants
 from worker.engine import poller, submit
+from worker.metrics import TotalsCollector
 
 JOB_KEYS = {
     "id",
@@ -105,6 +107,9 @@ def make_client(settings, deps, publisher, monkeypatch, admin_key):
             publisher=publisher,
             url_resolver=resolver,
             storage=storage or deps.storage,
+            metrics_totals=TotalsCollector(
+                deps.metrics_totals, fleet=deps.fleet, breaker=deps.breaker, limiter=deps.limiter, max_concurrency=4, rate_per_minute=60
+            ),
         )
         return TestClient(app, headers={"Authorization": f"Bearer {key or admin_key}"})
 
@@ -818,9 +823,25 @@ def test_each_app_has_its_own_metrics_registry(make_client):
     first, second = make_client(), make_client()
 
     assert first.app.state.metrics.registry is not second.app.state.metrics.registry
-    first.app.state.metrics.breaker_open.set(1)
-    assert "edit_worker_breaker_open 1.0" in first.get("/metrics").text
-    assert "edit_worker_breaker_open 0.0" in second.get("/metrics").text
+    assert "edit_worker_breaker_open 0.0" in first.get("/metrics").text
+
+
+def test_metrics_show_the_breaker_workers_and_the_fleets_flushed_counts(client, deps):
+    create(client)  # counted at admission, into the same totals
+    deps.breaker.trip(30, "test")
+    deps.fleet.heartbeat("host-a:1", {"pid": 1, "host": "host-a"})
+    deps.metrics.job_moved("uploading", "succeeded", tenant="default", error_code=None, age_seconds=3.0)
+    flush(deps.metrics, deps.metrics_totals)
+
+    text = client.get("/metrics").text
+
+    assert "edit_worker_breaker_open 1.0" in text
+    assert "edit_worker_workers_alive 1.0" in text
+    assert 'edit_worker_jobs_created_total{tenant="other"} 1.0' in text
+    assert 'edit_worker_jobs_finished_total{error_code="",state="succeeded",tenant="other"} 1.0' in text
+    assert 'edit_worker_job_duration_seconds_bucket{le="5.0",state="succeeded"} 1.0' in text
+    assert "# TYPE edit_worker_outbox_backlog gauge" in text
+    assert "edit_worker_metrics_redis_up 1.0" in text
 
 
 def test_healthz_reports_the_database(client, make_client, settings, tmp_path):
