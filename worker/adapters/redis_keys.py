@@ -54,6 +54,10 @@ class RedisKeys:
     def sweep_lock(self) -> str:  # one reconciler sweep at a time across the fleet
         return self._k("sweep-lock")
 
+    @property
+    def workers(self) -> str:  # hash: worker name -> JSON {pid, host, seen} (each worker's heartbeat)
+        return self._k("workers")
+
     def journal(self, job_id: str) -> str:  # the prediction id a job's submit created
         return self._k("submitted", job_id)
 

@@ -1,18 +1,21 @@
 """Thin Celery tasks: decode the message, call an engine function, schedule what it returns,
 and map infrastructure errors (database, S3, Redis, output downloads) to a Celery retry. Also the
-worker process hooks (fresh connections after fork, clearing a restarted node's pass locks).
+worker process hooks (fresh connections after fork, clearing a restarted node's pass locks, the
+worker's heartbeat).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import TypeVar
 
 import redis
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init, worker_ready
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init, worker_ready, worker_shutdown
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -271,6 +274,41 @@ def _clear_node_locks(sender=None, **_kw) -> None:
     finally:
         dispose_all()
         reset_deps()
+
+
+# How often a worker says it is alive (Fleet.heartbeat); the console counts a worker as seen
+# recently within a few of these.
+HEARTBEAT_SECONDS = 10.0
+_heartbeat_stop = threading.Event()
+
+
+def beat_once(fleet, name: str) -> None:
+    """One heartbeat of this worker process (its node name, pid and host)."""
+    fleet.heartbeat(name, {"pid": os.getpid(), "host": socket.gethostname()})
+
+
+def _heartbeat_loop(name: str) -> None:
+    while True:
+        try:
+            beat_once(task_deps().fleet, name)
+        except Exception as exc:  # Redis down: the next beat tries again
+            log.debug("heartbeat skipped: %s", type(exc).__name__)
+        if _heartbeat_stop.wait(HEARTBEAT_SECONDS):
+            return
+
+
+@worker_ready.connect
+def _start_heartbeat(sender=None, **_kw) -> None:
+    # A thread in the worker's main process (the pool children are forked before this signal):
+    # it beats while the node lives, whatever its tasks are doing.
+    _heartbeat_stop.clear()
+    name = getattr(sender, "hostname", None) or socket.gethostname()
+    threading.Thread(target=_heartbeat_loop, args=(name,), name="edit-worker-heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_kw) -> None:
+    _heartbeat_stop.set()
 
 
 @worker_process_init.connect
