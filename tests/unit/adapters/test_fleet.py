@@ -34,3 +34,20 @@ def test_the_typical_inference_time_is_a_weighted_average():
     fleet.observe_inference(10.0)
     fleet.observe_inference(20.0)  # weighted 0.2: 10 * 0.8 + 20 * 0.2
     assert fleet.typical_inference() == pytest.approx(12.0)
+
+
+def test_workers_seen_are_those_whose_heartbeat_is_recent():
+    wall = Ticks()
+    wall.t = 1_000_000.0
+    fleet = MemoryFleet(clock=Ticks(), wall_clock=wall)
+    assert fleet.workers_seen(60) == {}
+    fleet.heartbeat("w1@node-a", {"pid": 11, "host": "node-a"})
+    wall.t += 45
+    fleet.heartbeat("w2@node-b", {"pid": 22, "host": "node-b"})
+    wall.t += 30  # w1 beat 75 s ago, w2 30 s ago
+    seen = fleet.workers_seen(60)
+    assert list(seen) == ["w2@node-b"]
+    assert seen["w2@node-b"] == {"pid": 22, "host": "node-b", "seen": 1_000_045.0}
+    assert set(fleet.workers_seen(120)) == {"w1@node-a", "w2@node-b"}
+    fleet.heartbeat("w1@node-a", {"pid": 12, "host": "node-a"})  # restarted: a new pid, seen now
+    assert fleet.workers_seen(60)["w1@node-a"]["pid"] == 12
