@@ -234,7 +234,7 @@ def percentile_lines(
     n = len(labels)
     top = max([p[2] for p in points if p] + [1.0])
     left, bottom, plot_h = 40, 30, height - 50
-    step = (width - left - 10) / max(n - 1, 1)
+    step = (width - left - 10) / max(n, 1)  # the bars' columns: a point sits in its column's middle
     parts = [
         f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}"><title>{escape(title)}</title>'
     ]
@@ -249,7 +249,7 @@ def percentile_lines(
                     segments.append(segment)
                 segment = []
                 continue
-            x, y = left + i * step, height - bottom - point[k] / top * plot_h
+            x, y = left + (i + 0.5) * step, height - bottom - point[k] / top * plot_h
             segment.append(f"{x:.1f},{y:.1f}")
             parts.append(
                 f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{COLORS[name]}"><title>{escape(labels[i])} {name}: {escape(_seconds(point[k]))}</title></circle>'

@@ -279,7 +279,7 @@ def _clear_node_locks(sender=None, **_kw) -> None:
 # How often a worker says it is alive (Fleet.heartbeat); the console counts a worker as seen
 # recently within a few of these.
 HEARTBEAT_SECONDS = 10.0
-_heartbeat_stop = threading.Event()
+_heartbeats: list[threading.Event] = []  # one stop flag per heartbeat thread started
 
 
 def beat_once(fleet, name: str) -> None:
@@ -287,28 +287,29 @@ def beat_once(fleet, name: str) -> None:
     fleet.heartbeat(name, {"pid": os.getpid(), "host": socket.gethostname()})
 
 
-def _heartbeat_loop(name: str) -> None:
-    while True:
+def _heartbeat_loop(name: str, stop: threading.Event) -> None:
+    while not stop.is_set():
         try:
             beat_once(task_deps().fleet, name)
         except Exception as exc:  # Redis down: the next beat tries again
             log.debug("heartbeat skipped: %s", type(exc).__name__)
-        if _heartbeat_stop.wait(HEARTBEAT_SECONDS):
-            return
+        stop.wait(HEARTBEAT_SECONDS)
 
 
 @worker_ready.connect
 def _start_heartbeat(sender=None, **_kw) -> None:
-    # A thread in the worker's main process (the pool children are forked before this signal):
+    # A thread in the worker's main process (the pool's children are forked before this signal):
     # it beats while the node lives, whatever its tasks are doing.
-    _heartbeat_stop.clear()
+    stop = threading.Event()
+    _heartbeats.append(stop)
     name = getattr(sender, "hostname", None) or socket.gethostname()
-    threading.Thread(target=_heartbeat_loop, args=(name,), name="edit-worker-heartbeat", daemon=True).start()
+    threading.Thread(target=_heartbeat_loop, args=(name, stop), name="edit-worker-heartbeat", daemon=True).start()
 
 
 @worker_shutdown.connect
 def _stop_heartbeat(**_kw) -> None:
-    _heartbeat_stop.set()
+    while _heartbeats:
+        _heartbeats.pop().set()
 
 
 @worker_process_init.connect

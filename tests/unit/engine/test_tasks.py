@@ -19,7 +19,7 @@ import socket
 import pytest
 import redis
 from celery.exceptions import Retry
-from celery.signals import after_setup_logger, worker_process_init, worker_ready
+from celery.signals import after_setup_logger, worker_process_init, worker_ready, worker_shutdown
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError
 
@@ -43,6 +43,7 @@ def injected(deps):
     tasks.use_deps(lambda: deps)
     reset_pools()  # a pass borrows the process's poll/submit pools: fresh ones, sized by these settings
     yield deps
+    worker_shutdown.send(sender=None)  # stops a heartbeat thread a worker_ready started
     tasks.use_deps(None)
     reset_pools()
 
@@ -365,6 +366,23 @@ def test_a_restarted_worker_clears_its_own_pass_locks_only(deps):
     worker_ready.send(sender=node)
     assert all(deps.fleet.once(key, ttl=ttl) for key in held)  # free again
     assert not deps.fleet.once(other, ttl=ttl)  # another node's lock is not ours to clear
+
+
+def test_a_ready_worker_beats_its_heartbeat_until_it_shuts_down(deps):
+    import threading
+    import time
+
+    worker_ready.send(sender=Consumer("w1@node-a"))
+    deadline = time.monotonic() + 5
+    while "w1@node-a" not in deps.fleet.workers_seen(60) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    seen = deps.fleet.workers_seen(60)["w1@node-a"]
+    assert seen["host"] == socket.gethostname() and seen["pid"] > 0
+    worker_shutdown.send(sender=None)
+    deadline = time.monotonic() + 5
+    while any(t.name == "edit-worker-heartbeat" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "edit-worker-heartbeat" for t in threading.enumerate())
 
 
 def test_worker_logs_carry_the_job_context():
