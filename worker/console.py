@@ -554,7 +554,7 @@ def make_router(
                 raise JobNotFound(f"job {job_id} has no output {index[:10]!r}")
             job = jobs.get_job(sessions, job_id, tenant=session.who.scope)
             try:
-                url = nth_output_link(job, int(index), _storage(link_storage), settings)
+                url = nth_output_link(job, int(index), _signer(link_storage), settings)
             except InvalidJobOperation as exc:
                 raise JobNotFound(str(exc)) from None
             return RedirectResponse(url, status_code=307, headers={"Referrer-Policy": "no-referrer"})
@@ -567,7 +567,7 @@ def make_router(
             job = jobs.get_job(sessions, job_id, tenant=session.who.scope)
             if not job.image_uri or not job.image_uri.startswith("s3://"):
                 raise JobNotFound(f"job {job_id} has no stored input image")
-            url = _storage(link_storage).link(job.image_uri, settings.result_link_seconds)
+            url = _signer(link_storage).link(job.image_uri, settings.result_link_seconds)
             return RedirectResponse(url, status_code=307, headers={"Referrer-Policy": "no-referrer"})
 
         return guarded(request, run)
@@ -797,6 +797,14 @@ def _storage(link_storage: Callable[[], Any]) -> Any:
     except Exception as exc:  # no S3 settings: the page shows the s3:// URIs without links
         log.warning("console: cannot sign links (%s)", type(exc).__name__)
         return None
+
+
+def _signer(link_storage: Callable[[], Any]) -> Any:
+    """The storage that signs a link, or a 503 page saying it cannot."""
+    storage = _storage(link_storage)
+    if storage is None:
+        raise ConsoleError(503, "object storage is not configured here: no link to the image")
+    return storage
 
 
 def _safe_next(target: str) -> bool:
