@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI): create, read, list, cancel and retry jobs (one at a time or by filter),
 result links, API keys and tenant usage, the WaveSpeed webhook receiver, Prometheus metrics and a
-health check. Thin over the job service, the producer and the engine's operator actions.
+health check, and the operator console at /ui (worker/console.py). Thin over the job service, the
+producer and the engine's operator actions.
 
 Every route but the provider's webhook and the health check needs `Authorization: Bearer <key>`
 (`edit-worker keys create`); a tenant's key sees only its tenant's jobs (another tenant's job id
@@ -28,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker import console
 from worker.adapters import webhooks
 from worker.adapters.database import get_engine, session_factory
 from worker.adapters.redis_keys import webhook_seen_name
@@ -901,5 +903,9 @@ def create_app(
             log.warning("healthz: database check failed (%s)", type(exc).__name__)
             database = False
         return {"ok": True, "database": database}
+
+    # --- the operator console (/ui: HTML pages, kept out of the OpenAPI document) ---
+
+    console.install(app, settings=settings, sessions=sessions, deps_factory=deps_factory, link_storage=link_storage, relay=_relay)
 
     return app

@@ -218,6 +218,18 @@ def test_the_typical_inference_time_is_one_average_for_the_fleet(url):
     assert fresh.typical_inference() == pytest.approx(12.0)
 
 
+def test_heartbeats_are_one_table_of_workers_for_the_fleet(url):
+    a, b = (RedisFleet(connect(url)) for _ in range(2))
+    assert a.workers_seen(60) == {}
+    a.heartbeat("w1@node-a", {"pid": 11, "host": "node-a"})
+    b.heartbeat("w2@node-b", {"pid": 22, "host": "node-b"})
+    seen = RedisFleet(connect(url)).workers_seen(60)
+    assert set(seen) == {"w1@node-a", "w2@node-b"}
+    assert seen["w1@node-a"]["pid"] == 11 and time.time() - seen["w1@node-a"]["seen"] < 5
+    time.sleep(1.1)
+    assert a.workers_seen(1) == {}  # none beat within the last second
+
+
 # --- a fleet of workers ----------------------------------------------------------------------------
 
 

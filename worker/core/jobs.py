@@ -10,7 +10,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, cast
 
@@ -533,6 +533,39 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, job_id
 
 
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs an operator is looking at (the console's filters; every field optional).
+    `since`: finished (or last changed) at or after — the bulk actions' `since`; `text`: a
+    case-insensitive substring of the prompt or the idempotency key."""
+
+    states: tuple[State, ...] = ()
+    tenant: str | None = None
+    error_code: str | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+    since: datetime | None = None
+    text: str | None = None
+
+    def conditions(self) -> list:
+        cond: list = []
+        if self.states:
+            cond.append(Job.state.in_([s.value for s in self.states]))
+        if self.tenant is not None:
+            cond.append(Job.tenant == self.tenant)
+        if self.error_code:
+            cond.append(Job.error_code == self.error_code)
+        if self.created_from is not None:
+            cond.append(Job.created_at >= self.created_from)
+        if self.created_to is not None:
+            cond.append(Job.created_at < self.created_to)
+        if self.since is not None:
+            cond.append(func.coalesce(Job.finished_at, Job.updated_at) >= self.since)
+        if self.text:
+            cond.append(Job.prompt.icontains(self.text, autoescape=True) | Job.idempotency_key.icontains(self.text, autoescape=True))
+        return cond
+
+
 def list_jobs(
     sessions: sessionmaker[Session],
     *,
@@ -556,12 +589,17 @@ def list_page(
 ) -> JobPage:
     """Jobs newest first, by keyset: `after` (a cursor from the previous page) seeks into the
     (created_at, id) index, so page N costs what page 1 costs. `offset` stays for old callers. `tenant`: one tenant's jobs (None: every tenant's)."""
+    flt = JobFilter(states=(state,) if state is not None else (), tenant=tenant)
+    return filtered_page(sessions, flt, limit=limit, after=after, offset=offset)
+
+
+def filtered_page(
+    sessions: sessionmaker[Session], flt: JobFilter, *, limit: int = 100, after: str | None = None, offset: int = 0
+) -> JobPage:
+    """One page of the jobs `flt` selects, newest first, by keyset (`after`: the previous page's
+    cursor); never OFFSET unless an old caller asks for it."""
     with sessions() as session:
-        query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-        if state is not None:
-            query = query.where(Job.state == state.value)
-        if tenant is not None:
-            query = query.where(Job.tenant == tenant)
+        query = select(Job).where(*flt.conditions()).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
         if after:
             created_at, job_id = decode_cursor(after)
             query = query.where(tuple_(Job.created_at, Job.id) < tuple_(bindparam("c_at", created_at, type_=Job.created_at.type), job_id))
@@ -573,9 +611,11 @@ def list_page(
     return JobPage(jobs=rows, next_cursor=encode_cursor(rows[-1]) if more and rows else None)
 
 
-def count_by_state(sessions: sessionmaker[Session]) -> dict[str, int]:
+def count_by_state(sessions: sessionmaker[Session], flt: JobFilter | None = None) -> dict[str, int]:
+    """Jobs per state (of those `flt` selects, its own state filter left out: every state's count)."""
+    cond = replace(flt, states=()).conditions() if flt is not None else []
     with sessions() as session:
-        return {state: n for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}
+        return {state: n for state, n in session.execute(select(Job.state, func.count()).where(*cond).group_by(Job.state))}
 
 
 def count_outbox_backlog(sessions: sessionmaker[Session]) -> int:

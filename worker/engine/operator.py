@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from models import Job
 from worker.core.codes import ErrorCode
 from worker.core.deliveries import callbacks_queued
-from worker.core.jobs import add_outbox, get_job, transition, update_if
+from worker.core.jobs import JobFilter, add_outbox, get_job, transition, update_if
 from worker.core.states import ACTIVE, State
 from worker.core.steps import Step
 from worker.engine.bookkeeping import cancel_at_provider
@@ -89,9 +89,18 @@ def retry_job(deps: Deps, job_id: str) -> Job:
 
 
 def _matching(
-    deps: Deps, states: tuple[State, ...], *, tenant: str | None, error_code: str | None, since: datetime | None, limit: int
+    deps: Deps,
+    states: tuple[State, ...],
+    *,
+    tenant: str | None,
+    error_code: str | None,
+    since: datetime | None,
+    limit: int,
+    job_filter: JobFilter | None = None,
 ) -> list[str]:
     query = select(Job.id).where(Job.state.in_([s.value for s in states])).order_by(Job.created_at).limit(limit)
+    if job_filter is not None:  # the console's filter, on top (its states narrow `states` further)
+        query = query.where(*job_filter.conditions())
     if tenant is not None:
         query = query.where(Job.tenant == tenant)
     if error_code:
@@ -103,12 +112,19 @@ def _matching(
 
 
 def retry_matching(
-    deps: Deps, *, tenant: str | None = None, error_code: str | None = None, since: datetime | None = None, limit: int = 10_000
+    deps: Deps,
+    *,
+    tenant: str | None = None,
+    error_code: str | None = None,
+    since: datetime | None = None,
+    limit: int = 10_000,
+    job_filter: JobFilter | None = None,
 ) -> list[Job]:
-    """Bulk replay: every failed job matching the filters (of one tenant, or all for None), each
-    from the furthest step already paid for. Jobs that changed state meanwhile are skipped."""
+    """Bulk replay: every failed job matching the filters (of one tenant, or all for None; and
+    `job_filter`, the console's), each from the furthest step already paid for. Jobs that changed
+    state meanwhile are skipped."""
     replayed = []
-    for job_id in _matching(deps, (State.FAILED,), tenant=tenant, error_code=error_code, since=since, limit=limit):
+    for job_id in _matching(deps, (State.FAILED,), tenant=tenant, error_code=error_code, since=since, limit=limit, job_filter=job_filter):
         try:
             replayed.append(retry_job(deps, job_id))
         except InvalidJobOperation:
@@ -125,13 +141,14 @@ def cancel_matching(
     since: datetime | None = None,
     limit: int = 10_000,
     reason: str = "cancelled by operator (bulk)",
+    job_filter: JobFilter | None = None,
 ) -> list[Job]:
     """Bulk cancel: every unfinished job matching the filters (and its provider task)."""
     states = (state,) if state is not None else tuple(sorted(ACTIVE, key=lambda s: s.value))
     if any(s.terminal for s in states):
         raise InvalidJobOperation("only unfinished jobs can be cancelled")
     cancelled = []
-    for job_id in _matching(deps, states, tenant=tenant, error_code=error_code, since=since, limit=limit):
+    for job_id in _matching(deps, states, tenant=tenant, error_code=error_code, since=since, limit=limit, job_filter=job_filter):
         try:
             cancelled.append(cancel_job(deps, job_id, reason=reason))
         except InvalidJobOperation:

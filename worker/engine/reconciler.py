@@ -159,9 +159,7 @@ def resolve_ambiguous(deps: Deps, job: Job) -> Resolution:
 
     s = deps.settings
     skew = timedelta(seconds=s.ambiguous_skew_seconds)
-    started = job.submitted_at or job.updated_at
-    window_start = started - skew
-    window_end = started + timedelta(seconds=s.http_timeout) + skew
+    window_start, window_end = submit_window(deps, job)
     if deps.clock() < window_end + timedelta(seconds=s.ambiguous_list_grace_seconds):
         return Resolution.WAITING
     candidates = _unclaimed_predictions(deps, window_start, window_end)
@@ -206,6 +204,24 @@ def resolve_ambiguous(deps: Deps, job: Job) -> Resolution:
         session.commit()
     log.error("ambiguous submit needs an operator: %s", message, extra={"job_id": job.id})
     return Resolution.NEEDS_OPERATOR
+
+
+def submit_window(deps: Deps, job: Job) -> tuple[datetime, datetime]:
+    """When the provider could have created the task of the job's last submit: from its start
+    (less the clock skew allowed) to the client's timeout after it (plus the skew)."""
+    s = deps.settings
+    skew = timedelta(seconds=s.ambiguous_skew_seconds)
+    started = job.submitted_at or job.updated_at
+    return started - skew, started + timedelta(seconds=s.http_timeout) + skew
+
+
+def candidates(deps: Deps, job_id: str) -> list[Prediction]:
+    """The unclaimed provider tasks of this model created in a stuck submit's time window: what an
+    operator chooses from to settle it (`resolve_by_operator`)."""
+    job = get_job(deps.sessions, job_id)
+    if job.state != State.SUBMITTING.value or job.prediction_id:
+        raise InvalidJobOperation(f"job {job_id} is {job.state}; only jobs stuck in submitting can be resolved")
+    return _unclaimed_predictions(deps, *submit_window(deps, job))
 
 
 def _unclaimed_predictions(deps: Deps, start: datetime, end: datetime, max_pages: int = 20) -> list[Prediction]:

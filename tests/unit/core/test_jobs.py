@@ -327,3 +327,22 @@ def test_the_observer_never_hears_a_rolled_back_transition(sessions, clock):
         s.commit()  # a later commit of the same kind of session reports nothing stale
 
     assert observer.calls == [("created", "default")]
+
+
+def test_a_job_filter_pages_by_keyset_and_counts_every_state_it_selects(sessions, clock, new_job):
+    from worker.core.jobs import JobFilter, count_by_state, filtered_page
+    from worker.core.states import State
+
+    wanted = []
+    for i in range(5):
+        wanted.append(new_job(prompt=f"a 100% red sky {i}", tenant="shop"))
+        new_job(prompt=f"a blue sky {i}", tenant="shop")
+        new_job(prompt=f"a 100% red sky elsewhere {i}", tenant="blog")
+        clock.advance(1)
+    flt = JobFilter(tenant="shop", text="100%")
+    first = filtered_page(sessions, flt, limit=3)
+    second = filtered_page(sessions, flt, limit=3, after=first.next_cursor)
+    assert [j.id for j in first.jobs + second.jobs] == wanted[::-1]
+    assert second.next_cursor is None
+    assert count_by_state(sessions, JobFilter(states=(State.FAILED,), tenant="shop", text="100%")) == {"queued": 5}
+    assert filtered_page(sessions, JobFilter(text="_")).jobs == []  # LIKE wildcards are literal
