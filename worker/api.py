@@ -52,7 +52,7 @@ from worker.errors import (
     Unauthorized,
 )
 from worker.metrics import Metrics
-from worker.producer import admit, publish_new
+from worker.producer import enqueue_pairs
 from worker.views import job_view, nth_output_link
 
 log = logging.getLogger(__name__)
@@ -565,12 +565,9 @@ def create_app(
             remote=True,
             resolver=url_resolver,
         )
-        tenants.check_admission(sessions, request.tenant, 1, settings)
-        # admit + publish_new is producer.enqueue for one request, keeping the `created` flag that
-        # tells a new job (201) from an idempotent replay (200). The input image goes to S3 first.
-        [(job, created)] = admit(settings, [request], storage=storage)
-        if created:
-            publish_new(settings, [job.id], publisher=get_publisher())
+        # The `created` flag tells a new job (201) from an idempotent replay (200). The input
+        # image goes to S3 first.
+        [(job, created)] = enqueue_pairs(settings, [request], publisher=get_publisher(), storage=storage)
         return JSONResponse(status_code=201 if created else 200, content=view(job))
 
     @app.get(
