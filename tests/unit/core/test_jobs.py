@@ -291,3 +291,50 @@ def test_submit_edit_many_is_all_or_nothing(settings, sessions, publisher, png_f
     with pytest.raises(InvalidInput, match="item 2"):
         producer.submit_edit_many(items, settings=settings, publisher=publisher)
     assert counts(sessions) == (0, 0, 0)
+
+
+def test_a_batch_with_a_key_mismatch_against_an_existing_job_writes_nothing_of_the_batch(sessions, clock):
+    create_jobs(sessions, [request("order-1")], deadline_seconds=60, clock=clock.now)
+    before = counts(sessions)
+    with pytest.raises(IdempotencyMismatch):
+        create_jobs(
+            sessions,
+            [request(prompt="new 1"), request("order-2"), request("order-1", prompt="changed")],
+            deadline_seconds=60,
+            clock=clock.now,
+        )
+    assert counts(sessions) == before
+
+
+def test_a_batch_of_many_jobs_is_one_row_each_in_order_with_keys_resolved_in_and_across_batches(sessions, clock):
+    [(earlier, _)] = create_jobs(sessions, [request("k0")], deadline_seconds=60, clock=clock.now)
+    batch = [request(f"k{i % 50}", prompt="add a red hat") for i in range(200)] + [request(prompt=f"unkeyed {i}") for i in range(300)]
+
+    pairs = create_jobs(sessions, batch, deadline_seconds=60, clock=clock.now)
+
+    assert pairs[0] == (pairs[0][0], False) and pairs[0][0].id == earlier.id
+    assert [job.id for job, _ in pairs[:50]] == [job.id for job, _ in pairs[50:100]]  # the same key: the same job
+    assert sum(created for _, created in pairs) == 49 + 300
+    assert counts(sessions) == (1 + 49 + 300,) * 3
+    assert [job.prompt for job, _ in pairs[200:]] == [f"unkeyed {i}" for i in range(300)]
+    stored = get_job(sessions, pairs[-1][0].id)
+    assert (stored.state, stored.prompt, stored.tenant, stored.priority, stored.paid_submissions) == (
+        "queued",
+        "unkeyed 299",
+        "default",
+        "normal",
+        0,
+    )
+
+
+def test_submit_edit_many_over_a_tenants_rate_is_refused_whole(settings, sessions, publisher, storage):
+    from worker.core import tenants
+    from worker.errors import QuotaExceeded
+
+    tenants.set_tenant(sessions, "default", rate_per_minute=3)
+    settings = settings.model_copy(update={"allow_private_urls": True})
+    items = [{"image": URL, "prompt": f"edit {i}"} for i in range(4)]
+    with pytest.raises(QuotaExceeded):
+        producer.submit_edit_many(items, settings=settings, publisher=publisher, storage=storage)
+    assert counts(sessions) == (0, 0, 0) and publisher.sent == []
+    assert len(producer.submit_edit_many(items[:3], settings=settings, publisher=publisher, storage=storage)) == 3
