@@ -127,6 +127,10 @@ def admit_one(items: list[dict[str, Any]], settings, publisher, rate: float) -> 
     from worker.producer import submit_edit
 
     interval = 1.0 / rate if rate > 0 else 0.0
+    # The first call pays one-time costs (Celery loads its transport, the pool connects): a
+    # warm-up, not timed.
+    submit_edit(**items[0], settings=settings, publisher=publisher)
+    items = items[1:]
     latencies: list[float] = []
     t0 = time.perf_counter()
     cpu0 = time.process_time()
@@ -145,7 +149,7 @@ def admit_one(items: list[dict[str, Any]], settings, publisher, rate: float) -> 
     cpu = time.process_time() - cpu0
     return {
         "producer": "one",
-        "jobs": len(items),
+        "jobs": len(items),  # timed calls (one more went first, untimed)
         "rate": rate,
         "seconds": round(seconds, 3),
         "jobs_per_second": round(len(items) / seconds, 1),
