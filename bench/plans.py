@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                     "prompt": f"backlog {i}",
                     "seed": i,
                     "tenant": tenants[i % len(tenants)],
-                    "priority": ("high", "normal", "low")[i % 3],
+                    "priority": ("high", "normal", "low")[i // len(tenants) % 3],
                 }
                 for i in range(start, min(args.jobs, start + args.batch_size))
             ]
