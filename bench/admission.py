@@ -210,7 +210,7 @@ def start_api(env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen, str
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    local.wait_for_port("127.0.0.1", port, timeout=60)
+    local.wait_for_port(port, timeout=60, process=proc, name="edit-worker api", log=workdir / "api.log")
     return proc, f"http://127.0.0.1:{port}"
 
 
