@@ -63,6 +63,10 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from worker.config import settings_from_env  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import admission  # noqa: E402  # bench/admission.py: the producer-side measurements
+
 from worker.devtools import local  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -693,7 +697,6 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
     from worker.adapters.database import get_engine, migrate
     from worker.engine.celery_app import make_app
     from worker.engine.publisher import CeleryPublisher
-    from worker.producer import submit_edit_many
 
     db = f"bench_{label}".replace("-", "_")
     bucket = f"bench-{label}-{uuid.uuid4().hex[:6]}".replace("_", "-").lower()
@@ -756,7 +759,9 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
             groups.append(spy)
             profiler.start()
 
-        log(f"{label}: enqueueing {args.jobs} jobs through submit_edit_many ({workers_n} worker(s) x concurrency {args.concurrency})")
+        log(
+            f"{label}: enqueueing {args.jobs} jobs through {PRODUCER_CALL[args.producer]} ({workers_n} worker(s) x concurrency {args.concurrency})"
+        )
         if args.outage_seconds > 0:
             # A provider outage in the middle of the run (503 HTML on every call), then recovery:
             # the provider calls per job then include everything the outage and the recovery cost.
@@ -771,7 +776,7 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
                 timer.daemon = True
                 timer.start()
         t_start = time.time()
-        submit_edit_many(items, settings=settings, publisher=publisher, batch_size=args.batch_size)
+        produce(args, items, settings, publisher)
         t_enqueued = time.time()
         log(f"{label}: enqueued in {t_enqueued - t_start:.1f}s")
         timeout = args.timeout or max(120.0, 4 * args.latency + args.jobs / 5)
@@ -921,6 +926,31 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
 
 
 # --- the baseline phase ------------------------------------------------------------------------
+
+
+# --- the producer side (bench/admission.py holds the measurements) ---------------------------
+
+PRODUCER_CALL = {"many": "submit_edit_many", "one": "one submit_edit at a time", "http": "POST /jobs/batch"}
+
+
+def produce(args, items: list[dict], settings, publisher) -> dict:
+    """Put the run's jobs in the way --producer says (many: submit_edit_many batches; one: one
+    submit_edit call at a time at --rate jobs/s); the admission figures."""
+    import admission
+
+    if args.producer == "one":
+        return admission.admit_one(items, settings, publisher, args.rate)
+    return admission.admit_many(items, settings, publisher, args.batch_size)
+
+
+def run_admission_only(stack: Stack, args, outdir: Path) -> dict:
+    """--admission-only: admission without workers, on a fresh database (bench/admission.py)."""
+    import admission
+
+    env = admission.base_env(stack)
+    result = admission.run(stack, env, args, outdir, f"admission-{args.producer}")
+    result.pop("database_url", None)
+    return result
 
 
 def run_baseline(stack: Stack, args, workers_n: int, label: str, outdir: Path) -> dict:
@@ -1304,7 +1334,13 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--idle-threshold", type=float, default=15.0, help="machine CPU %% counted as quiet (default 15)")
     p.add_argument("--label", default="", help="name for the run directory")
     p.add_argument("--keep", action="store_true", help="keep service logs even when the run succeeds (always kept on failure)")
+    admission.add_arguments(p)
+    p.add_argument(
+        "--admission-only", action="store_true", help="measure admission alone (no workers, no baseline): --producer, --rate, --jobs"
+    )
     args = p.parse_args(argv)
+    if args.producer == "http" and not args.admission_only:
+        p.error("--producer http runs with --admission-only (the API is started for it)")
     args.workers_list = [int(x) for x in str(args.workers).split(",") if x.strip()]
     if not args.workers_list or min(args.workers_list) < 1 or args.jobs < 1 or args.concurrency < 1:
         p.error("--workers, --jobs and --concurrency must be positive")
@@ -1340,6 +1376,11 @@ def main(argv: list[str] | None = None) -> int:
             f"stack up: redis :{stack.redis.port}, s3 ({args.s3}) :{stack.s3.port}, sandbox :{stack.sandbox.port} "
             f"(latency {args.latency:g}s), postgres :{stack.pg_port} (pg_stat_statements: {stack.pg_stat_statements})"
         )
+        if args.admission_only:
+            result = run_admission_only(stack, args, outdir)
+            print(json.dumps(result, indent=2))
+            (outdir / "result.json").write_text(json.dumps({"command": command, "code": CODE_VERSION, "result": result}, indent=2))
+            return 0
         for w in args.workers_list:
             phases = [("baseline", run_baseline), ("ew", run_edit_worker)]
             if not args.baseline_first:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, PrimaryKeyConstraint, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, PrimaryKeyConstraint, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -113,6 +113,17 @@ class Job(Base):
         # Keyset pagination of `GET /jobs` (newest first), with and without a state filter.
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_state_created_at_id", "state", "created_at", "id"),
+        # The submitter's fair-share pick at a large backlog: which tenants have queued jobs (a
+        # skip scan over the leading column) and each tenant's oldest queued jobs of one
+        # priority, read in index order and stopped at the LIMIT. Partial: only queued rows.
+        Index(
+            "ix_jobs_queued_tenant_priority_created_at",
+            "tenant",
+            "priority",
+            "created_at",
+            postgresql_where=text("state = 'queued'"),
+            sqlite_where=text("state = 'queued'"),
+        ),
     )
 
     def __repr__(self) -> str:

@@ -41,7 +41,7 @@ from worker.core.jobs import InputStore
 from worker.core.states import State
 from worker.core.steps import Publisher
 from worker.core.tenants import Caller
-from worker.core.validation import Resolver, validate_callback_url, validate_request
+from worker.core.validation import NewJob, Resolver, validate_callback_url, validate_request
 from worker.engine import callbacks, operator, reconciler
 from worker.engine.webhooks import NudgeOutcome, nudge_poll
 from worker.errors import (
@@ -55,7 +55,7 @@ from worker.errors import (
     Unauthorized,
 )
 from worker.metrics import Metrics, TotalsCollector, fleet_collector
-from worker.producer import admit, publish_new
+from worker.producer import enqueue_pairs
 from worker.views import job_view, nth_output_link
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,48 @@ class CreateJob(BaseModel):
         description="https URL to POST the signed job JSON to on every terminal state (default: the tenant's; Standard Webhooks signature)",
     )
     tenant: str | None = Field(None, description="admin keys only: create the job for this tenant (default: the key's own)")
+
+
+MAX_BATCH_JOBS = 1000
+
+
+class CreateJobs(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "jobs": [
+                        {"image": "https://images.example.com/cat.png", "prompt": "make the sky purple", "idempotency_key": "order-1"},
+                        {"image": "https://images.example.com/dog.png", "prompt": "add a red hat", "seed": 7},
+                    ]
+                }
+            ]
+        },
+    )
+
+    jobs: list[CreateJob] = Field(
+        min_length=1, max_length=MAX_BATCH_JOBS, description=f"1..{MAX_BATCH_JOBS} job requests, each as for POST /jobs"
+    )
+
+
+class ItemError(BaseModel):
+    index: int = Field(description="0-based position of the refused job request in `jobs`")
+    message: str
+
+
+class BatchErrorDetail(ErrorDetail):
+    items: list[ItemError] = Field(default_factory=list, description="each refused job request (a 422 naming items); else empty")
+
+
+class BatchErrorBody(BaseModel):
+    """A refused batch: nothing of it was written."""
+
+    error: BatchErrorDetail
+
+
+class JobBatchOut(BaseModel):
+    jobs: list[JobOut] = Field(description="the jobs, in the order of the request")
 
 
 class BulkFilter(BaseModel):
@@ -336,6 +378,34 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class BatchInvalid(InvalidInput):
+    """Some requests of a batch are invalid: (index, message) for each; nothing is written."""
+
+    def __init__(self, items: list[tuple[int, str]]):
+        first_index, first_message = items[0]
+        more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+        super().__init__(f"{len(items)} of the batch's job requests are invalid, e.g. jobs[{first_index}]: {first_message}{more}")
+        self.items = items
+
+
+def _batch_refused(exc: BatchInvalid) -> JSONResponse:
+    error = {"code": ErrorCode.INVALID_INPUT.value, "message": str(exc), "items": [{"index": i, "message": m} for i, m in exc.items]}
+    return JSONResponse(status_code=422, content={"error": error})
+
+
+def _batch_items(exc: RequestValidationError) -> list[tuple[int, str]]:
+    """Schema errors inside `jobs[i]` as (i, message), one per item (its first error); [] when an
+    error is not about one item (the body itself, `jobs` missing or too long)."""
+    items: dict[int, str] = {}
+    for error in exc.errors():
+        loc = [item for item in error.get("loc", ()) if item != "body"]
+        if len(loc) < 2 or loc[0] != "jobs" or not isinstance(loc[1], int):
+            return []
+        field = ".".join(str(part) for part in loc[2:]) or "job"
+        items.setdefault(loc[1], f"{field}: {error.get('msg', 'invalid')}")
+    return sorted(items.items())
+
+
 class BodyTooLarge(StarletteHTTPException):
     """Raised from inside `receive` once a body passes its limit (FastAPI re-raises HTTP errors
     met while reading a body, so the route never sees the rest)."""
@@ -422,7 +492,11 @@ def create_app(
     max_body = settings.max_image_bytes * 4 // 3 + 64 * 1024
     webhook_path = "/webhooks/wavespeed"
 
+    batch_path = "/jobs/batch"
+
     def body_limit(path: str) -> int:
+        if path == batch_path:
+            return settings.batch_max_bytes
         return settings.webhook_max_bytes if path == webhook_path else max_body
 
     if deps_factory is None:
@@ -471,8 +545,16 @@ def create_app(
     # --- errors: one JSON shape for every refusal ---
 
     @app.exception_handler(RequestValidationError)
-    async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path == batch_path:
+            items = _batch_items(exc)
+            if items:
+                return _batch_refused(BatchInvalid(items))
         return error_response(422, ErrorCode.INVALID_INPUT, _validation_message(exc))
+
+    @app.exception_handler(BatchInvalid)
+    async def _on_batch_invalid(_request: Request, exc: BatchInvalid) -> JSONResponse:
+        return _batch_refused(exc)
 
     @app.exception_handler(BodyTooLarge)
     async def _on_too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
@@ -578,13 +660,70 @@ def create_app(
             remote=True,
             resolver=url_resolver,
         )
-        tenants.check_admission(sessions, request.tenant, 1, settings)
-        # admit + publish_new is producer.enqueue for one request, keeping the `created` flag that
-        # tells a new job (201) from an idempotent replay (200). The input image goes to S3 first.
-        [(job, created)] = admit(settings, [request], storage=storage, tracing=tracing, totals=fleet_totals.totals)
-        if created:
-            publish_new(settings, [job.id], publisher=get_publisher())
+        # The `created` flag tells a new job (201) from an idempotent replay (200). The input
+        # image goes to S3 first.
+        [(job, created)] = enqueue_pairs(
+            settings, [request], publisher=get_publisher(), storage=storage, tracing=tracing, totals=fleet_totals.totals
+        )
         return JSONResponse(status_code=201 if created else 200, content=view(job))
+
+    @app.post(
+        batch_path,
+        status_code=201,
+        response_model=None,
+        responses={
+            201: {"model": JobBatchOut, "description": "the jobs, in request order (created, or made earlier by the same idempotency key)"},
+            200: {"model": JobBatchOut, "description": "every request was an idempotent replay: the jobs their keys made"},
+            422: {
+                "model": BatchErrorBody,
+                "description": "invalid input: `error.items` names each refused request (index, message); nothing was written",
+            },
+            **_errors(401, 403, 409, 413, 429, 503),
+        },
+    )
+    def create_jobs_batch(body: CreateJobs, who: Caller = Depends(caller)) -> JSONResponse:
+        """Create 1..1000 edit jobs at once, all or nothing: every request is checked first (one
+        invalid request: 422 naming each bad one by index, nothing written), the tenants' quotas
+        apply to the whole batch (429), the jobs are written in one transaction and answered in
+        request order. Idempotency keys work as for POST /jobs (a replay answers the earlier job;
+        a key reused with another request: 409, nothing written)."""
+        requests: list[NewJob] = []
+        refused: list[tuple[int, str]] = []
+        for index, item in enumerate(body.jobs):
+            if item.tenant is not None and not who.admin and item.tenant != who.tenant:
+                raise _Forbidden(f"jobs[{index}]: only an admin key may create jobs for another tenant")
+            try:
+                requests.append(
+                    validate_request(
+                        image=item.image,
+                        prompt=item.prompt,
+                        size=item.size,
+                        seed=item.seed,
+                        idempotency_key=item.idempotency_key,
+                        tenant=item.tenant or who.tenant,
+                        priority=item.priority,
+                        callback_url=item.callback_url,
+                        settings=settings,
+                        remote=True,
+                        resolver=url_resolver,
+                    )
+                )
+            except InvalidInput as exc:
+                refused.append((index, str(exc)))
+        if refused:
+            raise BatchInvalid(refused)
+        # One transaction for the whole batch (batch_size = its length): all or nothing.
+        pairs = enqueue_pairs(
+            settings,
+            requests,
+            publisher=get_publisher(),
+            storage=storage,
+            batch_size=len(requests),
+            tracing=tracing,
+            totals=fleet_totals.totals,
+        )
+        created = any(new for _, new in pairs)
+        return JSONResponse(status_code=201 if created else 200, content={"jobs": [view(job) for job, _ in pairs]})
 
     @app.get(
         "/jobs",

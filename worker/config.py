@@ -377,6 +377,12 @@ class Settings(BaseSettings):
         description="Largest input image accepted, in bytes.",
         validation_alias=_env("EDIT_WORKER_MAX_IMAGE_BYTES"),
     )
+    batch_max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        gt=0,
+        description="The largest POST /jobs/batch body taken, in bytes (up to 1,000 jobs; images as base64 count here); a larger one is refused with 413 before it is read.",
+        validation_alias=_env("EDIT_WORKER_BATCH_MAX_BYTES"),
+    )
     allow_private_urls: bool = Field(
         default=False,
         description="Allow input image URLs and callback URLs that resolve to private, loopback or link-local addresses (turns their SSRF guard off; output downloads have their own rule: EDIT_WORKER_OUTPUT_HOSTS).",

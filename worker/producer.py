@@ -23,18 +23,24 @@ from worker.adapters.telemetry import MemoryTotals, Recorder, RedisTotals, flush
 from worker.adapters.tracing import AdmitSpan, Tracing, shared_tracing
 from worker.config import Settings, get_settings
 from worker.core import validation
-from worker.core.jobs import InputStore, NewJob, create_jobs, mark_sent, pending_outbox, publish_outbox
+from worker.core.jobs import InputStore, NewJob, create_jobs, mark_submits_sent, utcnow
 from worker.core.jobs import get_job as _get_job
 from worker.core.states import State
-from worker.core.steps import Publisher
-from worker.core.tenants import DEFAULT_TENANT, check_admission
+from worker.core.steps import Publisher, Step
+from worker.core.tenants import DEFAULT_TENANT, check_admission_in, tenant_rows
 from worker.errors import AdmissionUnavailable, EditWorkerError, InvalidInput, StorageError
 
 log = logging.getLogger(__name__)
 
 
 def _sessions(settings: Settings) -> sessionmaker[Session]:
-    return session_factory(settings.database_url)
+    return _cached_sessions(settings.database_url)
+
+
+@lru_cache(maxsize=8)
+def _cached_sessions(url: str) -> sessionmaker[Session]:
+    # One session factory per database and process (the engine and its pool are shared anyway).
+    return session_factory(url)
 
 
 @lru_cache(maxsize=8)
@@ -121,6 +127,7 @@ def admit(
     storage: InputStore | None = None,
     totals: RedisTotals | MemoryTotals | None = None,
     tracing: Tracing | None = None,
+    default_callbacks: dict[str, str] | None = None,
 ) -> list[tuple[Job, bool]]:
     """Store the requests' input images in S3, then insert the jobs (one transaction): (job,
     created) pairs. S3 unavailable -> AdmissionUnavailable and nothing written (retry later).
@@ -143,6 +150,7 @@ def admit(
             idempotency_ttl=settings.idempotency_ttl_seconds,
             inputs=storage or input_store(settings),
             trace=trace if tracing.enabled else None,
+            default_callbacks=default_callbacks,
         )
     except BaseException as exc:
         for span in spans.values():
@@ -160,6 +168,18 @@ def admit(
     return pairs
 
 
+def check_quotas(settings: Settings, requests: list[NewJob]) -> dict[str, str]:
+    """Each tenant's quota for its share of `requests` (QuotaExceeded: nothing written), in one
+    read of the tenants' rows; answers their default callback URLs (for create_jobs)."""
+    counts = Counter(r.tenant for r in requests)
+    with _sessions(settings)() as session:
+        rows = tenant_rows(session, set(counts))
+        now = utcnow()
+        for tenant, count in counts.items():
+            check_admission_in(session, tenant, rows.get(tenant), count, settings, now)
+    return {name: row.callback_url for name, row in rows.items() if row.callback_url}
+
+
 def enqueue(
     settings: Settings,
     requests: Iterable[NewJob],
@@ -172,38 +192,60 @@ def enqueue(
     """Check each tenant's quota (QuotaExceeded: nothing written), store inputs and insert in
     batches (one transaction each), then publish the new jobs' first messages. If S3 fails
     mid-way, the batches before are queued and AdmissionUnavailable says how many."""
+    return [
+        job for job, _ in enqueue_pairs(settings, requests, publisher=publisher, batch_size=batch_size, storage=storage, tracing=tracing)
+    ]
+
+
+def enqueue_pairs(
+    settings: Settings,
+    requests: Iterable[NewJob],
+    *,
+    publisher=None,
+    batch_size: int = 500,
+    storage: InputStore | None = None,
+    tracing: Tracing | None = None,
+    totals: RedisTotals | MemoryTotals | None = None,
+) -> list[tuple[Job, bool]]:
+    """enqueue, keeping each job's `created` flag (False: an idempotent replay of an earlier job)."""
     requests = list(requests)
-    sessions = _sessions(settings)
-    for tenant, count in Counter(r.tenant for r in requests).items():
-        check_admission(sessions, tenant, count, settings)
-    jobs: list[Job] = []
+    defaults = check_quotas(settings, requests)
+    pairs: list[tuple[Job, bool]] = []
     for start in range(0, len(requests), batch_size):
         try:
-            pairs = admit(settings, requests[start : start + batch_size], storage=storage, tracing=tracing)
+            batch = admit(
+                settings, requests[start : start + batch_size], storage=storage, tracing=tracing, totals=totals, default_callbacks=defaults
+            )
         except AdmissionUnavailable as exc:
-            if not jobs:
+            if not pairs:
                 raise
             raise AdmissionUnavailable(f"{exc} (the first {start} of {len(requests)} jobs were created)") from None
-        jobs.extend(job for job, _ in pairs)
-        publish_new(settings, [job.id for job, created in pairs if created], publisher=publisher)
-    return jobs
+        pairs.extend(batch)
+        publish_new(settings, [job.id for job, created in batch if created], publisher=publisher)
+    return pairs
 
 
 def publish_new(settings: Settings, job_ids: list[str], *, publisher=None) -> None:
-    """Eager publish of just-created jobs. If the broker is down the jobs are still safely queued:
-    their outbox rows stay unsent and the beat relay publishes them later."""
+    """Eager publish of just-created jobs (each has one unsent submit outbox row: no need to read
+    them back), then mark those rows sent in one UPDATE. If the broker is down the jobs are still
+    safely queued: their outbox rows stay unsent and the beat relay publishes them later."""
     if not job_ids:
         return
-    sessions = _sessions(settings)
-    rows = pending_outbox(sessions, limit=len(job_ids) * 4, job_ids=job_ids)
-    sent: list[int] = []
     publisher = publisher or _publisher()
+    sent: list[str] = []
     try:
-        publish_outbox(publisher, rows, sent, batch_submit=settings.submit_mode == "batch")
+        if settings.submit_mode == "batch":
+            # The submitter leases queued jobs from the table: one wake-up stands for all of them.
+            publisher.publish(Step.SUBMIT_DUE)
+            sent = list(job_ids)
+        else:
+            for job_id in job_ids:
+                publisher.publish(Step.SUBMIT, job_id)
+                sent.append(job_id)
     except Exception as exc:  # broker down: not an error for the producer
-        log.warning("broker unavailable (%s); %d job(s) stay queued for the outbox relay", type(exc).__name__, len(rows) - len(sent))
+        log.warning("broker unavailable (%s); %d job(s) stay queued for the outbox relay", type(exc).__name__, len(job_ids) - len(sent))
     finally:
-        mark_sent(sessions, sent)
+        mark_submits_sent(_sessions(settings), sent)
 
 
 def submit_edit(

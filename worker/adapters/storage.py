@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from typing import IO, Any
 
 import boto3
@@ -65,11 +66,19 @@ def make_s3_client(settings: Settings) -> Any:
     )
 
 
+# How long a content-addressed input this process stored (or found) is taken to be there without
+# asking S3 again. Short: `prune --with-objects` may delete an input once no job uses it.
+KNOWN_INPUT_SECONDS = 60.0
+
+
 class Storage:
     def __init__(self, client: Any, bucket: str, prefix: str = ""):
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        # Content-addressed inputs this process stored or saw recently (key -> monotonic time):
+        # a producer sending the same image again skips even the HEAD for a while.
+        self._known_inputs: dict[str, float] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, client: Any | None = None) -> Storage:
@@ -90,6 +99,44 @@ class Storage:
     def put_input(self, job_id: str, data: bytes, content_type: str) -> str:
         """Store a new job's input image (admission); its s3:// URI."""
         return self.put(self.input_key(job_id), io.BytesIO(data), content_type)
+
+    def input_content_key(self, digest: str) -> str:
+        """Where input bytes with this sha256 live: `{prefix}/inputs/sha256-<hex>` (one object per
+        distinct image, shared by every job that uses it)."""
+        return self.input_key(f"sha256-{digest}")
+
+    def put_input_content(self, digest: str, data: bytes, content_type: str) -> str:
+        """Store input bytes content-addressed (admission): HEAD first and skip the upload when
+        the object is already there with this length — the key names the content, so it can only
+        hold these bytes (the submit step checks the digest again before use). Its s3:// URI."""
+        key = self.input_content_key(digest)
+        seen = self._known_inputs.get(key)
+        if seen is not None and time.monotonic() - seen < KNOWN_INPUT_SECONDS:
+            return self.uri(key)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+            if head.get("ContentLength") == len(data):
+                self._remember_input(key)
+                return self.uri(key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise StorageError(f"head {self.uri(key)} failed: {_describe(exc)}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"head {self.uri(key)} failed: {_describe(exc)}") from None
+        try:
+            # One PutObject: s3transfer's managed upload costs more than it saves for an image.
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"put {self.uri(key)} failed: {_describe(exc)}") from None
+        except Exception as exc:
+            raise StorageError(f"put {self.uri(key)} failed: {_describe(exc)}") from None
+        self._remember_input(key)
+        return self.uri(key)
+
+    def _remember_input(self, key: str) -> None:
+        if len(self._known_inputs) >= 4096:
+            self._known_inputs.clear()
+        self._known_inputs[key] = time.monotonic()
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

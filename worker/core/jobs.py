@@ -6,7 +6,6 @@ and the queries and JSON shape the CLI and API show.
 from __future__ import annotations
 
 import base64
-import hashlib
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -131,10 +130,11 @@ def _same_request(key: str, stored: str | None, req: NewJob) -> None:
 
 
 class InputStore(Protocol):
-    """Where admission puts a new job's input image (storage.Storage in production)."""
+    """Where admission puts input images (storage.Storage in production)."""
 
-    def put_input(self, job_id: str, data: bytes, content_type: str) -> str:
-        """Store the bytes; answer the object's URI. Raises StorageError when it cannot."""
+    def put_input_content(self, digest: str, data: bytes, content_type: str) -> str:
+        """Store the bytes at a key named by their sha256 `digest` (once: bytes already there are
+        not sent again); answer the object's URI. Raises StorageError when it cannot."""
         ...
 
 
@@ -145,28 +145,33 @@ class StoredInput:
 
 
 def store_inputs(inputs: InputStore | None, images: list[tuple[str, ImageInput]], *, threads: int = 8) -> dict[str, StoredInput]:
-    """Put the images given as bytes into the input store (concurrently), keyed by job id. A URL
-    input is stored as the URL itself. Any StorageError propagates: the caller writes nothing."""
+    """Put the images given as bytes into the input store, keyed by job id. Content-addressed:
+    the same bytes are stored once (one object per distinct image, however many jobs use it;
+    distinct images upload concurrently). A URL input is stored as the URL itself. Any
+    StorageError propagates: the caller writes nothing."""
     stored: dict[str, StoredInput] = {}
-    uploads: list[tuple[str, bytes, str]] = []
+    by_digest: dict[str, tuple[bytes, str, list[str]]] = {}
     for job_id, image in images:
         if image.url is not None:
             stored[job_id] = StoredInput(image.url, None)
             continue
         data, content_type = image.content()
-        uploads.append((job_id, data, content_type))
-    if not uploads:
+        digest = image.sha256
+        by_digest.setdefault(digest, (data, content_type, []))[2].append(job_id)
+    if not by_digest:
         return stored
     if inputs is None:
         raise ValueError("an image given as bytes needs an input store (S3) to be admitted")
     store = inputs
+    uploads = [(digest, data, content_type) for digest, (data, content_type, _) in by_digest.items()]
     if len(uploads) == 1:
-        uris = [store.put_input(*uploads[0])]
+        uris = [store.put_input_content(*uploads[0])]
     else:
         with ThreadPoolExecutor(max_workers=min(threads, len(uploads)), thread_name_prefix="admit") as pool:
-            uris = list(pool.map(lambda upload: store.put_input(*upload), uploads))
-    for (job_id, data, _), uri in zip(uploads, uris):
-        stored[job_id] = StoredInput(uri, hashlib.sha256(data).hexdigest())
+            uris = list(pool.map(lambda upload: store.put_input_content(*upload), uploads))
+    for (digest, _, _), uri in zip(uploads, uris):
+        for job_id in by_digest[digest][2]:
+            stored[job_id] = StoredInput(uri, digest)
     return stored
 
 
@@ -190,6 +195,7 @@ def create_jobs(
     clock: Clock = utcnow,
     inputs: InputStore | None = None,
     trace: Callable[[str, str], str | None] | None = None,
+    default_callbacks: dict[str, str] | None = None,
 ) -> list[tuple[Job, bool]]:
     """Insert jobs (state queued) with their event and outbox row in one transaction per batch.
 
@@ -199,8 +205,9 @@ def create_jobs(
     key starts a new job. The input images go to `inputs` first, outside any transaction: if the
     store fails (StorageError) nothing is written — a job is never admitted without its image, and
     the row never holds the image's bytes. `trace(job_id, tenant)` starts a new job's trace and
-    answers the traceparent its row keeps (adapters/tracing.py). Returns (job, created) pairs in
-    input order.
+    answers the traceparent its row keeps (adapters/tracing.py). `default_callbacks`: the tenants'
+    default callback URLs when the caller has read them already (None: read here). Returns (job,
+    created) pairs in input order; a created job is a transient Job holding the row's values.
     """
     requests = list(requests)
     # Chosen once: if a race on an idempotency key makes us go round again, a re-stored input
@@ -227,72 +234,115 @@ def create_jobs(
                     first_of_key[scoped] = index
                 plan.append(index)
         fresh = [index for index, step in enumerate(plan) if not isinstance(step, Job) and step == index]
-        defaults = _default_callbacks(sessions, {requests[i].tenant for i in fresh if requests[i].callback_url is None})
+        defaults = (
+            default_callbacks
+            if default_callbacks is not None
+            else _default_callbacks(sessions, {requests[i].tenant for i in fresh if requests[i].callback_url is None})
+        )
         stored.update(store_inputs(inputs, [(ids[i], requests[i].image) for i in fresh if ids[i] not in stored]))
         now = clock()
-        with sessions() as session:
-            created: dict[int, Job] = {}
-            for index in fresh:
-                req, job_id = requests[index], ids[index]
-                job = Job(
-                    id=job_id,
-                    state=State.QUEUED.value,
-                    prompt=req.prompt,
-                    size=req.size,
-                    seed=req.seed,
-                    image_ref=req.image.ref,
-                    image_uri=stored[job_id].uri,
-                    image_sha256=stored[job_id].sha256,
-                    image_payload=None,
-                    enable_base64_output=req.enable_base64_output,
-                    idempotency_key=req.idempotency_key,
-                    tenant=req.tenant,
-                    priority=req.priority,
-                    callback_url=req.callback_url or defaults.get(req.tenant),
-                    trace_parent=trace(job_id, req.tenant) if trace is not None else None,
-                    attempts=0,
-                    outputs=[],
-                    has_nsfw_contents=[],
-                    poll_seq=0,
-                    deadline_at=now + timedelta(seconds=deadline_seconds),
-                    created_at=now,
-                    updated_at=now,
-                )
-                session.add(job)
-                session.flush()  # jobs before their events/outbox rows (FK order)
-                _event(session, job.id, None, State.QUEUED, "created", now)
-                _note(session, _created_call(req.tenant))
-                session.add(Outbox(job_id=job.id, task=Step.SUBMIT.value, created_at=now))
-                if req.idempotency_key:
-                    # An expired key of this tenant is replaced; a live one is the unique conflict below.
-                    session.execute(
-                        delete(IdempotencyKey).where(
-                            IdempotencyKey.tenant == req.tenant, IdempotencyKey.key == req.idempotency_key, IdempotencyKey.expires_at <= now
-                        )
-                    )
-                    session.add(
-                        IdempotencyKey(
-                            tenant=req.tenant,
-                            key=req.idempotency_key,
-                            job_id=job.id,
-                            fingerprint=req.fingerprint(),
-                            expires_at=now + timedelta(seconds=idempotency_ttl),
-                        )
-                    )
-                    session.flush()
-                created[index] = job
-            try:
-                session.commit()
-            except IntegrityError:
-                # Another producer inserted one of these idempotency keys meanwhile: re-read and
-                # answer its job instead (the primary key on (tenant, key) makes the race harmless).
-                session.rollback()
-                continue
+        created = {
+            index: _new_job(requests[index], ids[index], stored[ids[index]], defaults, now, deadline_seconds, trace) for index in fresh
+        }
+        try:
+            _insert_jobs(sessions, [(requests[index], created[index]) for index in fresh], now, idempotency_ttl)
+        except IntegrityError:
+            # Another producer inserted one of these idempotency keys meanwhile: re-read and
+            # answer its job instead (the primary key on (tenant, key) makes the race harmless).
+            continue
         results: list[tuple[Job, bool]] = []
         for index, step in enumerate(plan):
             results.append((step, False) if isinstance(step, Job) else (created[step], step == index))
         return results
     raise IdempotencyConflict("could not create jobs: idempotency keys kept conflicting; try again")
+
+
+def _new_job(
+    req: NewJob,
+    job_id: str,
+    stored: StoredInput,
+    defaults: dict[str, str],
+    now: datetime,
+    deadline_seconds: float,
+    trace: Callable[[str, str], str | None] | None = None,
+) -> Job:
+    # A transient Job (never added to a session): the caller's answer, and the row's values.
+    return Job(
+        id=job_id,
+        state=State.QUEUED.value,
+        prompt=req.prompt,
+        size=req.size,
+        seed=req.seed,
+        image_ref=req.image.ref,
+        image_uri=stored.uri,
+        image_sha256=stored.sha256,
+        image_payload=None,
+        enable_base64_output=req.enable_base64_output,
+        idempotency_key=req.idempotency_key,
+        tenant=req.tenant,
+        priority=req.priority,
+        callback_url=req.callback_url or defaults.get(req.tenant),
+        trace_parent=trace(job_id, req.tenant) if trace is not None else None,
+        paid_submissions=0,
+        attempts=0,
+        outputs=[],
+        has_nsfw_contents=[],
+        poll_seq=0,
+        deadline_at=now + timedelta(seconds=deadline_seconds),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+_JOB_COLUMNS = tuple(
+    column.key
+    for column in JOBS.columns
+    if column.key not in ("prediction_id", "provider_outputs", "error_code", "error_message", "next_poll_at", "next_attempt_at")
+    and column.key not in ("submitted_at", "finished_at")
+)
+OUTBOX = cast(Table, Outbox.__table__)
+KEYS = cast(Table, IdempotencyKey.__table__)
+
+
+def _insert_jobs(sessions: sessionmaker[Session], new: list[tuple[NewJob, Job]], now: datetime, idempotency_ttl: float) -> None:
+    """One transaction, one multi-row INSERT per table (jobs, then their events, outbox rows and
+    idempotency keys: foreign-key order): Core executemany, no per-row ORM unit of work. An
+    IntegrityError (a live idempotency key another producer just wrote) rolls all of it back."""
+    if not new:
+        return
+    with sessions() as session:
+        session.execute(insert(JOBS), [{name: getattr(job, name) for name in _JOB_COLUMNS} for _, job in new])
+        session.execute(
+            insert(EVENTS),
+            [{"job_id": job.id, "from_state": None, "to_state": State.QUEUED.value, "reason": "created", "at": now} for _, job in new],
+        )
+        session.execute(insert(OUTBOX), [{"job_id": job.id, "task": Step.SUBMIT.value, "created_at": now} for _, job in new])
+        keyed = [(req, job) for req, job in new if req.idempotency_key]
+        if keyed:
+            # An expired key of a tenant is replaced; a live one is the unique conflict on insert.
+            session.execute(
+                delete(KEYS).where(
+                    tuple_(KEYS.c.tenant, KEYS.c.key).in_(sorted({(req.tenant, cast(str, req.idempotency_key)) for req, _ in keyed})),
+                    KEYS.c.expires_at <= now,
+                )
+            )
+            expires = now + timedelta(seconds=idempotency_ttl)
+            session.execute(
+                insert(KEYS),
+                [
+                    {
+                        "tenant": req.tenant,
+                        "key": req.idempotency_key,
+                        "job_id": job.id,
+                        "fingerprint": req.fingerprint(),
+                        "expires_at": expires,
+                    }
+                    for req, job in keyed
+                ],
+            )
+        for req, _ in new:
+            _note(session, _created_call(req.tenant))
+        session.commit()
 
 
 def _check_edge(job_id: str, src: State, dst: State) -> None:
@@ -698,6 +748,19 @@ def publish_outbox(publisher: Publisher, rows: list[Outbox], sent: list[int], *,
             continue
         publisher.publish(Step(row.task), row.job_id)
         sent.append(row.id)
+
+
+def mark_submits_sent(sessions: sessionmaker[Session], job_ids: list[str], *, clock: Clock = utcnow) -> None:
+    """Mark the unsent submit outbox rows of these (just-created) jobs as published: one UPDATE."""
+    if not job_ids:
+        return
+    with sessions() as session:
+        session.execute(
+            update(Outbox)
+            .where(Outbox.job_id.in_(job_ids), Outbox.task == Step.SUBMIT.value, Outbox.sent_at.is_(None))
+            .values(sent_at=clock())
+        )
+        session.commit()
 
 
 def mark_sent(sessions: sessionmaker[Session], ids: list[int], *, clock: Clock = utcnow) -> None:

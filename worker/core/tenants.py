@@ -215,31 +215,43 @@ def check_admission(sessions: sessionmaker[Session], tenant: str, count: int, se
     """Refuse `count` new jobs for `tenant` over its rate or its daily budget (QuotaExceeded with
     the seconds until it may try again). Counted in SQL, so every API process and producer shares
     the same numbers; concurrent admissions may overshoot by the jobs admitted in the same instant."""
-    now = clock()
     with sessions() as session:
-        quotas = quotas_for(session, tenant, settings)
-        if quotas.rate_per_minute:
-            window = now - timedelta(seconds=60)
-            recent = list(
-                session.scalars(
-                    select(Job.created_at)
-                    .where(Job.tenant == tenant, Job.created_at > window)
-                    .order_by(Job.created_at)
-                    .limit(quotas.rate_per_minute)
-                )
+        check_admission_in(session, tenant, session.get(Tenant, tenant), count, settings, clock())
+
+
+def tenant_rows(session: Session, names: set[str]) -> dict[str, Tenant]:
+    """The rows of the tenants among `names` that have one (one query): admission reads each
+    tenant's quotas and default callback URL from it."""
+    if not names:
+        return {}
+    return {row.name: row for row in session.scalars(select(Tenant).where(Tenant.name.in_(sorted(names))))}
+
+
+def check_admission_in(session: Session, tenant: str, row: Tenant | None, count: int, settings, now: datetime) -> None:
+    """check_admission with the tenant's row already read (None: it has none), in `session`."""
+    quotas = quotas_of(row, settings)
+    if quotas.rate_per_minute:
+        window = now - timedelta(seconds=60)
+        recent = list(
+            session.scalars(
+                select(Job.created_at)
+                .where(Job.tenant == tenant, Job.created_at > window)
+                .order_by(Job.created_at)
+                .limit(quotas.rate_per_minute)
             )
-            if len(recent) + count > quotas.rate_per_minute:
-                if count > quotas.rate_per_minute:
-                    raise QuotaExceeded(f"{count} jobs at once exceed tenant {tenant}'s rate of {quotas.rate_per_minute} per minute", 60.0)
-                # Room opens when the oldest submission of the window leaves it.
-                freed = recent[len(recent) + count - quotas.rate_per_minute - 1]
-                wait = max(1.0, (freed + timedelta(seconds=60) - now).total_seconds())
-                raise QuotaExceeded(f"tenant {tenant} is over its rate of {quotas.rate_per_minute} jobs per minute", wait)
-        if quotas.daily_budget:
-            used = paid_today(session, tenant, now)
-            if used + count > quotas.daily_budget:
-                wait = max(1.0, (_day_start(now) + timedelta(days=1) - now).total_seconds())
-                raise QuotaExceeded(f"tenant {tenant} has used {used} of its daily budget of {quotas.daily_budget} paid jobs", wait)
+        )
+        if len(recent) + count > quotas.rate_per_minute:
+            if count > quotas.rate_per_minute:
+                raise QuotaExceeded(f"{count} jobs at once exceed tenant {tenant}'s rate of {quotas.rate_per_minute} per minute", 60.0)
+            # Room opens when the oldest submission of the window leaves it.
+            freed = recent[len(recent) + count - quotas.rate_per_minute - 1]
+            wait = max(1.0, (freed + timedelta(seconds=60) - now).total_seconds())
+            raise QuotaExceeded(f"tenant {tenant} is over its rate of {quotas.rate_per_minute} jobs per minute", wait)
+    if quotas.daily_budget:
+        used = paid_today(session, tenant, now)
+        if used + count > quotas.daily_budget:
+            wait = max(1.0, (_day_start(now) + timedelta(days=1) - now).total_seconds())
+            raise QuotaExceeded(f"tenant {tenant} has used {used} of its daily budget of {quotas.daily_budget} paid jobs", wait)
 
 
 def paid_submissions_today(sessions: sessionmaker[Session], *, clock: Clock = utcnow) -> dict[str, int]:

@@ -20,6 +20,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -142,6 +143,11 @@ class ImageInput:
             raise ValueError(f"image {self.ref!r} carries no bytes (a URL input)")
         return base64.b64decode(encoded), head[5:].split(";", 1)[0] or "application/octet-stream"
 
+    @cached_property
+    def sha256(self) -> str:
+        """The hex sha256 of the image's bytes (computed once): the name of its stored object."""
+        return hashlib.sha256(self.content()[0]).hexdigest()
+
 
 DEFAULT_TENANT = "default"
 PRIORITIES = ("high", "normal", "low")
@@ -207,7 +213,29 @@ class NewJob:
 
 
 def sniff_image(data: bytes, *, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> str:
-    """The MIME type of a decodable PNG/JPEG/WebP of at most `max_pixels`, else InvalidInput."""
+    """The MIME type of a decodable PNG/JPEG/WebP of at most `max_pixels`, else InvalidInput.
+    Decoding is the dearest check of a request: an image already accepted (the same bytes, by
+    sha256) is not decoded again — a batch of jobs on one image decodes it once."""
+    digest = hashlib.sha256(data).hexdigest()
+    known = _accepted_images.get((digest, max_pixels))
+    if known is not None:
+        return known
+    mime = _sniff_image(data, what=what, max_pixels=max_pixels)
+    with _accepted_lock:
+        if len(_accepted_images) >= _ACCEPTED_IMAGES_MAX:
+            _accepted_images.pop(next(iter(_accepted_images)))
+        _accepted_images[(digest, max_pixels)] = mime
+    return mime
+
+
+# sha256 of accepted image bytes -> their MIME type (refusals are not remembered: their message
+# names the caller's `what`). Bounded, oldest dropped first.
+_ACCEPTED_IMAGES_MAX = 4096
+_accepted_images: dict[tuple[str, int], str] = {}
+_accepted_lock = threading.Lock()
+
+
+def _sniff_image(data: bytes, *, what: str, max_pixels: int) -> str:
     from PIL import Image
 
     try:

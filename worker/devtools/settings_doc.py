@@ -153,7 +153,7 @@ GROUPS: list[tuple[str, str, list[str]]] = [
             "ambiguous_list_grace_seconds",
         ],
     ),
-    ("Inputs", "What a producer may submit.", ["max_image_bytes", "allow_private_urls"]),
+    ("Inputs", "What a producer may submit.", ["max_image_bytes", "batch_max_bytes", "allow_private_urls"]),
 ]
 OTHER = ("Other settings", "Settings not filed under a section above yet.")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -65,6 +66,21 @@ def object_uris(deps: Deps, job: Row) -> list[str]:
     return list(dict.fromkeys(uris))
 
 
+def _not_shared(session, rows: Sequence[Row], uris: list[str]) -> list[str]:
+    """`uris` less the content-addressed inputs (`inputs/sha256-…`) another job, not in this
+    batch, still uses: one stored image serves every job admitted with the same bytes."""
+    digests = {row.image_sha256 for row in rows if row.image_uri in uris and row.image_sha256 and "/inputs/sha256-" in row.image_uri}
+    if not digests:
+        return uris
+    ids = [row.id for row in rows]
+    shared = set(
+        session.scalars(
+            select(Job.image_uri).where(Job.image_sha256.in_(sorted(digests)), Job.id.not_in(ids), Job.image_uri.in_(uris)).distinct()
+        )
+    )
+    return [uri for uri in uris if uri not in shared]
+
+
 def prune_finished(
     deps: Deps, finished_before: datetime, *, with_objects: bool = False, dry_run: bool = False, batch_size: int = 200
 ) -> PruneReport:
@@ -78,7 +94,7 @@ def prune_finished(
     while True:
         with deps.sessions() as session:
             query = (
-                select(Job.id, Job.state, Job.image_uri, Job.outputs, Job.prediction_id)
+                select(Job.id, Job.state, Job.image_uri, Job.image_sha256, Job.outputs, Job.prediction_id)
                 .where(Job.state.in_(FINISHED), Job.finished_at < finished_before, Job.id > last_id)
                 .order_by(Job.id)
                 .limit(batch_size)
@@ -92,6 +108,7 @@ def prune_finished(
             outbox = session.scalar(select(func.count()).select_from(Outbox).where(Outbox.job_id.in_(ids))) or 0
             try:
                 uris = [uri for row in rows for uri in object_uris(deps, row)] if with_objects else []
+                uris = _not_shared(session, rows, list(dict.fromkeys(uris)))
                 if dry_run:
                     objects = len(uris)
                 else:

@@ -160,3 +160,41 @@ def test_presigned_urls_are_signed_with_sigv4(storage):
     storage.put_input(JOB, b"in", "image/png")
     url = storage.presign(storage.input_key(JOB), expires=600)
     assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in url and "X-Amz-Expires=600" in url
+
+
+class CountingS3:
+    """The real (moto) client, counting the calls admission makes."""
+
+    def __init__(self, client):
+        self.client = client
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        attr = getattr(self.client, name)
+        if name in ("head_object", "put_object"):
+            self.calls.append(name)
+        return attr
+
+
+def test_input_content_is_stored_once_under_its_digest_and_the_same_bytes_are_not_sent_again(s3, make_image, list_keys):
+    import hashlib
+
+    data = make_image("PNG")
+    digest = hashlib.sha256(data).hexdigest()
+    counting = CountingS3(s3)
+    first, second = Storage(counting, "edit-worker-unit", "edits"), Storage(counting, "edit-worker-unit", "edits")
+
+    uri = first.put_input_content(digest, data, "image/png")
+    assert uri == f"s3://edit-worker-unit/edits/inputs/sha256-{digest}"
+    assert first.get(f"edits/inputs/sha256-{digest}") == (data, "image/png")
+    assert counting.calls == ["head_object", "put_object"]
+    assert first.put_input_content(digest, data, "image/png") == uri  # this process stored it: no call
+    assert counting.calls == ["head_object", "put_object"]
+    assert second.put_input_content(digest, data, "image/png") == uri  # another process: a HEAD, no upload
+    assert counting.calls == ["head_object", "put_object", "head_object"]
+    assert [k for k in list_keys() if "/inputs/" in k] == [f"edits/inputs/sha256-{digest}"]
+
+
+def test_input_content_on_an_unreachable_endpoint_raises_storage_error(unreachable):
+    with pytest.raises(StorageError, match="head"):
+        unreachable.put_input_content("0" * 64, b"in", "image/png")

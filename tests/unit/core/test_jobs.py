@@ -193,7 +193,8 @@ def test_submit_edit_with_the_same_idempotency_key_returns_the_same_job(settings
     )
     assert first.id == second.id
     assert counts(sessions) == (1, 1, 1)
-    assert storage.list_keys(f"{PREFIX}/inputs/") == [f"{PREFIX}/inputs/{first.id}"]  # the replay stored nothing
+    digest = hashlib.sha256(png_file.read_bytes()).hexdigest()
+    assert storage.list_keys(f"{PREFIX}/inputs/") == [f"{PREFIX}/inputs/sha256-{digest}"]  # the replay stored nothing
     assert [m[1] for m in publisher.sent] == [first.id]  # published once
 
 
@@ -204,7 +205,7 @@ def test_submit_edit_stores_a_local_file_in_s3_and_only_its_reference_and_digest
     )
     row = get_job(sessions, job.id, with_payloads=True)
     data = png_file.read_bytes()
-    key = f"{PREFIX}/inputs/{job.id}"
+    key = f"{PREFIX}/inputs/sha256-{hashlib.sha256(data).hexdigest()}"
     stored = s3.get_object(Bucket=BUCKET, Key=key)
     assert (stored["Body"].read(), stored["ContentType"]) == (data, "image/png")
     assert row.image_ref == "file:input.png"
@@ -214,15 +215,25 @@ def test_submit_edit_stores_a_local_file_in_s3_and_only_its_reference_and_digest
     assert (row.size, row.seed) == ("512*768", 3)
 
 
-def test_submit_edit_many_stores_every_input_under_its_own_job_id(settings, sessions, publisher, png_file, tmp_path, storage, make_image):
+def test_submit_edit_many_stores_every_distinct_input_once_under_its_digest(
+    settings, sessions, publisher, png_file, tmp_path, storage, make_image
+):
     jpeg = tmp_path / "second.jpg"
     jpeg.write_bytes(make_image("JPEG"))
-    items = [{"image": str(png_file), "prompt": "one"}, {"image": str(jpeg), "prompt": "two"}, {"image": URL, "prompt": "three"}]
+    items = [
+        {"image": str(png_file), "prompt": "one"},
+        {"image": str(jpeg), "prompt": "two"},
+        {"image": URL, "prompt": "three"},
+        {"image": str(png_file), "prompt": "the first image again"},
+    ]
     settings = settings.model_copy(update={"allow_private_urls": True})  # no DNS in unit tests
     jobs = producer.submit_edit_many(items, settings=settings, publisher=publisher, storage=storage)
-    assert storage.list_keys(f"{PREFIX}/inputs/") == sorted(f"{PREFIX}/inputs/{job.id}" for job in jobs[:2])
-    assert storage.get(f"{PREFIX}/inputs/{jobs[1].id}") == (jpeg.read_bytes(), "image/jpeg")
-    assert get_job(sessions, jobs[2].id).image_uri == URL  # the provider fetches a URL itself: nothing stored
+    png_key, jpeg_key = (f"{PREFIX}/inputs/sha256-{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in (png_file, jpeg))
+    assert storage.list_keys(f"{PREFIX}/inputs/") == sorted([png_key, jpeg_key])  # the same bytes: one object
+    assert storage.get(jpeg_key) == (jpeg.read_bytes(), "image/jpeg")
+    rows = [get_job(sessions, job.id) for job in jobs]
+    assert [row.image_uri for row in rows] == [f"s3://{BUCKET}/{png_key}", f"s3://{BUCKET}/{jpeg_key}", URL, f"s3://{BUCKET}/{png_key}"]
+    assert rows[2].image_sha256 is None  # the provider fetches a URL itself: nothing stored
 
 
 def test_s3_down_at_admission_refuses_the_job_with_a_transient_error_and_writes_nothing(
@@ -346,3 +357,50 @@ def test_a_job_filter_pages_by_keyset_and_counts_every_state_it_selects(sessions
     assert second.next_cursor is None
     assert count_by_state(sessions, JobFilter(states=(State.FAILED,), tenant="shop", text="100%")) == {"queued": 5}
     assert filtered_page(sessions, JobFilter(text="_")).jobs == []  # LIKE wildcards are literal
+
+
+def test_a_batch_with_a_key_mismatch_against_an_existing_job_writes_nothing_of_the_batch(sessions, clock):
+    create_jobs(sessions, [request("order-1")], deadline_seconds=60, clock=clock.now)
+    before = counts(sessions)
+    with pytest.raises(IdempotencyMismatch):
+        create_jobs(
+            sessions,
+            [request(prompt="new 1"), request("order-2"), request("order-1", prompt="changed")],
+            deadline_seconds=60,
+            clock=clock.now,
+        )
+    assert counts(sessions) == before
+
+
+def test_a_batch_of_many_jobs_is_one_row_each_in_order_with_keys_resolved_in_and_across_batches(sessions, clock):
+    [(earlier, _)] = create_jobs(sessions, [request("k0")], deadline_seconds=60, clock=clock.now)
+    batch = [request(f"k{i % 50}", prompt="add a red hat") for i in range(200)] + [request(prompt=f"unkeyed {i}") for i in range(300)]
+
+    pairs = create_jobs(sessions, batch, deadline_seconds=60, clock=clock.now)
+
+    assert pairs[0] == (pairs[0][0], False) and pairs[0][0].id == earlier.id
+    assert [job.id for job, _ in pairs[:50]] == [job.id for job, _ in pairs[50:100]]  # the same key: the same job
+    assert sum(created for _, created in pairs) == 49 + 300
+    assert counts(sessions) == (1 + 49 + 300,) * 3
+    assert [job.prompt for job, _ in pairs[200:]] == [f"unkeyed {i}" for i in range(300)]
+    stored = get_job(sessions, pairs[-1][0].id)
+    assert (stored.state, stored.prompt, stored.tenant, stored.priority, stored.paid_submissions) == (
+        "queued",
+        "unkeyed 299",
+        "default",
+        "normal",
+        0,
+    )
+
+
+def test_submit_edit_many_over_a_tenants_rate_is_refused_whole(settings, sessions, publisher, storage):
+    from worker.core import tenants
+    from worker.errors import QuotaExceeded
+
+    tenants.set_tenant(sessions, "default", rate_per_minute=3)
+    settings = settings.model_copy(update={"allow_private_urls": True})
+    items = [{"image": URL, "prompt": f"edit {i}"} for i in range(4)]
+    with pytest.raises(QuotaExceeded):
+        producer.submit_edit_many(items, settings=settings, publisher=publisher, storage=storage)
+    assert counts(sessions) == (0, 0, 0) and publisher.sent == []
+    assert len(producer.submit_edit_many(items[:3], settings=settings, publisher=publisher, storage=storage)) == 3

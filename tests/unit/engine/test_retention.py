@@ -37,8 +37,12 @@ def finished_mix(deps, new_job, drive, sessions, clock, storage, make_image):
     """Jobs of every kind, with inputs in S3: three finished 40 days ago (succeeded with an output,
     failed after a partial copy, cancelled), one succeeded just now, one still queued from long ago."""
 
+    colors = iter(range(1, 100))
+
     def stored(prompt: str) -> str:
-        return new_job(prompt=prompt, image="data:image/png;base64," + base64.b64encode(make_image("PNG")).decode())
+        # Each job its own image: inputs are stored by content, one object per distinct image.
+        image = make_image("PNG", color=(next(colors), 0, 0))
+        return new_job(prompt=prompt, image="data:image/png;base64," + base64.b64encode(image).decode())
 
     old_ok, recent_ok = stored("old success"), stored("recent success")
     drive(old_ok)
@@ -60,8 +64,20 @@ def finished_mix(deps, new_job, drive, sessions, clock, storage, make_image):
     return {"old": [old_ok, old_failed, old_cancelled], "kept": [recent_ok, still_queued]}
 
 
-def keys_of(list_keys, job_id: str) -> list[str]:
-    return [k for k in list_keys() if job_id in k]
+def keys_of(list_keys, job_id: str, sessions=None) -> list[str]:
+    """The job's objects: its outputs (named by its id) and, given `sessions`, its stored input."""
+    keys = list_keys()
+    owned = [k for k in keys if job_id in k]
+    if sessions is not None:
+        with sessions() as s:
+            uri = s.scalar(select(Job.image_uri).where(Job.id == job_id))
+        owned += [k for k in keys if uri and uri.endswith("/" + k)]
+    return sorted(owned)
+
+
+def input_key(sessions, job_id: str) -> str:
+    with sessions() as s:
+        return s.scalar(select(Job.image_uri).where(Job.id == job_id)).split("/", 3)[3]
 
 
 def test_prune_deletes_finished_jobs_older_than_the_cutoff_with_their_events_and_outbox_rows_but_keeps_objects(
@@ -83,20 +99,42 @@ def test_prune_deletes_finished_jobs_older_than_the_cutoff_with_their_events_and
     assert list_keys() == before_keys  # without --with-objects S3 is not touched
 
 
-def test_prune_with_objects_deletes_the_inputs_outputs_and_partial_copies_of_pruned_jobs_only(deps, finished_mix, clock, list_keys):
+def test_prune_with_objects_deletes_the_inputs_outputs_and_partial_copies_of_pruned_jobs_only(
+    deps, finished_mix, clock, list_keys, sessions
+):
     old_ok, old_failed, old_cancelled = finished_mix["old"]
-    assert len(keys_of(list_keys, old_cancelled)) == 1  # its input
-    assert len(keys_of(list_keys, old_ok)) == 2  # its input and its output
-    assert len(keys_of(list_keys, old_failed)) == 2  # its input and a partial copy
-    kept = {job_id: keys_of(list_keys, job_id) for job_id in finished_mix["kept"]}
+    assert len(keys_of(list_keys, old_cancelled, sessions)) == 1  # its input
+    assert len(keys_of(list_keys, old_ok, sessions)) == 2  # its input and its output
+    assert len(keys_of(list_keys, old_failed, sessions)) == 2  # its input and a partial copy
+    old_inputs = [input_key(sessions, job_id) for job_id in finished_mix["old"]]
+    kept = {job_id: keys_of(list_keys, job_id, sessions) for job_id in finished_mix["kept"]}
 
     report = prune_finished(deps, clock.now() - timedelta(days=30), with_objects=True)
 
     assert report.jobs == 3 and report.objects == 5  # 3 inputs, 1 output, 1 partial copy
     for job_id in finished_mix["old"]:
         assert keys_of(list_keys, job_id) == []
-    assert {job_id: keys_of(list_keys, job_id) for job_id in finished_mix["kept"]} == kept
-    assert f"{PREFIX}/inputs/{finished_mix['kept'][0]}" in kept[finished_mix["kept"][0]]
+    assert not set(old_inputs) & set(list_keys())
+    assert {job_id: keys_of(list_keys, job_id, sessions) for job_id in finished_mix["kept"]} == kept
+    assert input_key(sessions, finished_mix["kept"][0]).startswith(f"{PREFIX}/inputs/sha256-")
+
+
+def test_prune_with_objects_keeps_an_input_another_job_still_uses(deps, new_job, sessions, clock, list_keys, make_image):
+    image = "data:image/png;base64," + base64.b64encode(make_image("PNG", color=(7, 7, 7))).decode()
+    old, current = new_job(prompt="old", image=image), new_job(prompt="current", image=image)
+    cancel_job(deps, old)
+    age(sessions, old, clock.now() - timedelta(days=40))
+    shared = input_key(sessions, old)
+    assert shared == input_key(sessions, current)  # the same bytes: one object
+
+    report = prune_finished(deps, clock.now() - timedelta(days=30), with_objects=True)
+
+    assert (report.jobs, report.objects) == (1, 0)
+    assert shared in list_keys()  # the queued job still needs it
+    cancel_job(deps, current)
+    age(sessions, current, clock.now() - timedelta(days=40))
+    assert prune_finished(deps, clock.now() - timedelta(days=30), with_objects=True).objects == 1
+    assert shared not in list_keys()
 
 
 def test_a_dry_run_counts_what_prune_would_delete_and_deletes_nothing(deps, finished_mix, sessions, clock, list_keys):

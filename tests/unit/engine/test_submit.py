@@ -8,6 +8,7 @@ the whole chain the submit starts (submit, poll, upload)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
@@ -18,6 +19,7 @@ from sqlalchemy import update
 
 from models import Job
 from worker.adapters.limiter import MemoryLimiter
+from worker.adapters.storage import split_uri
 from worker.core.codes import ErrorCode
 from worker.core.jobs import job_events, transition
 from worker.core.states import State
@@ -319,7 +321,7 @@ def stored_job(new_job, png) -> str:
 
 def test_an_input_kept_in_s3_is_read_at_submit_time_and_sent_as_base64(deps, stored_job, png, load, fake_provider):
     row = load(stored_job)
-    assert row.image_uri == f"s3://{BUCKET}/{PREFIX}/inputs/{stored_job}" and row.image_payload is None
+    assert row.image_uri == f"s3://{BUCKET}/{PREFIX}/inputs/sha256-{hashlib.sha256(png).hexdigest()}" and row.image_payload is None
 
     nxt = run_submit(deps, stored_job)
 
@@ -328,14 +330,14 @@ def test_an_input_kept_in_s3_is_read_at_submit_time_and_sent_as_base64(deps, sto
     assert task.body["image"] == "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def test_with_presigned_url_delivery_the_provider_gets_a_signed_get_url_of_the_input(deps, stored_job, fake_provider):
+def test_with_presigned_url_delivery_the_provider_gets_a_signed_get_url_of_the_input(deps, stored_job, png, fake_provider):
     deps.settings = deps.settings.model_copy(update={"input_delivery": "presigned_url", "input_url_expiry_seconds": 900})
 
     assert run_submit(deps, stored_job).step == Step.POLL
 
     [task] = fake_provider.submissions
     url = urlsplit(task.body["image"])
-    assert url.scheme == "https" and url.path.endswith(f"{PREFIX}/inputs/{stored_job}")
+    assert url.scheme == "https" and url.path.endswith(f"{PREFIX}/inputs/sha256-{hashlib.sha256(png).hexdigest()}")
     query = parse_qs(url.query)
     assert query["X-Amz-Expires"] == ["900"] and query["X-Amz-Signature"]
 
@@ -387,7 +389,7 @@ def test_s3_down_at_submit_keeps_the_job_queued_and_retries_it_without_sending_o
 
 
 def test_an_input_whose_bytes_changed_in_s3_is_not_submitted(deps, stored_job, storage, load, fake_provider, make_image):
-    storage.put(f"{PREFIX}/inputs/{stored_job}", io.BytesIO(make_image("PNG", color=(9, 9, 9))), "image/png")
+    storage.put(split_uri(load(stored_job).image_uri)[1], io.BytesIO(make_image("PNG", color=(9, 9, 9))), "image/png")
 
     nxt = run_submit(deps, stored_job)
 

@@ -188,7 +188,7 @@ def test_base64_images_are_decoded_checked_and_stored_in_s3_not_in_the_row(clien
     job = create(client, image=image)
 
     stored = jobs.get_job(sessions, job["id"], with_payloads=True)
-    key = f"edits/inputs/{job['id']}"
+    key = f"edits/inputs/sha256-{stored.image_sha256}"
     obj = s3.get_object(Bucket="edit-worker-unit", Key=key)
     data, mime = obj["Body"].read(), obj["ContentType"]
     assert mime in ("image/png", "image/jpeg", "image/webp")
