@@ -1,6 +1,6 @@
 """Copying a finished prediction's outputs into S3: download each (or decode its base64), store it
-at its deterministic key, then `uploading -> succeeded`. The batch poller copies inline
-(`finish_inline`); an upload task (`run_upload`) retries a copy that failed transiently.
+at its deterministic key, then `uploading -> succeeded`. The batch poller copies a batch inline
+(`finish_many`); an upload task (`run_upload`) retries a copy that failed transiently.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import base64
 import binascii
 import logging
 import tempfile
+from concurrent.futures import Executor
 
 from sqlalchemy import select
 
@@ -17,7 +18,7 @@ from worker.adapters.storage import EXTENSIONS, extension_for, sniff_content_typ
 from worker.adapters.wavespeed import Prediction
 from worker.core.backoff import compute_backoff
 from worker.core.codes import ErrorCode, code_of
-from worker.core.jobs import transition_now
+from worker.core.jobs import Move, transition_many, transition_now
 from worker.core.states import State
 from worker.core.steps import Next, Step
 from worker.engine.bookkeeping import fail_deadline, fail_job
@@ -171,3 +172,67 @@ def finish_inline(deps: Deps, job_id: str, claim_seq: int, prediction: Predictio
             countdown=compute_backoff(0, base=deps.settings.backoff_base, maximum=deps.settings.backoff_max, rng=deps.rng),
         )
     return None
+
+
+def finish_many(deps: Deps, finished: list[tuple[str, int, Prediction]], pool: Executor) -> list[Next]:
+    """Batch mode, a poller batch's completed predictions (job id, claim version, prediction):
+    processing -> uploading for all of them in one statement (each a CAS on its claim version,
+    outputs recorded first), the copies concurrently in `pool`, then uploading -> succeeded for
+    every copied job in one statement. A job whose copy failed transiently stays in `uploading`
+    and gets an upload task that retries it with backoff (what is returned)."""
+    if not finished:
+        return []
+    moves = [
+        Move(
+            job_id,
+            f"prediction completed with {len(p.outputs)} output(s)",
+            seq,
+            {"provider_outputs": list(p.outputs), "has_nsfw_contents": list(p.has_nsfw_contents)},
+        )
+        for job_id, seq, p in finished
+    ]
+    try:
+        started = transition_many(deps.sessions, State.PROCESSING, State.UPLOADING, moves, clock=deps.clock, next_poll_at=None)
+    except Exception as exc:  # the database is down: the claims' lease runs out and they are polled again
+        log.warning("recording %d completed prediction(s) failed: %s", len(finished), type(exc).__name__)
+        return []
+    mine = [(job_id, p) for job_id, _, p in finished if job_id in started]  # the rest: another poller or a cancel took them
+    copied = list(pool.map(lambda item: _copy_one(deps, item[0], item[1]), mine))
+    retries = [nxt for nxt in copied if isinstance(nxt, Next)]
+    stored = [(job_id, uris) for (job_id, _), uris in zip(mine, copied) if isinstance(uris, list)]
+    if stored:
+        try:
+            done = transition_many(
+                deps.sessions,
+                State.UPLOADING,
+                State.SUCCEEDED,
+                [Move(job_id, f"{len(uris)} output(s) stored in S3", None, {"outputs": uris}) for job_id, uris in stored],
+                clock=deps.clock,
+                provider_outputs=None,
+                error_code=None,
+                error_message=None,
+            )
+        except Exception as exc:  # the outputs are in S3: an upload task records them (overwriting the same keys)
+            log.warning("recording %d copied job(s) failed, upload tasks retry: %s", len(stored), type(exc).__name__)
+            return retries + [_retry_upload(deps, job_id) for job_id, _ in stored]
+        wake_callbacks(deps, any(row.callback_url is not None for row in done.values()))
+    return retries
+
+
+def _retry_upload(deps: Deps, job_id: str) -> Next:
+    s = deps.settings
+    return Next(Step.UPLOAD, job_id, countdown=compute_backoff(0, base=s.backoff_base, maximum=s.backoff_max, rng=deps.rng))
+
+
+def _copy_one(deps: Deps, job_id: str, prediction: Prediction) -> list[str] | Next | None:
+    """In a pool thread: one job's copy. Its S3 URIs; a Next (an upload task) when it failed
+    transiently; None when its outputs were unusable (the job failed, or raises for a retry)."""
+    try:
+        try:
+            return copy_outputs(deps, job_id, list(prediction.outputs))
+        except PermanentProviderError as exc:
+            _unusable(deps, job_id, exc)  # fails the job, or raises for a retry
+            return None
+    except Exception as exc:  # download, S3 or database trouble: the upload task retries with backoff
+        log.warning("copying outputs failed, an upload task retries: %s", type(exc).__name__, extra={"job_id": job_id})
+        return _retry_upload(deps, job_id)
