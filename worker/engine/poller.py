@@ -21,7 +21,7 @@ from worker.core.jobs import JOBS, as_utc, update_if
 from worker.core.states import State
 from worker.core.steps import Next, Step
 from worker.engine.bookkeeping import fail_deadline, fail_job, past_deadline, release_slots
-from worker.engine.copier import finish_many, start_upload
+from worker.engine.copier import finish_inline, finish_many, start_upload
 from worker.engine.deps import Deps
 from worker.engine.faults import crashpoint
 from worker.engine.paid_work import may_end_paid_job
@@ -160,6 +160,10 @@ def run_poll(deps: Deps, job_id: str, poll_seq: int | None) -> Next | None:
             fail_deadline(deps, job_id, State.PROCESSING, job.prediction_id)
             return None
     decision = _breaker_pause(deps) or fetch_and_decide(deps, target.prediction_id)
+    if isinstance(decision, Finish) and deps.settings.poll_mode == "batch" and deps.settings.upload_inline:
+        # A webhook's nudge: copy at once, in this task, rather than through an upload message.
+        deps.limiter.release(job_id)
+        return finish_inline(deps, job_id, target.seq, decision.prediction)
     return apply_decision(deps, target, decision, chain=deps.settings.poll_mode == "task")
 
 
