@@ -112,6 +112,7 @@ def _succeed(deps: Deps, job_id: str, uris: list[str]) -> bool:
     if moved is not None:
         log.info("job succeeded", extra={"job_id": job_id, "outputs": len(uris)})
         wake_callbacks(deps, moved.callback_url is not None)
+        note_copied(deps, 1)
     return moved is not None
 
 
@@ -216,7 +217,17 @@ def finish_many(deps: Deps, finished: list[tuple[str, int, Prediction]], pool: E
             log.warning("recording %d copied job(s) failed, upload tasks retry: %s", len(stored), type(exc).__name__)
             return retries + [_retry_upload(deps, job_id) for job_id, _ in stored]
         wake_callbacks(deps, any(row.callback_url is not None for row in done.values()))
+        note_copied(deps, len(done))
     return retries
+
+
+def note_copied(deps: Deps, count: int) -> None:
+    """Count jobs copied out, fleet-wide (adaptive pacing learns the copy-out rate from it)."""
+    if count and deps.settings.adaptive_pacing:
+        try:
+            deps.fleet.note_copied(count)
+        except Exception:  # Redis down: pacing falls back to its floor
+            pass
 
 
 def _retry_upload(deps: Deps, job_id: str) -> Next:

@@ -295,7 +295,7 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
         # No more than the pass can send before its time is up (and well inside the lease).
         want = min(s.submit_batch_size, room, _batch_that_fits(s.submit_threads, limit))
         if not probe:
-            want, pace_wait = deps.limiter.pace(want)
+            want, pace_wait = deps.limiter.pace(want, pace_rate(deps))
             if want == 0:
                 waits.append(pace_wait)
                 break
@@ -378,6 +378,29 @@ def _breaker_opened(deps: Deps) -> float:
         return deps.breaker.wait()
     except Exception:
         return 0.0
+
+
+# Adaptive pacing: the window in which the fleet's busiest copy-out second is looked for, and
+# the headroom over it while the pollers keep up (the rate grows by it each time the copies
+# catch up with what was submitted, until the pollers fall behind and it holds).
+PACE_WINDOW_SECONDS = 60
+PACE_HEADROOM = 1.5
+
+
+def pace_rate(deps: Deps) -> float | None:
+    """Submissions per second fleet-wide. None: the limiter's own pace (submit_pace_per_second:
+    the manual override when set, else unpaced); with adaptive_pacing and no manual pace, the
+    fleet's measured copy-out rate times PACE_HEADROOM (1x while the pollers are behind), never
+    below adaptive_pace_floor."""
+    s = deps.settings
+    if s.submit_pace_per_second > 0 or not s.adaptive_pacing:
+        return None
+    try:
+        peak = deps.fleet.peak_copy_rate(PACE_WINDOW_SECONDS)
+    except Exception:  # Redis down: the floor is always a safe answer
+        peak = 0.0
+    headroom = 1.0 if _pollers_behind(deps) else PACE_HEADROOM
+    return max(s.adaptive_pace_floor, peak * headroom)
 
 
 # How soon a submitter held back by busy pollers looks again.
