@@ -6,6 +6,8 @@
     python bench/scale.py --jobs 1000 --latency 0 --baseline-seconds 0          # max sustained jobs/s
     python bench/scale.py --jobs 1000 --latency 0 --workers 1,2,4 --baseline-seconds 0
     python bench/scale.py --jobs 1000 --latency 0 --profile                     # + py-spy of worker 0
+    python bench/scale.py --jobs 2000 --latency 10 --concurrency 4 --baseline-seconds 0 --webhooks \
+        --json-out bench/data/lag-2000x10-webhooks.json                         # provider webhooks; figures for bench/plot.py
 
 Starts on 127.0.0.1 (each a child process in its own process group, always torn down): PostgreSQL
 (throwaway cluster, pg_stat_statements preloaded), redis-server, an S3 server (rclone when installed, else moto;
