@@ -61,6 +61,7 @@ def plot_scaling(docs: list[tuple[str, dict]], out: Path) -> bool:
     if not drawn:
         plt.close(fig)
         return False
+    ax.set_xticks(sorted({r["workers"] for _, doc in docs for r in edit_worker_runs(doc) if r.get("latency") == 0}))
     ax.set_xlabel("worker processes")
     ax.set_ylabel("jobs per second")
     ax.set_title("Throughput at zero provider latency (bench/scale.py)")
