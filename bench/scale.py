@@ -6,6 +6,8 @@
     python bench/scale.py --jobs 1000 --latency 0 --baseline-seconds 0          # max sustained jobs/s
     python bench/scale.py --jobs 1000 --latency 0 --workers 1,2,4 --baseline-seconds 0
     python bench/scale.py --jobs 1000 --latency 0 --profile                     # + py-spy of worker 0
+    python bench/scale.py --jobs 2000 --latency 10 --concurrency 4 --baseline-seconds 0 --webhooks \
+        --json-out bench/data/lag-2000x10-webhooks.json                         # provider webhooks; figures for bench/plot.py
 
 Starts on 127.0.0.1 (each a child process in its own process group, always torn down): PostgreSQL
 (throwaway cluster, pg_stat_statements preloaded), redis-server, an S3 server (rclone when installed, else moto;
@@ -467,6 +469,90 @@ def base_env(stack: Stack, args, bucket: str) -> dict[str, str]:
     return env
 
 
+# --- provider webhooks (--webhooks) ---------------------------------------------------------------
+
+WEBHOOK_SECRET = "whsec_" + "c2NhbGUtYmVuY2gtd2ViaG9vay1zZWNyZXQ="  # any whsec_<base64>: a throwaway stack
+
+
+def webhook_env(stack: Stack, args, env: dict[str, str]) -> int | None:
+    """With --webhooks: the provider calls each job's own signed webhook URL on `edit-worker api`
+    (as tests/integration/test_webhooks.py sets it up), so a finished prediction is copied at once
+    instead of at its next poll. Adds the settings to `env`, tells the sandbox the secret, and
+    answers the API's port (None without --webhooks)."""
+    if not getattr(args, "webhooks", False):
+        return None
+    port = local.free_port()
+    env["WAVESPEED_WEBHOOK_SECRET"] = WEBHOOK_SECRET
+    env["EDIT_WORKER_WEBHOOK_URL"] = f"http://127.0.0.1:{port}/webhooks/wavespeed"
+    httpx.put(f"{stack.sandbox_url}/_sandbox/config", json={"webhook_secret": WEBHOOK_SECRET}, timeout=30).raise_for_status()
+    return port
+
+
+def start_webhook_api(port: int | None, env: dict[str, str], outdir: Path, label: str) -> local.Service | None:
+    if port is None:
+        return None
+    api = local.Service(
+        f"{label}-api",
+        [sys.executable, "-m", "worker.cli", "api", "--port", str(port)],
+        port,
+        outdir / f"{label}-api.log",
+        env=env,
+        cwd=str(outdir),
+    )
+    return api.start()
+
+
+# --- readability: the busiest process, and the run as JSON -------------------------------------
+
+# Processes that are the benchmark's own stand-ins, not the product: when one of them is near a
+# full core, it (not the worker) may be what bounds the run.
+HARNESS = ("postgres", "redis", "s3", "sandbox", "harness")
+NEAR_FULL_CORE = 85.0  # % of one core
+
+
+def busiest_processes(groups: list[ProcGroup]) -> dict[str, dict]:
+    """Per component: its busiest single process (CPU-seconds in the window, and its pid)."""
+    out = {}
+    for g in groups:
+        if not g.cpu:
+            continue
+        (pid, _), (start, last) = max(g.cpu.items(), key=lambda kv: kv[1][1] - kv[1][0])
+        out[g.name] = {"pid": pid, "cpu_s": last - start, "processes": len(g.cpu)}
+    return out
+
+
+def busiest_line(r: dict) -> str:
+    """One line: the busiest process by CPU % of a core, and any harness process near a full core."""
+    wall = max(r["system"]["wall"], 1e-9)
+    busy = {name: 100.0 * b["cpu_s"] / wall for name, b in r.get("busiest", {}).items()}
+    if not busy:
+        return f"{r['label']}: busiest process: unknown"
+    top = max(busy, key=busy.__getitem__)
+    line = f"{r['label']}: busiest process: {top} (pid {r['busiest'][top]['pid']}) {busy[top]:.0f}% of a core"
+    hot = [f"{name} {pct:.0f}%" for name, pct in sorted(busy.items(), key=lambda kv: -kv[1]) if name in HARNESS and pct >= NEAR_FULL_CORE]
+    if hot:
+        line += f"; WARNING harness near a full core: {', '.join(hot)} (the harness, not the worker, may bound this run)"
+    else:
+        line += f"; no harness process near a full core (>= {NEAR_FULL_CORE:.0f}%)"
+    return line
+
+
+def write_json_out(path: str, command: str, args, results: list[dict]) -> None:
+    """--json-out: the run's figures (what bench/plot.py reads), without the long time series."""
+    slim = [{k: v for k, v in r.items() if k not in ("rss_series_mb", "state_series", "profile")} for r in results]
+    doc = {
+        "command": command,
+        "code": CODE_VERSION,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": {"cpus": psutil.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30)},
+        "args": {k: v for k, v in vars(args).items() if k != "workers_list"},
+        "results": slim,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    log(f"figures written to {path}")
+
+
 # --- profiling ---------------------------------------------------------------------------------
 
 
@@ -705,6 +791,7 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
     reset_world(stack, args.latency)
     make_bucket(stack, bucket)
     env = base_env(stack, args, bucket)
+    api_port = webhook_env(stack, args, env)
     producer_env = {**env, "DATABASE_URL": stack.pg_url(db, ROLES["producer"])}
     settings = settings_from_env(producer_env)
     image = outdir / "input.png"
@@ -736,6 +823,9 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
         beat.cwd = str(outdir)
         procs.append(beat)
         beat.start()
+        api = start_webhook_api(api_port, {**env, "DATABASE_URL": stack.pg_url(db, ROLES["worker"])}, outdir, label)
+        if api is not None:
+            procs.append(api)
         for service in workers:
             _wait_for_log(service, " ready.")
         time.sleep(1.0)
@@ -744,6 +834,8 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
         dbstats.reset()
         calls0 = sandbox_counters(stack)
         groups = component_groups(stack, workers, beat)
+        if api is not None:
+            groups.insert(2, ProcGroup("api (webhooks)", [api.process.pid]))
         sampler = Sampler(
             args.sample_interval,
             groups,
@@ -911,6 +1003,10 @@ def run_edit_worker(stack: Stack, args, workers_n: int, label: str, outdir: Path
         },
         "db": {**db_report, "per_job": db_total / max(terminal, 1)},
         "profiled": bool(args.profile),
+        "webhooks": bool(getattr(args, "webhooks", False)),
+        "busiest": busiest_processes(groups),
+        # Every succeeded job's lag (s, rounded), for bench/plot.py's distribution.
+        "lags": sorted(round(x, 3) for x in lags),
         "sampler_errors": sampler.errors,
         # Time series (seconds from enqueue): worker RSS (tree total, largest process) and rows by state.
         "rss_series_mb": [(round(t - t_start, 1), round(total / 2**20, 1), round(largest / 2**20, 1)) for t, total, largest in rss_series],
@@ -1132,7 +1228,7 @@ def row_for(r: dict) -> list[str]:
         if r["timed_out"] and r.get("est_drain_all_seconds"):
             drain += f" (all {r['jobs']}: ~{r['est_drain_all_seconds']:.0f})"
     else:
-        name = "edit-worker" + (" (profiled)" if r.get("profiled") else "")
+        name = "edit-worker" + (" (webhooks)" if r.get("webhooks") else "") + (" (profiled)" if r.get("profiled") else "")
         drain = _f(r["drain_seconds"]) + (" TIMEOUT" if r["timed_out"] else "")
     in_flight = r["max_in_flight_sampled"]
     exact = r["max_in_flight_exact"]
@@ -1201,6 +1297,8 @@ def details_for(r: dict) -> list[str]:
             f"{sysinfo['cpus'] * r['terminal'] / max(stack_cpu, 1e-9):.0f} jobs/s (workers alone: "
             f"{sysinfo['cpus'] * r['terminal'] / max(cpu['workers'], 1e-9):.0f} jobs/s)"
         )
+    if "busiest" in r:
+        lines.append(busiest_line(r))
     db = r["db"]
     lines.append(f"{r['label']}: DB {db['kind']} by role " + ", ".join(f"{k} {v}" for k, v in sorted(db["by_role"].items())))
     for top in db.get("top", [])[:8]:
@@ -1332,6 +1430,8 @@ def parse_args(argv: list[str] | None = None):
         help="first wait up to this long for other processes to leave the machine quiet (shared hosts)",
     )
     p.add_argument("--idle-threshold", type=float, default=15.0, help="machine CPU %% counted as quiet (default 15)")
+    p.add_argument("--webhooks", action="store_true", help="run `edit-worker api` and have the sandbox call each job's signed webhook URL")
+    p.add_argument("--json-out", default="", metavar="PATH", help="also write the run's figures as JSON to PATH (bench/plot.py reads them)")
     p.add_argument("--label", default="", help="name for the run directory")
     p.add_argument("--keep", action="store_true", help="keep service logs even when the run succeeds (always kept on failure)")
     admission.add_arguments(p)
@@ -1403,6 +1503,8 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         text = print_report(results, args, command, outdir)
         (outdir / "summary.md").write_text(text + "\n")
+        if args.json_out:
+            write_json_out(args.json_out, command, args, results)
         for r in results:
             if "profile" in r:
                 (outdir / "profile" / "summary.txt").write_text(print_profile(r["profile"], outdir / "profile") + "\n")

@@ -43,6 +43,7 @@ from worker.core.steps import Publisher
 from worker.core.tenants import Caller
 from worker.core.validation import NewJob, Resolver, validate_callback_url, validate_request
 from worker.engine import callbacks, operator, reconciler
+from worker.engine.wakeups import poller_wakeup
 from worker.engine.webhooks import NudgeOutcome, nudge_poll
 from worker.errors import (
     AdmissionUnavailable,
@@ -508,6 +509,13 @@ def create_app(
 
     def get_publisher():
         return publisher if publisher is not None else _celery_publisher()
+
+    def webhook_wakeup() -> Callable[[], Any] | None:
+        # Batch poll mode: a webhook makes its job due and wakes the batch poller (one wake-up per
+        # half second fleet-wide), never one poll message per webhook.
+        if settings.poll_mode != "batch":
+            return None
+        return lambda: poller_wakeup(deps_factory(), 0.0)
 
     app = FastAPI(
         title="edit-worker", version="0.1.0", description="Durable WaveSpeed Dreamina V3.0 Edit jobs: submit, status, cancel, retry."
@@ -1000,7 +1008,7 @@ def create_app(
             return JSONResponse({"ok": True, "duplicate": True})
         try:
             # The database work blocks: run it in the thread pool like the sync handlers.
-            nudge = await run_in_threadpool(nudge_poll, sessions, get_publisher, prediction_id)
+            nudge = await run_in_threadpool(nudge_poll, sessions, get_publisher, prediction_id, wakeup=webhook_wakeup())
             outcome: NudgeOutcome | reconciler.Resolution = nudge.outcome
             job_hint = webhooks.job_from_url(secret, request.query_params)
             if outcome is NudgeOutcome.UNKNOWN_PREDICTION and job_hint:

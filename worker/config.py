@@ -157,8 +157,23 @@ class Settings(BaseSettings):
     submit_pace_per_second: float = Field(
         default=0.0,
         ge=0,
-        description="At most this many submissions per second fleet-wide, evenly (a token bucket). Set it to what the fleet can copy out per second to keep a large burst's lag low. 0: off.",
+        description="At most this many submissions per second fleet-wide, evenly (a token bucket): a manual override of `EDIT_WORKER_ADAPTIVE_PACING`. 0: off (adaptive pacing decides).",
         validation_alias=_env("EDIT_WORKER_SUBMIT_PACE_PER_SECOND"),
+    )
+    # Adaptive pacing: with no manual pace, submissions go out at what the fleet has lately copied
+    # out per second (its busiest second in the last minute) times a headroom that probes upward
+    # while the pollers keep up — so a large burst is not submitted faster than its results can be
+    # copied when they come back (the lag behind the provider stays low). Never below a floor.
+    adaptive_pacing: bool = Field(
+        default=True,
+        description="Pace submissions by the fleet's measured copy-out rate (jobs copied to S3 per second, fleet-wide) so a large burst's results are copied as they finish. `EDIT_WORKER_SUBMIT_PACE_PER_SECOND` > 0 overrides it.",
+        validation_alias=_env("EDIT_WORKER_ADAPTIVE_PACING"),
+    )
+    adaptive_pace_floor: float = Field(
+        default=20.0,
+        gt=0,
+        description="Adaptive pacing never paces below this many submissions per second fleet-wide (also the rate before anything has been copied).",
+        validation_alias=_env("EDIT_WORKER_ADAPTIVE_PACE_FLOOR"),
     )
     # How long a job may take in total before it is failed as hopeless.
     job_deadline_seconds: float = Field(

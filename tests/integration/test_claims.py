@@ -69,3 +69,33 @@ def test_poller_claims_take_at_most_their_limit_and_never_the_same_job_twice(clu
     ids = [target.job_id for batch in results for target, _ in batch]
     assert all(len(batch) <= 10 for batch in results)
     assert len(ids) == len(set(ids)) == 40
+
+
+def test_transition_many_on_postgresql_moves_only_jobs_whose_claim_holds_with_their_events_and_callbacks(cluster, sample_image):
+    from sqlalchemy import func, select
+
+    from worker.core.deliveries import DELIVERIES
+    from worker.core.jobs import EVENTS, Move, transition_many
+    from worker.core.states import State
+
+    _queue(cluster, sample_image, 4)
+    deps = _deps(cluster)
+    with deps.sessions() as session:
+        session.execute(update(JOBS).values(state="uploading", poll_seq=3, callback_url=None))
+        ids = sorted(session.scalars(select(JOBS.c.id)))
+        session.execute(update(JOBS).where(JOBS.c.id == ids[0]).values(callback_url="https://callbacks.example/hook"))
+        session.commit()
+    moves = [Move(job_id, f"stored {i}", 3 if i != 1 else 2, {"outputs": [f"s3://b/{job_id}/0.png"]}) for i, job_id in enumerate(ids)]
+    moved = transition_many(deps.sessions, State.UPLOADING, State.SUCCEEDED, moves, provider_outputs=None, error_code=None)
+    assert set(moved) == set(ids) - {ids[1]}  # ids[1]'s claim version is stale: its CAS loses
+    assert moved[ids[0]].callback_url == "https://callbacks.example/hook"
+    with deps.sessions() as session:
+        rows = {r.id: r for r in session.execute(select(JOBS.c.id, JOBS.c.state, JOBS.c.outputs, JOBS.c.finished_at))}
+        events = session.execute(select(EVENTS.c.job_id, EVENTS.c.reason).where(EVENTS.c.to_state == "succeeded")).all()
+        deliveries = session.execute(select(DELIVERIES.c.job_id, func.count()).group_by(DELIVERIES.c.job_id)).all()
+    assert rows[ids[1]].state == "uploading" and rows[ids[1]].finished_at is None
+    for i in (0, 2, 3):
+        assert (rows[ids[i]].state, rows[ids[i]].outputs) == ("succeeded", [f"s3://b/{ids[i]}/0.png"])
+        assert rows[ids[i]].finished_at is not None
+    assert sorted(events) == sorted((ids[i], f"stored {i}") for i in (0, 2, 3))
+    assert deliveries == [(ids[0], 1)]

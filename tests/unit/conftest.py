@@ -161,6 +161,8 @@ def settings(database_url) -> Settings:
         # test_submitter.py cover the batch modes.
         poll_mode="task",
         submit_mode="task",
+        # A pass takes what is due at once; test_submitter.py covers adaptive pacing.
+        adaptive_pacing=False,
     )
 
 

@@ -1,7 +1,8 @@
 """What the worker fleet shares besides the provider limits, through Redis (`MemoryFleet`: the same
 in one process, for tests): `once` marks (wake-up de-duplication, per-node pass locks; `forget`
-hands one back early), the model's typical inference time, one average for every worker, and the
-workers' heartbeats (who is alive: a hash of worker name -> pid, host, last seen).
+hands one back early), the model's typical inference time, one average for every worker, the
+workers' heartbeats (who is alive: a hash of worker name -> pid, host, last seen), and how many jobs
+the fleet copies out per second (adaptive pacing).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class Fleet(Protocol):
     # wall clock's epoch seconds as `seen`; workers_seen lists those seen within the last `within` s.
     def heartbeat(self, worker: str, info: dict) -> None: ...
     def workers_seen(self, within: float) -> dict[str, dict]: ...
+    # Jobs copied out to S3, counted per wall-clock second fleet-wide (adaptive pacing), and the
+    # busiest of the last `window` complete seconds (jobs per second; 0.0 when none were copied).
+    def note_copied(self, count: int) -> None: ...
+    def peak_copy_rate(self, window: int) -> float: ...
 
 
 # The weight of a new sample in the inference-time average (an exponentially weighted mean).
@@ -38,6 +43,7 @@ TYPICAL_CACHE_SECONDS = 5.0
 AVERAGE_KEPT_SECONDS = 86400
 # A heartbeat older than this is pruned from the hash by the next heartbeat (a worker gone for good).
 HEARTBEAT_KEPT_SECONDS = 86400
+COPIED_KEPT_SECONDS = 300  # per-second copy counters live this long (the longest window read)
 
 # KEYS: average key   ARGV: sample seconds, weight, keep seconds -> the new average
 _OBSERVE = """
@@ -77,6 +83,18 @@ class RedisFleet:
             value = float(raw) if raw else None
             self._typical = (time.monotonic(), value)
         return value
+
+    def note_copied(self, count: int) -> None:
+        key = self.keys.copied(int(time.time()))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.incrby(key, count)
+        pipe.expire(key, COPIED_KEPT_SECONDS)
+        pipe.execute()
+
+    def peak_copy_rate(self, window: int) -> float:
+        now = int(time.time())
+        counts = self.r.mget([self.keys.copied(second) for second in range(now - window, now)])
+        return float(max((int(c) for c in counts if c), default=0))
 
     def heartbeat(self, worker: str, info: dict) -> None:
         now = self.wall()
@@ -121,6 +139,7 @@ class MemoryFleet:
         self._lock = threading.Lock()
         self._once: dict[str, float] = {}
         self._typical: float | None = None
+        self._copied: dict[int, int] = {}
 
     def once(self, name: str, ttl: float) -> bool:
         with self._lock:
@@ -142,6 +161,16 @@ class MemoryFleet:
     def typical_inference(self) -> float | None:
         with self._lock:
             return self._typical
+
+    def note_copied(self, count: int) -> None:
+        with self._lock:
+            second = int(self.clock())
+            self._copied[second] = self._copied.get(second, 0) + count
+
+    def peak_copy_rate(self, window: int) -> float:
+        with self._lock:
+            now = int(self.clock())
+            return float(max((self._copied.get(second, 0) for second in range(now - window, now)), default=0))
 
     def heartbeat(self, worker: str, info: dict) -> None:
         with self._lock:

@@ -27,9 +27,9 @@ class Limiter(Protocol):
     def release(self, token: str) -> None: ...
     def release_many(self, tokens: list[str]) -> None: ...
     def slots_held(self) -> int: ...  # concurrency slots held now, fleet-wide
-    # Pacing (submit_pace_per_second): takes up to `want` tokens, answers how many it got and,
-    # if fewer, how long until the next one.
-    def pace(self, want: int) -> tuple[int, float]: ...
+    # Pacing (submit_pace_per_second, or `rate` when given: adaptive pacing's learned rate):
+    # takes up to `want` tokens, answers how many it got and, if fewer, how long until the next one.
+    def pace(self, want: int, rate: float | None = None) -> tuple[int, float]: ...
 
 
 # KEYS: rate zset, active zset   ARGV: window_ms, rate_limit, max_concurrency, token, slot_ttl_ms
@@ -193,10 +193,11 @@ class RedisLimiter:
     def slots_held(self) -> int:
         return int(self.r.zcard(self.k_active))
 
-    def pace(self, want: int) -> tuple[int, float]:
-        if self.pace_per_second <= 0 or want <= 0:
+    def pace(self, want: int, rate: float | None = None) -> tuple[int, float]:
+        rate = self.pace_per_second if rate is None else rate
+        if rate <= 0 or want <= 0:
             return want, 0.0
-        taken, wait_ms = self._pace(keys=[self.k_pace], args=[self.pace_per_second, pace_burst(self.pace_per_second), want])
+        taken, wait_ms = self._pace(keys=[self.k_pace], args=[rate, pace_burst(rate), want])
         return int(taken), int(wait_ms) / 1000.0
 
 
@@ -263,14 +264,15 @@ class MemoryLimiter:
         with self._lock:
             return len(self._active)
 
-    def pace(self, want: int) -> tuple[int, float]:
-        if self.pace_per_second <= 0 or want <= 0:
+    def pace(self, want: int, rate: float | None = None) -> tuple[int, float]:
+        rate = self.pace_per_second if rate is None else rate
+        if rate <= 0 or want <= 0:
             return want, 0.0
         with self._lock:
-            now, burst = self.clock(), pace_burst(self.pace_per_second)
+            now, burst = self.clock(), pace_burst(rate)
             tokens, at = self._bucket or (burst, now)
-            tokens = min(burst, tokens + max(0.0, now - at) * self.pace_per_second)
+            tokens = min(burst, tokens + max(0.0, now - at) * rate)
             take = min(want, int(tokens))
             tokens -= take
             self._bucket = (tokens, now)
-            return take, (0.0 if take == want else (1 - tokens) / self.pace_per_second)
+            return take, (0.0 if take == want else (1 - tokens) / rate)

@@ -46,6 +46,9 @@ class RedisKeys:
     def typical_inference(self) -> str:  # the model's inference time, averaged fleet-wide
         return self._k("typical-inference")
 
+    def copied(self, second: int) -> str:  # jobs the fleet copied out in one wall-clock second (adaptive pacing)
+        return self._k("copied", str(second))
+
     @property
     def pace(self) -> str:  # the submission pacing token bucket
         return self._k("pace")

@@ -9,11 +9,30 @@ import base64
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, cast
 
-from sqlalchemy import CursorResult, Row, Table, bindparam, delete, event, func, insert, literal, select, tuple_, update
+from sqlalchemy import (
+    JSON,
+    CursorResult,
+    Integer,
+    Row,
+    String,
+    Table,
+    Text,
+    bindparam,
+    column,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker, undefer
 from sqlalchemy.sql import ClauseElement
@@ -523,6 +542,131 @@ def _move_statement(
             stmt = stmt.add_cte(cb)
         _MOVES[key] = stmt
     return stmt, params
+
+
+@dataclass(frozen=True)
+class Move:
+    """One job of a `transition_many`: its reason (the event row's text), the claim version the
+    CAS also checks (`seq`: the row's poll_seq; None: state only) and its own column values."""
+
+    job_id: str
+    reason: str
+    seq: int | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+_MANY: dict[tuple, Any] = {}
+
+
+def transition_many(
+    sessions: sessionmaker[Session], src: State, dst: State, moves: list[Move], *, clock: Clock = utcnow, **fields: Any
+) -> dict[str, Row]:
+    """`transition_now` for a batch: each job's own compare-and-set `src -> dst` (state, and
+    poll_seq where its Move has a seq) with its event row (and, into a terminal state, its
+    callback delivery), all in one transaction. Every Move carries the same column names in
+    `values` (per job) and `fields` apply to all. On PostgreSQL one statement: the rows travel as
+    one JSON parameter (json_to_recordset: the `values` must be JSON-able), `UPDATE … FROM` it does the CAS of every job, and
+    the events and deliveries are inserted from what it RETURNs; elsewhere one session. Returns
+    the moved jobs by id (each Row has `id` and `callback_url`); a job missing lost its CAS."""
+    for move in moves:
+        _check_edge(move.job_id, src, dst)
+    if not moves:
+        return {}
+    names = tuple(sorted(moves[0].values))
+    if any(tuple(sorted(m.values)) != names for m in moves):
+        raise ValueError("transition_many: every move must set the same columns")
+    now = clock()
+    engine = sessions.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        moved: dict[str, Row] = {}
+        with sessions() as session:
+            for m in moves:
+                where = {"poll_seq": m.seq} if m.seq is not None else None
+                row = _move(session, m.job_id, src, dst, m.reason, now, where, ("callback_url",), {**fields, **m.values})
+                if row is not None:
+                    moved[m.job_id] = row
+            session.commit()
+        return moved
+    values = _move_values(dst, now, fields)
+    common = tuple(sorted(values))
+    key = (src, dst, names, common)
+    stmt = _MANY.get(key)
+    if stmt is None:
+        stmt = _MANY[key] = _many_statement(src, dst, names, common)
+    rows = [
+        {"id": m.job_id, "seq": m.seq, "reason": m.reason[:2000], "webhook_id": new_webhook_id(), **{n: m.values[n] for n in names}}
+        for m in moves
+    ]
+    params: dict[str, Any] = {"rows": rows, "ev_at": now}
+    params.update({f"c_{name}": value for name, value in values.items()})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        moved_rows = {row.id: row for row in conn.execute(stmt, params)}
+    observer = _observer(sessions.kw.get("info"))
+    if observer is not None:
+        for row in moved_rows.values():
+            try:
+                _moved_call(src, dst, row, fields, now)(observer)
+            except Exception:  # metrics never break a committed transition
+                pass
+    return moved_rows
+
+
+def _many_statement(src: State, dst: State, names: tuple[str, ...], common: tuple[str, ...]) -> Any:
+    c = JOBS.c
+    recordset = (
+        func.json_to_recordset(bindparam("rows", type_=JSON))
+        .table_valued(
+            column("id", String),
+            column("seq", Integer),
+            column("reason", Text),
+            column("webhook_id", String),
+            *(column(name, c[name].type) for name in names),
+        )
+        .render_derived(name="v", with_types=True)
+    )
+    sets: dict[str, Any] = {name: bindparam(f"c_{name}", type_=c[name].type) for name in common}
+    sets.update({name: recordset.c[name] for name in names})
+    moved = (
+        update(JOBS)
+        .where(
+            c.id == recordset.c.id,
+            c.state == src.value,
+            or_(recordset.c.seq.is_(None), c.poll_seq == recordset.c.seq),
+        )
+        .values(**sets)
+        .returning(
+            c.id,
+            c.callback_url,
+            c.tenant,
+            c.created_at,
+            recordset.c.reason.label("ev_reason"),
+            recordset.c.webhook_id.label("cb_webhook_id"),
+        )
+        .cte("moved")
+    )
+    ev = (
+        insert(EVENTS)
+        .from_select(
+            ["job_id", "from_state", "to_state", "reason", "at"],
+            select(
+                moved.c.id,
+                literal(src.value, EVENTS.c.from_state.type),
+                literal(dst.value, EVENTS.c.to_state.type),
+                moved.c.ev_reason,
+                bindparam("ev_at", type_=EVENTS.c.at.type),
+            ),
+        )
+        .cte("ev")
+    )
+    stmt = select(moved.c.id, moved.c.callback_url, moved.c.tenant, moved.c.created_at).add_cte(ev)
+    if dst.terminal:
+        at = bindparam("ev_at", type_=DELIVERIES.c.created_at.type)
+        row = queued_row(moved.c.id, literal(dst.value, DELIVERIES.c.state.type), moved.c.callback_url, moved.c.cb_webhook_id, at)
+        row["status"] = literal(row["status"], DELIVERIES.c.status.type)
+        row["attempts"] = literal(row["attempts"], DELIVERIES.c.attempts.type)
+        cb = insert(DELIVERIES).from_select(list(row), select(*row.values()).where(moved.c.callback_url.is_not(None))).cte("cb")
+        stmt = stmt.add_cte(cb)
+    return stmt
 
 
 def update_if(

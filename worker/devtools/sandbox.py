@@ -250,6 +250,10 @@ class SandboxState:
         self.pngs = _PngCache()
         self._webhooks: set[asyncio.Task] = set()
         self._hostile_turn: dict[str, int] = {}
+        # One client for every webhook call: a client per call builds an SSL context each time
+        # (tens of ms of CPU), which made the sandbox, not the worker, the bottleneck of a
+        # 2,000-job webhooks benchmark (its event loop then answered polls late too).
+        self._webhook_client: Any = None
 
     def reset(self) -> None:
         self.tasks.clear()
@@ -349,8 +353,10 @@ class SandboxState:
                 "webhook-signature": f"v3,{signature}",
             }
             try:
-                async with httpx.AsyncClient(timeout=5.0) as client:
-                    response = await client.post(url, content=body, headers=headers)
+                loop = asyncio.get_running_loop()
+                if self._webhook_client is None or self._webhook_client[0] is not loop:  # a client lives on one loop
+                    self._webhook_client = (loop, httpx.AsyncClient(timeout=5.0))
+                response = await self._webhook_client[1].post(url, content=body, headers=headers)
                 if response.status_code < 500:
                     self.counters.webhooks += 1
                     return

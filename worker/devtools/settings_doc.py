@@ -119,6 +119,8 @@ GROUPS: list[tuple[str, str, list[str]]] = [
             "submit_passes_per_node",
             "submit_lease_seconds",
             "submit_backpressure_seconds",
+            "adaptive_pacing",
+            "adaptive_pace_floor",
             "batch_pass_seconds",
         ],
     ),

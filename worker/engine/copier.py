@@ -1,6 +1,6 @@
 """Copying a finished prediction's outputs into S3: download each (or decode its base64), store it
-at its deterministic key, then `uploading -> succeeded`. The batch poller copies inline
-(`finish_inline`); an upload task (`run_upload`) retries a copy that failed transiently.
+at its deterministic key, then `uploading -> succeeded`. The batch poller copies a batch inline
+(`finish_many`); an upload task (`run_upload`) retries a copy that failed transiently.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import base64
 import binascii
 import logging
 import tempfile
+from concurrent.futures import Executor
 
 from sqlalchemy import select
 
@@ -18,7 +19,7 @@ from worker.adapters.storage import EXTENSIONS, extension_for, sniff_content_typ
 from worker.adapters.wavespeed import Prediction
 from worker.core.backoff import compute_backoff
 from worker.core.codes import ErrorCode, code_of
-from worker.core.jobs import transition_now
+from worker.core.jobs import Move, transition_many, transition_now
 from worker.core.states import State
 from worker.core.steps import Next, Step
 from worker.engine.bookkeeping import fail_deadline, fail_job
@@ -112,6 +113,7 @@ def _succeed(deps: Deps, job_id: str, uris: list[str], context: dict | None = No
     if moved is not None:
         log.info("job succeeded", extra={**(context or {"job_id": job_id}), "outputs": len(uris)})
         wake_callbacks(deps, moved.callback_url is not None)
+        note_copied(deps, 1)
     return moved is not None
 
 
@@ -190,3 +192,95 @@ def finish_inline(
                 countdown=compute_backoff(0, base=deps.settings.backoff_base, maximum=deps.settings.backoff_max, rng=deps.rng),
             )
     return None
+
+
+def finish_many(
+    deps: Deps,
+    finished: list[tuple[str, int, Prediction]],
+    pool: Executor,
+    contexts: dict[str, tuple[str | None, str | None]] | None = None,
+) -> list[Next]:
+    """Batch mode, a poller batch's completed predictions (job id, claim version, prediction):
+    processing -> uploading for all of them in one statement (each a CAS on its claim version,
+    outputs recorded first), the copies concurrently in `pool`, then uploading -> succeeded for
+    every copied job in one statement. A job whose copy failed transiently stays in `uploading`
+    and gets an upload task that retries it with backoff (what is returned). `contexts`: each
+    job's (tenant, traceparent), so that its copy's span joins the job's trace."""
+    if not finished:
+        return []
+    moves = [
+        Move(
+            job_id,
+            f"prediction completed with {len(p.outputs)} output(s)",
+            seq,
+            {"provider_outputs": list(p.outputs), "has_nsfw_contents": list(p.has_nsfw_contents)},
+        )
+        for job_id, seq, p in finished
+    ]
+    try:
+        started = transition_many(deps.sessions, State.PROCESSING, State.UPLOADING, moves, clock=deps.clock, next_poll_at=None)
+    except Exception as exc:  # the database is down: the claims' lease runs out and they are polled again
+        log.warning("recording %d completed prediction(s) failed: %s", len(finished), type(exc).__name__)
+        return []
+    mine = [(job_id, p) for job_id, _, p in finished if job_id in started]  # the rest: another poller or a cancel took them
+    contexts = contexts or {}
+    copied = list(pool.map(lambda item: _copy_one(deps, item[0], item[1], *contexts.get(item[0], (None, None))), mine))
+    retries = [nxt for nxt in copied if isinstance(nxt, Next)]
+    stored = [(job_id, uris) for (job_id, _), uris in zip(mine, copied) if isinstance(uris, list)]
+    if stored:
+        try:
+            done = transition_many(
+                deps.sessions,
+                State.UPLOADING,
+                State.SUCCEEDED,
+                [Move(job_id, f"{len(uris)} output(s) stored in S3", None, {"outputs": uris}) for job_id, uris in stored],
+                clock=deps.clock,
+                provider_outputs=None,
+                error_code=None,
+                error_message=None,
+            )
+        except Exception as exc:  # the outputs are in S3: an upload task records them (overwriting the same keys)
+            log.warning("recording %d copied job(s) failed, upload tasks retry: %s", len(stored), type(exc).__name__)
+            return retries + [_retry_upload(deps, job_id) for job_id, _ in stored]
+        wake_callbacks(deps, any(row.callback_url is not None for row in done.values()))
+        note_copied(deps, len(done))
+    return retries
+
+
+def note_copied(deps: Deps, count: int) -> None:
+    """Count jobs copied out, fleet-wide (adaptive pacing learns the copy-out rate from it)."""
+    if count and deps.settings.adaptive_pacing:
+        try:
+            deps.fleet.note_copied(count)
+        except Exception:  # Redis down: pacing falls back to its floor
+            pass
+
+
+def _retry_upload(deps: Deps, job_id: str) -> Next:
+    s = deps.settings
+    return Next(Step.UPLOAD, job_id, countdown=compute_backoff(0, base=s.backoff_base, maximum=s.backoff_max, rng=deps.rng))
+
+
+def _copy_one(
+    deps: Deps, job_id: str, prediction: Prediction, tenant: str | None = None, trace_parent: str | None = None
+) -> list[str] | Next | None:
+    """In a pool thread: one job's copy (a span in the job's trace). Its S3 URIs; a Next (an upload
+    task) when it failed transiently; None when its outputs were unusable (the job failed, or raises
+    for a retry)."""
+    context = {"job_id": job_id, "tenant": tenant, "prediction_id": prediction.id, "trace_parent": trace_parent}
+    with deps.tracing.step(tracing.COPY, trace_parent, job_id=job_id, tenant=tenant, prediction_id=prediction.id) as span:
+        try:
+            try:
+                uris = copy_outputs(deps, job_id, list(prediction.outputs))
+                span.set(outcome="stored")
+                return uris
+            except PermanentProviderError as exc:
+                span.set(outcome="unusable")
+                span.error(exc)
+                _unusable(deps, job_id, exc, context)  # fails the job, or raises for a retry
+                return None
+        except Exception as exc:  # download, S3 or database trouble: the upload task retries with backoff
+            span.set(outcome="retry")
+            span.error(exc)
+            log.warning("copying outputs failed, an upload task retries: %s", type(exc).__name__, extra=context)
+            return _retry_upload(deps, job_id)

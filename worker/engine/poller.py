@@ -22,7 +22,7 @@ from worker.core.jobs import JOBS, as_utc, update_if
 from worker.core.states import State
 from worker.core.steps import Next, Step
 from worker.engine.bookkeeping import fail_deadline, fail_job, past_deadline, release_slots
-from worker.engine.copier import finish_inline, start_upload
+from worker.engine.copier import finish_inline, finish_many, start_upload
 from worker.engine.deps import Deps
 from worker.engine.faults import crashpoint
 from worker.engine.paid_work import may_end_paid_job
@@ -174,7 +174,11 @@ def run_poll(deps: Deps, job_id: str, poll_seq: int | None) -> Next | None:
         span.set(outcome=_outcome(decision))
         if isinstance(decision, Finish) and decision.prediction.inference_ms:
             deps.metrics.inference(decision.prediction.inference_ms / 1000.0)
-        return apply_decision(deps, target, decision, chain=deps.settings.poll_mode == "task")
+    if isinstance(decision, Finish) and deps.settings.poll_mode == "batch" and deps.settings.upload_inline:
+        # A webhook's nudge: copy at once, in this task, rather than through an upload message.
+        deps.limiter.release(job_id)
+        return finish_inline(deps, job_id, target.seq, decision.prediction, tenant=target.tenant, trace_parent=target.trace_parent)
+    return apply_decision(deps, target, decision, chain=deps.settings.poll_mode == "task")
 
 
 def _span(deps: Deps, target: PollTarget):
@@ -278,10 +282,14 @@ def poll_due(deps: Deps, *, max_seconds: float = 10.0, executor=None) -> PollBat
             outcomes = [(Reschedule(pause.wait + jittered(0, s.poll_interval, deps.rng)), None) for _ in live]
         else:
             outcomes = list(pool.map(lambda t: _poll_one(deps, t), live))
+        # Completed predictions are recorded and copied as one batch (two statements for all).
+        finished = [(t.job_id, t.seq, d.prediction) for t, (d, _) in zip(live, outcomes) if isinstance(d, Finish)]
+        done = [t.job_id for t, (d, _) in zip(live, outcomes) if not isinstance(d, Reschedule)]
+        release_slots(deps, done)  # the predictions ended: their provider slots are free now
         later = [(t, d) for t, (d, _) in zip(live, outcomes) if isinstance(d, Reschedule)]
         report.rescheduled += _reschedule_many(deps, later)
-        done = [t.job_id for t, (d, _) in zip(live, outcomes) if not isinstance(d, Reschedule)]
-        release_slots(deps, done)
+        if finished and s.upload_inline:
+            report.uploads.extend(finish_many(deps, finished, pool, contexts={t.job_id: (t.tenant, t.trace_parent) for t in live}))
         _observe_inference(deps, [d.prediction for d, _ in outcomes if isinstance(d, Finish)])
         for decision, nxt in outcomes:
             if isinstance(decision, Reschedule):
@@ -313,9 +321,10 @@ def poll_due(deps: Deps, *, max_seconds: float = 10.0, executor=None) -> PollBat
 
 
 def _poll_one(deps: Deps, target: PollTarget) -> tuple[Decision, Next | None]:
-    """One job of a poller batch, in a pool thread: fetch the result and act on it — finished jobs
-    are copied to S3 right here (upload_inline), failed ones recorded; reschedules are written in
-    bulk by the caller. Each job's poll is a span in its own trace, though the pass is shared."""
+    """One job of a poller batch, in a pool thread: fetch the result and act on it — failed ones
+    recorded here; reschedules and (upload_inline) completed ones are handled in bulk by the
+    caller (`_reschedule_many`, `copier.finish_many`). Each job's poll is a span in its own trace,
+    though the pass is shared."""
     with _span(deps, target) as span:
         try:
             decision = fetch_and_decide(deps, target.prediction_id)
@@ -324,13 +333,9 @@ def _poll_one(deps: Deps, target: PollTarget) -> tuple[Decision, Next | None]:
             span.error(exc)
             return Reschedule(deps.settings.poll_interval, f"{type(exc).__name__} while polling"), None
         span.set(outcome=_outcome(decision))
-    if isinstance(decision, Reschedule):
-        return decision, None
+    if isinstance(decision, Reschedule) or (isinstance(decision, Finish) and deps.settings.upload_inline):
+        return decision, None  # a completed prediction is copied with the rest of its batch (finish_many)
     try:
-        if isinstance(decision, Finish) and deps.settings.upload_inline:
-            return decision, finish_inline(
-                deps, target.job_id, target.seq, decision.prediction, tenant=target.tenant, trace_parent=target.trace_parent
-            )
         return decision, apply_decision(deps, target, decision, chain=False)
     except Exception as exc:  # the database is down: the lease runs out and the job is polled again
         log.warning("recording a poll outcome failed: %s", type(exc).__name__, extra=target.context())

@@ -305,7 +305,7 @@ def submit_due(deps: Deps, *, max_seconds: float | None = None, executor=None) -
         # No more than the pass can send before its time is up (and well inside the lease).
         want = min(s.submit_batch_size, room, _batch_that_fits(s.submit_threads, limit))
         if not probe:
-            want, pace_wait = deps.limiter.pace(want)
+            want, pace_wait = deps.limiter.pace(want, pace_rate(deps))
             if want == 0:
                 waits.append(pace_wait)
                 break
@@ -388,6 +388,31 @@ def _breaker_opened(deps: Deps) -> float:
         return deps.breaker.wait()
     except Exception:
         return 0.0
+
+
+# Adaptive pacing: the window in which the fleet's busiest copy-out second is looked for, and
+# the headroom over it (the rate grows by it each time the copies catch up with what was
+# submitted; while the pollers are behind, backpressure stops submissions instead).
+PACE_WINDOW_SECONDS = 60
+PACE_HEADROOM = 1.5
+
+
+def pace_rate(deps: Deps) -> float | None:
+    """Submissions per second fleet-wide. None: the limiter's own pace (submit_pace_per_second:
+    the manual override when set, else unpaced); with adaptive_pacing and no manual pace, the
+    fleet's measured copy-out rate times PACE_HEADROOM, never below adaptive_pace_floor."""
+    s = deps.settings
+    if s.submit_pace_per_second > 0 or not s.adaptive_pacing:
+        return None
+    try:
+        peak = deps.fleet.peak_copy_rate(PACE_WINDOW_SECONDS)
+    except Exception:  # Redis down: the floor is always a safe answer
+        peak = 0.0
+    # Always the headroom: "pollers behind" (a poll overdue by a second) fires on a busy host
+    # without the copies being saturated, and holding the rate then kept it near the floor
+    # (2,000 x 10 s drained at 22 jobs/s). Saturated pollers are handled by the backpressure
+    # check, which stops submitting altogether while they are behind.
+    return max(s.adaptive_pace_floor, peak * PACE_HEADROOM)
 
 
 # How soon a submitter held back by busy pollers looks again.

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import Job
 from worker.core.jobs import Clock, take_over_poll, utcnow
 from worker.core.states import State
-from worker.core.steps import Publisher, Step
+from worker.core.steps import Next, Publisher, Step, schedule
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,15 @@ def nudge_poll(
     prediction_id: str,
     *,
     clock: Clock = utcnow,
+    wakeup: Callable[[], Next | None] | None = None,
 ) -> Nudge:
     """Take over the job's poll chain with a new poll_seq (CAS) and publish a poll right away.
 
     The old chain becomes stale and dies at its next message. If publishing fails the row still
-    says `next_poll_at=now`, so the reconciler's sweep re-drives the poll."""
+    says `next_poll_at=now`, so the reconciler's sweep re-drives the poll. `wakeup` (batch poll
+    mode): publish what it answers — a poller wake-up de-duplicated per half second — instead of
+    a poll message per job: the job is due now, and a burst of webhooks becomes one batch pass
+    rather than one message each, queued ahead of the poller's own wake-ups."""
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.prediction_id == prediction_id))
         if job is None:
@@ -64,7 +68,10 @@ def nudge_poll(
     if seq is None:
         return Nudge(NudgeOutcome.RACED, job_id)
     try:
-        publisher_factory().publish(Step.POLL, job_id, poll_seq=seq)
+        if wakeup is not None:
+            schedule(publisher_factory(), wakeup())
+        else:
+            publisher_factory().publish(Step.POLL, job_id, poll_seq=seq)
     except Exception as exc:  # broker down: the sweep picks the job up from next_poll_at
         log.warning(
             "webhook poll not published (%s); left for the sweep",

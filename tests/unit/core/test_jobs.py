@@ -7,15 +7,28 @@ import hashlib
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import undefer
 
 from models import Job, JobEvent, Outbox
 from worker import producer
 from worker.adapters.storage import Storage
-from worker.core.jobs import NewJob, create_jobs, get_job, job_events, list_jobs, observe_jobs, to_json, transition, transition_now
+from worker.core.jobs import (
+    Move,
+    NewJob,
+    create_jobs,
+    get_job,
+    job_events,
+    list_jobs,
+    observe_jobs,
+    to_json,
+    transition,
+    transition_many,
+    transition_now,
+)
 from worker.core.states import State
 from worker.core.validation import ImageInput
-from worker.errors import AdmissionUnavailable, IdempotencyMismatch, InvalidInput, JobNotFound, StorageError
+from worker.errors import AdmissionUnavailable, IdempotencyMismatch, IllegalTransition, InvalidInput, JobNotFound, StorageError
 
 URL = "https://images.example.com/cat.png"
 BUCKET, PREFIX = "edit-worker-unit", "edits"  # as in conftest.py
@@ -404,3 +417,49 @@ def test_submit_edit_many_over_a_tenants_rate_is_refused_whole(settings, session
         producer.submit_edit_many(items, settings=settings, publisher=publisher, storage=storage)
     assert counts(sessions) == (0, 0, 0) and publisher.sent == []
     assert len(producer.submit_edit_many(items[:3], settings=settings, publisher=publisher, storage=storage)) == 3
+
+
+# --- transition_many ----------------------------------------------------------------------------
+
+
+def _processing(sessions, job_ids: list[str], poll_seq: int) -> None:
+    with sessions() as s:
+        s.execute(update(Job).where(Job.id.in_(job_ids)).values(state="processing", poll_seq=poll_seq))
+        s.commit()
+
+
+def test_transition_many_moves_each_job_whose_claim_holds_and_writes_one_event_each(sessions, new_job):
+    mine, stale, unclaimed = new_job(), new_job(), new_job()
+    _processing(sessions, [mine, stale, unclaimed], poll_seq=3)
+    moved = transition_many(
+        sessions,
+        State.PROCESSING,
+        State.UPLOADING,
+        [
+            Move(mine, "completed (mine)", 3, {"provider_outputs": ["https://p/1.png"]}),
+            Move(stale, "completed (stale)", 2, {"provider_outputs": ["https://p/2.png"]}),  # another poller holds seq 3
+            Move(unclaimed, "completed (no claim)", None, {"provider_outputs": ["https://p/3.png"]}),
+        ],
+        next_poll_at=None,
+    )
+    assert set(moved) == {mine, unclaimed}
+    with sessions() as s:
+        rows = {j.id: j for j in s.scalars(select(Job).options(undefer(Job.provider_outputs)))}
+    assert (rows[mine].state, rows[mine].provider_outputs) == ("uploading", ["https://p/1.png"])
+    assert (rows[stale].state, rows[stale].provider_outputs) == ("processing", None)
+    assert rows[unclaimed].provider_outputs == ["https://p/3.png"]
+    assert [e.reason for e in job_events(sessions, mine)][-1] == "completed (mine)"
+    assert [e.to_state for e in job_events(sessions, stale)] == ["queued"]
+
+
+def test_transition_many_into_a_terminal_state_sets_finished_at_and_refuses_an_illegal_edge(sessions, new_job):
+    job_id = new_job()
+    with pytest.raises(IllegalTransition):
+        transition_many(sessions, State.QUEUED, State.SUCCEEDED, [Move(job_id, "skip ahead")])
+    _processing(sessions, [job_id], poll_seq=0)
+    transition_many(sessions, State.PROCESSING, State.UPLOADING, [Move(job_id, "completed")])
+    moved = transition_many(sessions, State.UPLOADING, State.SUCCEEDED, [Move(job_id, "stored", None, {"outputs": ["s3://b/k.png"]})])
+    assert set(moved) == {job_id}
+    job = get_job(sessions, job_id)
+    assert (job.state, job.outputs) == ("succeeded", ["s3://b/k.png"])
+    assert job.finished_at is not None

@@ -305,3 +305,17 @@ def test_an_open_breaker_pauses_polls_without_calling_the_provider(batch_deps, n
     assert report.rescheduled == 3
     assert fake_provider.calls["result"] == 0
     assert all((load(i).next_poll_at - clock.now()).total_seconds() >= 20 for i in ids)
+
+
+def test_a_webhook_nudged_poll_in_batch_mode_copies_the_outputs_at_once_without_an_upload_message(
+    batch_deps, new_job, clock, load, list_keys
+):
+    [job_id] = _processing(batch_deps, new_job, 1)
+    clock.advance(batch_deps.settings.first_poll_delay)
+    with batch_deps.sessions() as session:  # what the webhook's nudge does: take the poll over
+        seq = jobs.take_over_poll(session, job_id, load(job_id).poll_seq, clock=clock.now)
+        session.commit()
+    assert run_poll(batch_deps, job_id, seq) is None  # nothing left to schedule: copied in this task
+    assert load(job_id).state == "succeeded"
+    assert list_keys() == [f"{PREFIX}/{job_id}/0.png"]
+    assert batch_deps.limiter.slots_held() == 0

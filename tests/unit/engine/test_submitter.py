@@ -224,3 +224,39 @@ def test_s3_down_at_submit_leaves_leased_jobs_queued_and_a_later_pass_sends_them
     sent = {t.body["prompt"]: t.body["image"] for t in fake_provider.submissions}
     assert sent == {f"stored {i}": "data:image/png;base64," + base64.b64encode(data).decode() for i, data in enumerate(images)}
     assert {load(i).state for i in ids} == {"processing"}
+
+
+def test_adaptive_pacing_starts_at_its_floor_and_follows_the_fleets_copy_out_rate(sub_deps, new_job, fake_provider, clock, executor):
+    sub_deps.settings = sub_deps.settings.model_copy(update={"adaptive_pacing": True, "adaptive_pace_floor": 4.0})
+    sub_deps.limiter = MemoryLimiter(clock=clock.monotonic)  # no manual pace
+    assert submitter.pace_rate(sub_deps) == 4.0  # nothing copied yet: the floor
+    _queued(new_job, 30)
+    assert submitter.submit_due(sub_deps, executor=executor).started == 2  # half a second's worth at 4/s
+    sub_deps.fleet.note_copied(10)  # the fleet copied 10 jobs out in this second ...
+    clock.advance(1.0)
+    assert submitter.pace_rate(sub_deps) == pytest.approx(10 * submitter.PACE_HEADROOM)  # ... so it may submit faster
+    assert submitter.submit_due(sub_deps, executor=executor).started == int(10 * submitter.PACE_HEADROOM / 2)
+    clock.advance(submitter.PACE_WINDOW_SECONDS + 1)
+    assert submitter.pace_rate(sub_deps) == 4.0  # what was learned ages out of the window
+
+
+def test_a_manual_pace_overrides_adaptive_pacing(sub_deps, new_job, fake_provider, clock, executor):
+    sub_deps.fleet.note_copied(100)
+    clock.advance(1.0)
+    sub_deps.settings = sub_deps.settings.model_copy(update={"adaptive_pacing": True, "submit_pace_per_second": 4.0})
+    sub_deps.limiter = MemoryLimiter(clock=clock.monotonic, pace_per_second=4.0)  # as deps.py builds it from the setting
+    assert submitter.pace_rate(sub_deps) is None  # the limiter's own (manual) pace, not the learned 150/s
+    _queued(new_job, 10)
+    assert submitter.submit_due(sub_deps, executor=executor).started == 2
+
+
+def test_the_batch_poller_counts_what_it_copied_out_for_adaptive_pacing(sub_deps, new_job, clock, executor):
+    sub_deps.settings = sub_deps.settings.model_copy(update={"adaptive_pacing": True, "adaptive_pace_floor": 1.0})
+    sub_deps.limiter = MemoryLimiter(clock=clock.monotonic)
+    _queued(new_job, 3)
+    sub_deps.settings = sub_deps.settings.model_copy(update={"adaptive_pace_floor": 100.0})
+    assert submitter.submit_due(sub_deps, executor=executor).accepted == 3
+    clock.advance(sub_deps.settings.first_poll_delay)
+    assert poller.poll_due(sub_deps, executor=executor).finished == 3
+    clock.advance(1.0)
+    assert sub_deps.fleet.peak_copy_rate(submitter.PACE_WINDOW_SECONDS) == 3.0

@@ -568,6 +568,25 @@ def test_a_signed_webhook_bumps_the_poll_and_publishes_it_without_changing_state
     assert poller.run_poll(deps, job["id"], seq + 1).step == "upload"
 
 
+def test_in_batch_poll_mode_a_burst_of_webhooks_makes_the_jobs_due_and_wakes_the_poller_once(
+    make_client, settings, deps, publisher, sessions
+):
+    client = make_client(app_settings=settings.model_copy(update={"poll_mode": "batch"}))
+    first, second = processing_job(client, deps), processing_job(client, deps)
+    seqs = {job["id"]: jobs.get_job(sessions, job["id"]).poll_seq for job in (first, second)}
+    publisher.sent.clear()
+    for job in (first, second):
+        raw, headers = signed(prediction(job["prediction_id"]))
+        assert client.post("/webhooks/wavespeed", content=raw, headers=headers).status_code == 200
+    # One poller wake-up for both (de-duplicated per half second), no poll message per job.
+    assert [(step, job_id) for step, job_id, *_ in publisher.sent] == [("poll_due", None)]
+    for job in (first, second):
+        row = jobs.get_job(sessions, job["id"])
+        # Taken over (the API's clock is the wall clock) and due now: the poller's pass takes it.
+        assert (row.state, row.poll_seq) == ("processing", seqs[job["id"]] + 1)
+        assert row.next_poll_at <= jobs.utcnow()
+
+
 def test_a_webhook_wrapped_in_the_api_envelope_is_understood(client, deps, publisher):
     job = processing_job(client, deps)
     publisher.sent.clear()
