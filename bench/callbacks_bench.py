@@ -128,7 +128,7 @@ def run(args) -> int:
         services.append(redis)
         s3 = local.s3(workdir).start()
         services.append(s3)
-        sandbox = local.sandbox(workdir, latency=1.0, extra_args=["--seed", str(args.seed)]).start()
+        sandbox = local.sandbox(workdir, latency=1.0, outputs="flat", extra_args=["--seed", str(args.seed)]).start()
         services.append(sandbox)
         postgres = local.postgres(pgdir).start()
         services.append(postgres)

@@ -154,7 +154,7 @@ class Stack(local.StackURLs):
         self.internal = InternalServer().start()
         self.redis = local.redis(self.workdir / "redis").start()
         self.s3 = local.s3_persistent(self.workdir).start()
-        self.sandbox = local.sandbox(self.workdir, latency=1.0, extra_args=["--seed", str(self.seed)]).start()
+        self.sandbox = local.sandbox(self.workdir, latency=1.0, outputs="flat", extra_args=["--seed", str(self.seed)]).start()
         self.postgres = local.postgres(self.pgdir).start()
         admin = self.postgres.extra["url"]
         local.wait_for_database(admin)

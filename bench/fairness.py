@@ -47,7 +47,7 @@ def main() -> int:
         services.append(pg)
         redis = local.redis(work / "redis").start()
         services.append(redis)
-        sandbox = local.sandbox(work / "sandbox", latency=args.latency).start()
+        sandbox = local.sandbox(work / "sandbox", latency=args.latency, outputs="flat").start()
         services.append(sandbox)
         db_url = local.create_database(f"postgresql+psycopg://postgres@127.0.0.1:{pg.port}/postgres", "fairness")
         env = {

@@ -104,7 +104,7 @@ class Stack(local.StackURLs):
     def start(self, args) -> Stack:
         self.redis = self._start(local.redis(self.workdir / "redis"))
         self.s3 = self._start(local.s3_persistent(self.workdir) if args.s3 == "rclone" else local.s3(self.workdir))
-        self.sandbox = self._start(local.sandbox(self.workdir, latency=args.latency))
+        self.sandbox = self._start(local.sandbox(self.workdir, latency=args.latency, outputs="flat"))
         self._start_postgres()
         return self
 

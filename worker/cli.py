@@ -1,6 +1,11 @@
 """`edit-worker`: the command line (typer), thin over the producer API, the engine and the dev tools.
 
 Bad input: a one-line `error: …` on stderr and exit code 2; nothing is written.
+
+Start-up time matters (an operator runs `status` and `list` in loops): each command imports what it
+needs when it runs, so `--help` loads neither rich nor the worker's modules, and `status`/`list` read
+the database without Celery, boto3 or FastAPI (tests/unit/face/test_cli_imports.py checks this;
+bench/cli_start.py measures it).
 """
 
 from __future__ import annotations
@@ -11,14 +16,52 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Durable WaveSpeed Dreamina V3.0 Edit jobs: Celery + S3 + SQL.")
-out = Console()
-err = Console(stderr=True)
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+# Plain (click) help and tracebacks: typer's rich help alone imports rich, markdown-it and pygments
+# (about a quarter of a second at every `--help`).
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Durable WaveSpeed Dreamina V3.0 Edit jobs: Celery + S3 + SQL.",
+)
+
+
+class _LazyConsole:
+    """A rich Console made on first use, so commands that print nothing through it never import rich."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def get(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+out: Any = _LazyConsole()
+err: Any = _LazyConsole(stderr=True)
+
+
+def escape(text: str) -> str:
+    """rich.markup.escape, imported when first needed."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
 
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
@@ -41,11 +84,14 @@ def _settings():
 
 def _job_json(job) -> dict:
     """The job JSON with result links (presigned locally, no call to S3) and cost."""
-    from worker.adapters.storage import Storage
     from worker.views import job_view
 
     settings = _settings()
-    return job_view(job, settings, Storage.from_settings(settings) if job.outputs else None)
+    if not job.outputs:  # no links to sign: no S3 client, no boto3 import
+        return job_view(job, settings, None)
+    from worker.adapters.storage import Storage
+
+    return job_view(job, settings, Storage.from_settings(settings))
 
 
 def _print_job(job, as_json: bool) -> None:
@@ -339,15 +385,14 @@ def status(
     events: bool = typer.Option(False, "--events", help="Also show every state change and callback delivery."),
 ) -> None:
     """Show one job."""
-    from worker import producer
+    # Straight from the database: the producer module would import boto3 and Celery's app.
+    from worker.adapters.database import session_factory
     from worker.core.deliveries import delivery_json, list_deliveries
-    from worker.core.jobs import event_json, job_events
+    from worker.core.jobs import event_json, get_job, job_events
 
-    job = _guard(lambda: producer.get_job(job_id))
+    sessions = session_factory(_settings().database_url)
+    job = _guard(lambda: get_job(sessions, job_id))
     if as_json and events:
-        from worker.adapters.database import session_factory
-
-        sessions = session_factory(_settings().database_url)
         data = _job_json(job)
         data["events"] = [event_json(e) for e in job_events(sessions, job_id)]
         data["deliveries"] = [delivery_json(d) for d in list_deliveries(sessions, job_id)]
@@ -355,9 +400,6 @@ def status(
         return
     _print_job(job, as_json)
     if events and not as_json:
-        from worker.adapters.database import session_factory
-
-        sessions = session_factory(_settings().database_url)
         for e in job_events(sessions, job_id):
             out.print(escape(f"  {e.at:%Y-%m-%d %H:%M:%S} {e.from_state or '-'} -> {e.to_state}: {e.reason}"), highlight=False)
         for d in list_deliveries(sessions, job_id):
@@ -618,7 +660,7 @@ def demo(
         _fail(f"`edit-worker demo` needs the local services extra ({', '.join(missing)} not installed): {LOCAL_EXTRA_HINT}")
     from worker.devtools.demo import run_demo
 
-    raise typer.Exit(run_demo(jobs=jobs, latency=latency, workdir=workdir, timeout=timeout, console=out))
+    raise typer.Exit(run_demo(jobs=jobs, latency=latency, workdir=workdir, timeout=timeout, console=out.get()))
 
 
 def _redact_url(url: str) -> str:

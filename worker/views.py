@@ -3,13 +3,15 @@ result links (presigned S3 URLs a browser can open) and the cost of its paid sub
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models import Job
-from worker.adapters.storage import Storage
 from worker.config import Settings
 from worker.core.jobs import to_json
 from worker.errors import InvalidJobOperation
+
+if TYPE_CHECKING:  # pragma: no cover  # a job without outputs needs no S3 client (nor boto3)
+    from worker.adapters.storage import Storage
 
 
 def job_view(job: Job, settings: Settings, storage: Storage | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from worker.core.states import State
 from worker.devtools import local
+from worker.devtools.imaging import SheetRow
 
 DEMO_PROMPTS = [
     "turn the sky into a warm sunset",
@@ -25,6 +26,7 @@ DEMO_PROMPTS = [
     "give it a neon cyberpunk glow",
     "render it as a pencil sketch",
 ]
+CONTACT_SHEET = "contact-sheet.png"  # in the results folder, beside the local copies
 
 
 def _sample_image(path: Path, index: int) -> Path:
@@ -41,6 +43,18 @@ def _sample_image(path: Path, index: int) -> Path:
     draw.ellipse([200, 200, 440, 440], fill=(250, 240, 210))
     img.save(path, "PNG")
     return path
+
+
+def write_contact_sheet(rows: list[SheetRow], path: Path) -> Path:
+    """Each job's input beside its output(s), the prompt as caption, as one PNG at `path`."""
+    from worker.devtools.imaging import contact_sheet
+
+    contact_sheet(rows).save(path, "PNG")
+    return path
+
+
+def _shown(path: Path) -> Path:
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
 def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, console: Console) -> int:
@@ -109,10 +123,13 @@ def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, consol
         inputs = workdir / "inputs"
         inputs.mkdir(exist_ok=True)
         submitted = []
+        inputs_of: dict[str, tuple[Path, str]] = {}  # job id -> (input file, prompt)
         for i in range(jobs):
             image = _sample_image(inputs / f"input-{i}.png", i)
-            job = producer.submit_edit(str(image), DEMO_PROMPTS[i % len(DEMO_PROMPTS)], size="1024*1024", seed=1000 + i, settings=settings)
+            prompt = DEMO_PROMPTS[i % len(DEMO_PROMPTS)]
+            job = producer.submit_edit(str(image), prompt, size="1024*1024", seed=1000 + i, settings=settings)
             submitted.append(job.id)
+            inputs_of[job.id] = (image, prompt)
 
         from worker.adapters.database import session_factory
         from worker.core.jobs import get_job
@@ -142,6 +159,7 @@ def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, consol
                 time.sleep(0.3)
 
         lines: list[str] = []
+        rows: list[SheetRow] = []
         ok = True
         for job_id in submitted:
             job = final.get(job_id) or get_job(sessions, job_id)
@@ -150,14 +168,20 @@ def run_demo(*, jobs: int, latency: float, workdir: Path, timeout: float, consol
                 reason = escape(f"[{job.error_code}] {job.error_message}") if job.error_code else "did not finish in time"
                 lines.append(f"[red]✗[/] {job_id} [red]{job.state}[/] {reason}")
                 continue
+            copies = []
             for uri in job.outputs:
                 key = uri.split("/", 3)[3]
                 copy = results / f"{job_id}-{Path(key).name}"
                 copy.write_bytes(storage.get_bytes(key))
-                shown = copy.relative_to(Path.cwd()) if copy.is_relative_to(Path.cwd()) else copy
-                lines.append(f"[green]✓[/] {job_id} [green]succeeded[/]\n    {uri}\n    local copy: {shown}")
+                copies.append(copy)
+                lines.append(f"[green]✓[/] {job_id} [green]succeeded[/]\n    {uri}\n    local copy: {_shown(copy)}")
+            image, prompt = inputs_of[job_id]
+            rows.append(SheetRow(caption=prompt, before=image, after=copies))
         for line in lines:
             console.print(line, highlight=False, soft_wrap=True)
+        if rows:
+            sheet = write_contact_sheet(rows, results / CONTACT_SHEET)
+            console.print(f"before/after contact sheet: {_shown(sheet)}", highlight=False, soft_wrap=True)
         if ok:
             console.print(
                 f"[bold green]all {len(submitted)} job(s) succeeded.[/] Outputs are in s3://{settings.s3_bucket}/{settings.s3_prefix}/ "

@@ -357,7 +357,10 @@ def s3_persistent(workdir: Path, port: int | None = None) -> Service:
     return Service("s3", argv, port, workdir / "s3-rclone.log")
 
 
-def sandbox(workdir: Path, port: int | None = None, *, latency: float = 2.0, extra_args: list[str] | None = None) -> Service:
+def sandbox(
+    workdir: Path, port: int | None = None, *, latency: float = 2.0, outputs: str | None = None, extra_args: list[str] | None = None
+) -> Service:
+    """The sandbox provider; `outputs="flat"` for cheap solid-colour outputs (benchmarks), default edits of the input."""
     port = port or free_port()
     argv = [
         sys.executable,
@@ -369,6 +372,7 @@ def sandbox(workdir: Path, port: int | None = None, *, latency: float = 2.0, ext
         str(port),
         "--latency",
         str(latency),
+        *(["--outputs", outputs] if outputs else []),
         *(extra_args or []),
     ]
     return Service("sandbox", argv, port, workdir / "sandbox.log")

@@ -43,8 +43,10 @@ LIST_PAGE_SIZE_MAX = 100
 # long-running sandbox keeps bounded memory. MAX_TASKS caps memory under sustained load.
 RETENTION_SECONDS = 7 * 24 * 3600
 MAX_TASKS = 100_000
-# Solid-colour palette PNGs are a few hundred bytes, so the cache is bounded by entry count.
+# Solid-colour palette PNGs are a few hundred bytes, edited ones up to a few MB: the cache is bounded
+# by entry count and by bytes.
 PNG_CACHE_ENTRIES = 256
+PNG_CACHE_BYTES = 128 * 1024 * 1024
 # Share of the latency during which a task still reports "created" before "processing".
 CREATED_PHASE = 0.1
 
@@ -76,6 +78,9 @@ class SandboxConfig:
     hostile_rate: float = 0.0
     hostile_kinds: str = ""  # comma-separated subset of HOSTILE_KINDS; "" = all
     internal_url: str = "http://169.254.169.254/latest/meta-data/"  # where hostile redirects point
+    # "edit": outputs are a visible edit of the input (worker/devtools/imaging.py); "flat": a solid
+    # colour PNG, cheap to make, for benchmarks that measure the worker rather than Pillow.
+    outputs: str = "edit"
 
 
 _RATE_FIELDS = ("fail_rate", "submit_error_rate", "result_error_rate", "slow_submit_rate", "download_fail_rate", "hostile_rate")
@@ -97,6 +102,10 @@ HOSTILE_DRIP_SECONDS = 120.0
 _NON_NEGATIVE_FIELDS = ("latency", "slow_submit_seconds")
 _BOOL_FIELDS = ("outage", "auth_failure")
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(SandboxConfig)}
+OUTPUT_KINDS = ("edit", "flat")
+# The most input the sandbox reads to edit; a larger one is edited as the placeholder.
+INPUT_MAX_BYTES = 32 * 1024 * 1024
+INPUT_FETCH_TIMEOUT = 10.0
 
 
 class ConfigError(ValueError):
@@ -126,6 +135,8 @@ def _check_config(config: SandboxConfig) -> None:
         raise ConfigError(f"hostile_kinds must be a comma-separated subset of {', '.join(sorted(ALL_HOSTILE_KINDS))}")
     if not isinstance(config.internal_url, str) or not config.internal_url.startswith(("http://", "https://")):
         raise ConfigError("internal_url must be an http(s) URL")
+    if config.outputs not in OUTPUT_KINDS:
+        raise ConfigError(f"outputs must be one of {', '.join(OUTPUT_KINDS)}")
 
 
 def _kinds(value: str) -> list[str]:
@@ -157,6 +168,8 @@ class _Task:
     width: int
     height: int
     base64_output: bool
+    image: str  # the input as submitted (URL, data URI or bare base64)
+    outputs: str  # OUTPUT_KINDS, as configured at submit
     submitted_at: float  # clock() reading at submit
     created_at: datetime  # wall time, truncated to milliseconds like the real API
     latency: float  # latency in force at submit; later config changes don't move it
@@ -190,16 +203,52 @@ class _Counters:
         self.hostile: dict[str, int] = {}  # "endpoint:kind" -> hostile answers given
 
 
-class _PngCache:
-    """LRU of generated output PNGs; a miss regenerates byte-identical PNGs (the colour is a pure
-    function of the task), so eviction never changes what a client downloads."""
+Fetch = Callable[[str], "bytes | None"]
 
-    def __init__(self, max_entries: int = PNG_CACHE_ENTRIES) -> None:
+
+def fetch_input(url: str) -> bytes | None:
+    """The input image at `url` (at most INPUT_MAX_BYTES), or None when it cannot be read."""
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=INPUT_FETCH_TIMEOUT, follow_redirects=True) as response:
+            if response.status_code != 200:
+                return None
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > INPUT_MAX_BYTES:
+                    return None
+            return bytes(body)
+    except (httpx.HTTPError, OSError):
+        return None
+
+
+def input_bytes(image: str, fetch: Fetch) -> bytes | None:
+    """The submitted image's bytes: decoded from a data URI or bare base64, fetched from a URL."""
+    image = image.strip()
+    if image[:8].lower().startswith(("http://", "https://")):
+        return fetch(image)
+    match = _DATA_URI_RE.match(image)
+    try:
+        return base64.b64decode(image[match.end() :] if match else image)
+    except (binascii.Error, ValueError):
+        return None
+
+
+class _PngCache:
+    """LRU of generated output PNGs; a miss regenerates byte-identical PNGs (the output is a pure
+    function of the task and its input), so eviction never changes what a client downloads."""
+
+    def __init__(self, max_entries: int = PNG_CACHE_ENTRIES, fetch: Fetch = fetch_input) -> None:
         self._entries: OrderedDict[str, bytes] = OrderedDict()
         self._max_entries = max_entries
+        self._fetch = fetch
+        self._bytes = 0
 
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
 
     async def get(self, task: _Task) -> bytes:
         png = self._entries.get(task.id)
@@ -207,12 +256,25 @@ class _PngCache:
             self._entries.move_to_end(task.id)
             return png
         # Encoding takes milliseconds; keep it off the event loop so polls stay fast meanwhile.
-        png = await anyio.to_thread.run_sync(render_png, task.prompt, task.seed, task.id, task.width, task.height)
+        png = await anyio.to_thread.run_sync(self._render, task)
         self._entries[task.id] = png
         self._entries.move_to_end(task.id)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        self._bytes += len(png)
+        while len(self._entries) > self._max_entries or (self._bytes > PNG_CACHE_BYTES and len(self._entries) > 1):
+            self._bytes -= len(self._entries.popitem(last=False)[1])
         return png
+
+    def _render(self, task: _Task) -> bytes:
+        if task.outputs == "flat":
+            return render_png(task.prompt, task.seed, task.id, task.width, task.height)
+        return render_edit(input_bytes(task.image, self._fetch), task.prompt, task.seed, task.width, task.height)
+
+
+def render_edit(image: bytes | None, prompt: str, seed: int, width: int, height: int) -> bytes:
+    """The sandbox's edited image: `image` visibly transformed by prompt and seed, the prompt on it."""
+    from worker.devtools.imaging import edit_png  # imported lazily: only downloads need Pillow
+
+    return edit_png(image, prompt, seed, width, height)
 
 
 def output_colour(prompt: str, seed: int, prediction_id: str) -> tuple[int, int, int]:
@@ -221,7 +283,7 @@ def output_colour(prompt: str, seed: int, prediction_id: str) -> tuple[int, int,
 
 
 def render_png(prompt: str, seed: int, prediction_id: str, width: int, height: int) -> bytes:
-    """The sandbox's "edited image": a solid PNG whose colour is derived from the task."""
+    """The sandbox's flat output (`--outputs flat`): a solid PNG whose colour is derived from the task."""
     from PIL import Image  # imported lazily: only downloads need Pillow
 
     # A one-entry palette image encodes in a few ms even at 2048*2048 and stays a few hundred
@@ -236,7 +298,7 @@ def render_png(prompt: str, seed: int, prediction_id: str, width: int, height: i
 class SandboxState:
     """All mutable sandbox state. Handlers are async and run on one event loop, so no locks."""
 
-    def __init__(self, config: SandboxConfig, clock: Clock, sleep: Sleep) -> None:
+    def __init__(self, config: SandboxConfig, clock: Clock, sleep: Sleep, fetch: Fetch = fetch_input) -> None:
         self.config = config
         self.clock = clock
         self.sleep = sleep
@@ -247,7 +309,7 @@ class SandboxState:
         self._order: deque[_Task] = deque()
         self._seq = 0
         self.counters = _Counters()
-        self.pngs = _PngCache()
+        self.pngs = _PngCache(fetch=fetch)
         self._webhooks: set[asyncio.Task] = set()
         self._hostile_turn: dict[str, int] = {}
         # One client for every webhook call: a client per call builds an SSL context each time
@@ -301,7 +363,7 @@ class SandboxState:
         moment = datetime.fromtimestamp(self._epoch_offset + clock_reading, tz=timezone.utc)
         return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
-    def create_task(self, *, prompt: str, seed: int, width: int, height: int, base64_output: bool) -> _Task:
+    def create_task(self, *, prompt: str, seed: int, width: int, height: int, base64_output: bool, image: str = "") -> _Task:
         now = self.clock()
         self._seq += 1
         task = _Task(
@@ -312,6 +374,8 @@ class SandboxState:
             width=width,
             height=height,
             base64_output=base64_output,
+            image=image if self.config.outputs == "edit" else "",  # a flat output never reads it
+            outputs=self.config.outputs,
             submitted_at=now,
             created_at=self.wall_time(now),
             latency=float(self.config.latency),
@@ -649,13 +713,15 @@ def create_app(
     *,
     clock: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
+    fetch: Fetch = fetch_input,
 ) -> FastAPI:
     """Build the sandbox app. `clock` drives every status/time computation and `sleep` every wait
-    (sync mode, slow submits), so tests can advance time without sleeping."""
+    (sync mode, slow submits), so tests can advance time without sleeping; `fetch` reads an input
+    image given by URL (to edit it)."""
     config = config if config is not None else SandboxConfig()
     _check_config(config)
     app = FastAPI(title="WaveSpeed sandbox", docs_url=None, redoc_url=None, openapi_url=None)
-    state = SandboxState(config, clock, sleep)
+    state = SandboxState(config, clock, sleep, fetch)
     app.state.sandbox = state
 
     def gate(request: Request, *, provider: bool) -> Response | None:
@@ -697,7 +763,9 @@ def create_app(
             return _envelope(400, str(invalid))
 
         slow = state.draw(cfg.slow_submit_rate)
-        task = state.create_task(prompt=edit.prompt, seed=edit.seed, width=edit.width, height=edit.height, base64_output=edit.base64_output)
+        task = state.create_task(
+            prompt=edit.prompt, seed=edit.seed, width=edit.width, height=edit.height, base64_output=edit.base64_output, image=edit.image
+        )
         base_url = _base_url(request)
         if kind == "duplicate_id":  # billed, but answered with another task's id
             others = [other for other in state.tasks.values() if other.id != task.id]
@@ -901,6 +969,7 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--hostile-rate", "hostile_rate", float, "fraction of submits, result polls and downloads answered by a hostile provider"),
     ("--hostile-kinds", "hostile_kinds", str, f"comma-separated hostile kinds ({', '.join(sorted(ALL_HOSTILE_KINDS))}); default all"),
     ("--internal-url", "internal_url", str, "where hostile redirects point (default the cloud metadata address)"),
+    ("--outputs", "outputs", str, "edit: outputs are a visible edit of the input (default); flat: cheap solid-colour PNGs"),
 ]
 
 

@@ -29,6 +29,7 @@ from worker.devtools.sandbox import (
     SandboxConfig,
     create_app,
     parse_args,
+    render_edit,
     render_png,
 )
 
@@ -59,9 +60,30 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def make_client(clock: FakeClock, **config) -> TestClient:
+class FakeInputs:
+    """The sandbox's input fetcher: serves registered images by URL, records what it was asked for."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, bytes] = {IMAGE_URL: png_bytes((200, 40, 40), (96, 64))}
+        self.fetched: list[str] = []
+
+    def __call__(self, url: str) -> bytes | None:
+        self.fetched.append(url)
+        return self.images.get(url)
+
+
+def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, colour)
+    image.paste((255, 255, 255), (0, 0, size[0] // 2, size[1] // 2))  # not uniform, so a mirror shows
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_client(clock: FakeClock, inputs: FakeInputs | None = None, **config) -> TestClient:
     config.setdefault("latency", 10.0)
-    return TestClient(create_app(SandboxConfig(**config), clock=clock, sleep=clock.sleep))
+    fetch = inputs if inputs is not None else FakeInputs()
+    return TestClient(create_app(SandboxConfig(**config), clock=clock, sleep=clock.sleep, fetch=fetch))
 
 
 @pytest.fixture
@@ -272,7 +294,7 @@ def test_base64_output_is_bare_base64_of_the_same_png_the_url_variant_serves(cli
     assert len(outputs) == 1
     assert not outputs[0].startswith("data:")
     png = base64.b64decode(outputs[0], validate=True)
-    assert png == render_png("make it blue", 3, submitted["id"], 512, 640)
+    assert png == render_edit(FakeInputs().images[IMAGE_URL], "make it blue", 3, 512, 640)
     assert png == client.get(f"/outputs/{submitted['id']}/0.png").content
     assert Image.open(io.BytesIO(png)).size == (512, 640)
 
@@ -596,3 +618,69 @@ def test_real_server_serves_submit_poll_and_download_over_http():
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+# --- outputs: an edit of the input, or flat ------------------------------------------------------
+
+
+def completed_output(client: TestClient, clock: FakeClock, **body) -> tuple[str, bytes]:
+    prediction_id = submit(client, size="512*512", **body).json()["data"]["id"]
+    clock.advance(10)
+    response = client.get(f"/outputs/{prediction_id}/0.png")
+    assert response.status_code == 200
+    return prediction_id, response.content
+
+
+def test_output_is_an_edit_of_the_fetched_input(clock):
+    inputs = FakeInputs()
+    other_url = "http://127.0.0.1:9/other.png"
+    inputs.images[other_url] = png_bytes((20, 40, 220))
+    client = make_client(clock, inputs)
+
+    _, first = completed_output(client, clock, prompt="make it blue", seed=5)
+    _, second = completed_output(client, clock, prompt="make it blue", seed=5, image=other_url)
+
+    assert inputs.fetched == [IMAGE_URL, other_url]
+    assert first == render_edit(inputs.images[IMAGE_URL], "make it blue", 5, 512, 512)
+    assert second == render_edit(inputs.images[other_url], "make it blue", 5, 512, 512)
+    assert first != second  # the output follows the input, not only the prompt
+
+
+def test_an_inline_base64_input_is_edited_without_fetching(clock):
+    inputs = FakeInputs()
+    client = make_client(clock, inputs)
+    inline = png_bytes((10, 200, 10))
+
+    _, output = completed_output(client, clock, prompt="p", seed=1, image="data:image/png;base64," + base64.b64encode(inline).decode())
+
+    assert inputs.fetched == []
+    assert output == render_edit(inline, "p", 1, 512, 512)
+
+
+def test_flat_outputs_are_the_solid_colour_png_and_fetch_nothing(clock):
+    inputs = FakeInputs()
+    client = make_client(clock, inputs, outputs="flat")
+
+    prediction_id, output = completed_output(client, clock, prompt="p", seed=2)
+
+    assert inputs.fetched == []
+    assert output == render_png("p", 2, prediction_id, 512, 512)
+    assert len(Image.open(io.BytesIO(output)).getcolors() or []) == 1
+
+
+def test_outputs_mode_is_fixed_at_submit(clock):
+    client = make_client(clock)
+    prediction_id = submit(client, prompt="p", seed=2, size="512*512").json()["data"]["id"]
+    assert client.put("/_sandbox/config", json={"outputs": "flat"}).status_code == 200
+    clock.advance(10)
+    output = client.get(f"/outputs/{prediction_id}/0.png").content
+    assert output == render_edit(FakeInputs().images[IMAGE_URL], "p", 2, 512, 512)
+
+
+def test_outputs_flag_and_config_refuse_an_unknown_kind(clock):
+    assert parse_args(["--outputs", "flat"], environ={})[2].outputs == "flat"
+    assert parse_args([], environ={})[2].outputs == "edit"
+    with pytest.raises(SystemExit):
+        parse_args(["--outputs", "sepia"], environ={})
+    response = make_client(clock).put("/_sandbox/config", json={"outputs": "fancy"})
+    assert response.status_code == 400 and "outputs" in response.json()["message"]

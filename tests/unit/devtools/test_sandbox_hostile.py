@@ -33,9 +33,14 @@ class Clock:
         self.now += seconds
 
 
+def no_fetch(url: str) -> None:
+    return None
+
+
 def sandbox(**config) -> tuple[TestClient, Clock]:
     clock = Clock()
-    app = create_app(SandboxConfig(latency=1.0, seed=3, internal_url=INTERNAL, **config), clock=clock, sleep=clock.sleep)
+    # Inputs are never fetched from the network: the edit is made of the placeholder.
+    app = create_app(SandboxConfig(latency=1.0, seed=3, internal_url=INTERNAL, **config), clock=clock, sleep=clock.sleep, fetch=no_fetch)
     return TestClient(app, follow_redirects=False), clock
 
 
