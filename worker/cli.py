@@ -833,5 +833,21 @@ def tenants_usage(
         )
 
 
+def main() -> None:
+    """The `edit-worker` command: the app, with a database that is down or has no schema yet told
+    in one line (exit 1) instead of a traceback."""
+    try:
+        app()
+    except Exception as exc:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(exc, SQLAlchemyError):
+            raise
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        missing = any(text in detail for text in ("no such table", "does not exist"))
+        print(f"error: database: {detail}" + ("; run `edit-worker migrate` first" if missing else ""), file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

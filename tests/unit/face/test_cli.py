@@ -384,3 +384,20 @@ def test_since_takes_the_same_ages_and_times_as_prune_and_refuses_the_rest_in_on
     assert_one_line_error(cli("retry", "--since", "last week"), "--since must be an age like 30d, 12h, 2w")
     assert_one_line_error(cli("retry", "--since", "2999-01-01"), "--since '2999-01-01' is in the future")
     assert cli("retry", "--since", "2w").exit_code == 0  # nothing failed: nothing to replay
+
+
+def test_a_database_without_its_schema_is_one_line_that_says_to_migrate(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite'}"}  # never migrated
+    for args in (("keys", "create", "--tenant", "shop"), ("list",), ("status", "no-such-job")):
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.cli", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 1, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: database:"), result.stderr
+        assert "edit-worker migrate" in lines[0]
+        assert result.stdout == ""
