@@ -640,6 +640,22 @@ def create_app(
 
     job_responses: dict[int | str, dict[str, Any]] = {200: {"model": JobOut, "description": "the job"}}
 
+    def checked(body: CreateJob, who: Caller) -> NewJob:
+        """One job request validated as every route that creates jobs does (InvalidInput: refused)."""
+        return validate_request(
+            image=body.image,
+            prompt=body.prompt,
+            size=body.size,
+            seed=body.seed,
+            idempotency_key=body.idempotency_key,
+            tenant=body.tenant or who.tenant,
+            priority=body.priority,
+            callback_url=body.callback_url,
+            settings=settings,
+            remote=True,
+            resolver=url_resolver,
+        )
+
     @app.post(
         "/jobs",
         status_code=201,
@@ -655,19 +671,7 @@ def create_app(
         already made (200)."""
         if body.tenant is not None and not who.admin and body.tenant != who.tenant:
             raise _Forbidden("only an admin key may create jobs for another tenant")
-        request = validate_request(
-            image=body.image,
-            prompt=body.prompt,
-            size=body.size,
-            seed=body.seed,
-            idempotency_key=body.idempotency_key,
-            tenant=body.tenant or who.tenant,
-            priority=body.priority,
-            callback_url=body.callback_url,
-            settings=settings,
-            remote=True,
-            resolver=url_resolver,
-        )
+        request = checked(body, who)
         # The `created` flag tells a new job (201) from an idempotent replay (200). The input
         # image goes to S3 first.
         [(job, created)] = enqueue_pairs(
@@ -701,21 +705,7 @@ def create_app(
             if item.tenant is not None and not who.admin and item.tenant != who.tenant:
                 raise _Forbidden(f"jobs[{index}]: only an admin key may create jobs for another tenant")
             try:
-                requests.append(
-                    validate_request(
-                        image=item.image,
-                        prompt=item.prompt,
-                        size=item.size,
-                        seed=item.seed,
-                        idempotency_key=item.idempotency_key,
-                        tenant=item.tenant or who.tenant,
-                        priority=item.priority,
-                        callback_url=item.callback_url,
-                        settings=settings,
-                        remote=True,
-                        resolver=url_resolver,
-                    )
-                )
+                requests.append(checked(item, who))
             except InvalidInput as exc:
                 refused.append((index, str(exc)))
         if refused:
