@@ -186,11 +186,7 @@ def finish_inline(
             span.set(outcome="retry")
             span.error(exc)
             log.warning("copying outputs failed, an upload task retries: %s", type(exc).__name__, extra=context)
-            return Next(
-                Step.UPLOAD,
-                job_id,
-                countdown=compute_backoff(0, base=deps.settings.backoff_base, maximum=deps.settings.backoff_max, rng=deps.rng),
-            )
+            return _retry_upload(deps, job_id)
     return None
 
 
